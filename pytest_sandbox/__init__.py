@@ -1,0 +1,43 @@
+"""pytest-sandbox: every test gets its own real, isolated Linux environment, forked in
+milliseconds from a snapshot that is built once per recipe.
+
+The public API is what ``__all__`` lists; everything else is private.
+"""
+
+from __future__ import annotations
+
+from .api import Backend, ExecResult, Sandbox, SandboxFS, Snapshot
+from .backends import open_backend
+from .errors import (
+    ConfigError,
+    EngineUnavailableError,
+    ExecError,
+    ExecTimeoutError,
+    SandboxClosedError,
+    SandboxError,
+    SandboxFileError,
+    SnapshotBuildError,
+    SnapshotNotFoundError,
+)
+from .image import Image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "ConfigError",
+    "EngineUnavailableError",
+    "ExecError",
+    "ExecResult",
+    "ExecTimeoutError",
+    "Image",
+    "Sandbox",
+    "SandboxClosedError",
+    "SandboxError",
+    "SandboxFS",
+    "SandboxFileError",
+    "Snapshot",
+    "SnapshotBuildError",
+    "SnapshotNotFoundError",
+    "open_backend",
+]

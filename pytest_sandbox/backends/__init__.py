@@ -1,0 +1,30 @@
+"""Backends: each implements :class:`pytest_sandbox.api.Backend`. Imported lazily by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api import Backend
+from ..errors import ConfigError, EngineUnavailableError
+
+__all__ = ["BACKENDS", "open_backend"]
+
+BACKENDS = ("local", "docker", "daytona")
+
+
+def open_backend(name: str = "local", **options: Any) -> Backend:
+    """Open a backend by name: ``"local"`` (the embedded engine), ``"docker"`` or ``"daytona"``.
+
+    Options go to the backend, e.g. ``cache_dir=`` for the local engine.
+    """
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend(**options)
+    if name in ("docker", "daytona"):
+        raise EngineUnavailableError(
+            f"the {name} backend is not part of this version of pytest-sandbox yet; "
+            "use the local backend (open_backend('local'))"
+        )
+    raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+

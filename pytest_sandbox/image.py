@@ -1,0 +1,264 @@
+"""Recipes: a base plus ordered setup steps, and the setup key that names what they build.
+
+An :class:`Image` is an immutable value: every builder method returns a new Image. Its
+:attr:`Image.key` is a hex digest over a canonical form of the base, the steps (in order), the
+environment and the *contents* of copied files, plus :data:`ENGINE_FORMAT`. It is the same on
+every machine for the same inputs, so a snapshot built once is reused until the recipe changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ENGINE_FORMAT", "Image", "Step"]
+
+ENGINE_FORMAT = 1
+"""Bumped when the on-disk snapshot format changes, so old snapshots are never reused wrongly."""
+
+_HASH_CACHE: dict[tuple[int, int, int, int], str] = {}
+
+
+def _file_digest(path: Path, st: os.stat_result) -> str:
+    # Keyed by inode, size and mtime so an unchanged file is hashed once per process; the digest
+    # itself is over contents only, so touching a file does not change the setup key.
+    ck = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _HASH_CACHE.get(ck)
+    if hit is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        hit = _HASH_CACHE[ck] = h.hexdigest()
+    return hit
+
+
+def content_digest(path: Path) -> str:
+    """Digest of a file or directory tree: names, types, permission bits and contents, not times."""
+    h = hashlib.sha256()
+
+    def visit(p: Path, rel: str) -> None:
+        st = p.lstat()
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            h.update(f"L {rel} {os.readlink(p)}\n".encode())
+        elif stat.S_ISDIR(st.st_mode):
+            h.update(f"D {rel} {mode:o}\n".encode())
+            for child in sorted(os.listdir(p)):
+                visit(p / child, f"{rel}/{child}" if rel else child)
+        elif stat.S_ISREG(st.st_mode):
+            h.update(f"F {rel} {mode:o} {_file_digest(p, st)}\n".encode())
+        else:
+            h.update(f"S {rel} {stat.S_IFMT(st.st_mode):o}\n".encode())
+
+    visit(path, "")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One setup step of a recipe. ``kind`` is one of run, apt, pip, copy, env, workdir."""
+
+    kind: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    source: Path | None = None
+    mode: int | None = None
+
+    def describe(self) -> str:
+        """A one-line human form, used in logs and build errors."""
+        if self.kind == "run":
+            return "RUN " + (self.args[0] if len(self.args) == 1 else shlex.join(self.args))
+        if self.kind == "apt":
+            return "APT INSTALL " + " ".join(self.args)
+        if self.kind == "pip":
+            return "PIP INSTALL " + " ".join(self.args)
+        if self.kind == "copy":
+            return f"COPY {self.source} {self.args[0]}"
+        if self.kind == "env":
+            return "ENV " + " ".join(f"{k}={v}" for k, v in self.env)
+        return f"WORKDIR {self.args[0]}"
+
+    def material(self) -> dict[str, Any]:
+        """The canonical form hashed into the setup key (host paths and times left out)."""
+        m: dict[str, Any] = {"kind": self.kind, "args": list(self.args)}
+        if self.env:
+            m["env"] = [list(p) for p in self.env]
+        if self.kind == "copy":
+            assert self.source is not None
+            if not self.source.exists():
+                raise ConfigError(
+                    f"copy source {self.source} does not exist; fix the path in the recipe "
+                    "(relative paths are resolved against the directory the Image was made in)"
+                )
+            m["content"] = content_digest(self.source)
+            m["is_dir"] = self.source.is_dir()
+            m["mode"] = self.mode
+        return m
+
+
+def _check_abs(path: str, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{what} must be an absolute sandbox path like '/work', got {path!r}")
+    return path
+
+
+def _env_items(values: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    items = []
+    for k, v in values.items():
+        if not k or "=" in k or "\0" in k:
+            raise ConfigError(f"environment variable name {k!r} is not valid")
+        items.append((k, str(v)))
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A recipe: a base plus ordered setup steps. Build it with ``backend.build(image)``.
+
+    Make one with :meth:`host`, :meth:`debian`, :meth:`from_rootfs` or :meth:`from_registry`,
+    then chain steps; each call returns a new Image::
+
+        Image.debian("bookworm").apt_install("git").copy("src", "/work/src").workdir("/work")
+    """
+
+    base: tuple[tuple[str, Any], ...]
+    steps: tuple[Step, ...] = ()
+
+    # -- bases -------------------------------------------------------------------------------
+    @classmethod
+    def host(cls) -> Image:
+        """The host's system directories (/usr, /etc, /opt) as a read-only base, nothing copied.
+
+        Home directories are never visible. Writes go to the sandbox's own layer.
+        """
+        return cls(base=(("kind", "host"),))
+
+    @classmethod
+    def debian(
+        cls, suite: str = "bookworm", *, variant: str = "minbase", include: Iterable[str] = ()
+    ) -> Image:
+        """A Debian root filesystem built with ``mmdebstrap``, cached by its inputs.
+
+        ``variant`` is mmdebstrap's (minbase, buildd, important, standard); ``include`` lists extra
+        packages installed into the base itself.
+        """
+        if variant not in {"extract", "custom", "essential", "apt", "required", "minbase",
+                           "buildd", "important", "debootstrap", "standard"}:
+            raise ConfigError(f"unknown mmdebstrap variant {variant!r}; use e.g. 'minbase'")
+        return cls(base=(("kind", "debian"), ("suite", suite), ("variant", variant),
+                         ("include", tuple(sorted(include)))))
+
+    @classmethod
+    def from_rootfs(cls, path: str | os.PathLike[str]) -> Image:
+        """A root filesystem from a directory or a ``.tar`` / ``.tar.gz`` / ``.tar.xz`` archive."""
+        p = Path(path).resolve()
+        if not p.exists():
+            raise ConfigError(f"rootfs {p} does not exist; pass a directory or a tar archive")
+        return cls(base=(("kind", "rootfs"), ("path", str(p))))
+
+    @classmethod
+    def from_registry(cls, ref: str) -> Image:
+        """An OCI image from a container registry, e.g. ``"python:3.12-slim"``.
+
+        Backends that cannot pull it yet raise a clear error when building.
+        """
+        if not ref or any(c.isspace() for c in ref):
+            raise ConfigError(f"image reference {ref!r} is not valid; use e.g. 'python:3.12-slim'")
+        return cls(base=(("kind", "registry"), ("ref", ref)))
+
+    # -- steps -------------------------------------------------------------------------------
+    def _add(self, step: Step) -> Image:
+        return replace(self, steps=self.steps + (step,))
+
+    def run(self, command: str | Sequence[str], *, env: Mapping[str, Any] | None = None) -> Image:
+        """Run a shell command (a string) or an argv (a list) in the sandbox at build time."""
+        args = (command,) if isinstance(command, str) else tuple(command)
+        if not args or not all(isinstance(a, str) for a in args):
+            raise ConfigError(f"run() takes a command string or a list of strings, got {command!r}")
+        return self._add(Step("run", args, env=_env_items(env or {})))
+
+    def apt_install(self, *packages: str) -> Image:
+        """Install Debian packages with apt-get (needs a Debian or Ubuntu base)."""
+        if not packages:
+            raise ConfigError("apt_install() needs at least one package name")
+        return self._add(Step("apt", tuple(packages)))
+
+    def pip_install(self, *packages: str) -> Image:
+        """Install Python packages with ``python3 -m pip`` inside the sandbox."""
+        if not packages:
+            raise ConfigError("pip_install() needs at least one requirement")
+        return self._add(Step("pip", tuple(packages)))
+
+    def copy(self, source: str | os.PathLike[str], dest: str, *, mode: int | None = None) -> Image:
+        """Copy a host file or directory into the sandbox. Its *contents* are part of the key.
+
+        A relative ``source`` is resolved against the current directory now, not at build time.
+        """
+        _check_abs(dest, "copy() destination")
+        src = Path(source).resolve()
+        if not src.exists():
+            raise ConfigError(f"copy() source {src} does not exist; fix the path")
+        return self._add(Step("copy", (dest,), source=src, mode=mode))
+
+    def env(self, **values: Any) -> Image:
+        """Set environment variables for later steps and for every command in the sandboxes."""
+        if not values:
+            raise ConfigError("env() needs at least one NAME=value")
+        return self._add(Step("env", env=_env_items(values)))
+
+    def workdir(self, path: str) -> Image:
+        """Set (and create) the directory later steps and sandbox commands start in."""
+        return self._add(Step("workdir", (_check_abs(path, "workdir()"),)))
+
+    # -- keys --------------------------------------------------------------------------------
+    @property
+    def base_kind(self) -> str:
+        """``host``, ``debian``, ``rootfs`` or ``registry``."""
+        return str(dict(self.base)["kind"])
+
+    def base_material(self) -> dict[str, Any]:
+        """The canonical form of the base hashed into keys."""
+        b = dict(self.base)
+        if b["kind"] == "rootfs":
+            # The rootfs' contents, not its host path, so the key is the same on every machine.
+            return {"kind": "rootfs", "content": content_digest(Path(b["path"]))}
+        if b["kind"] == "debian":
+            return {**b, "include": list(b["include"])}
+        return b
+
+    def prefix_keys(self) -> list[str]:
+        """Keys of the base alone and of every prefix of the steps; the last is :attr:`key`."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"format": ENGINE_FORMAT, "base": self.base_material()},
+                            sort_keys=True).encode())
+        keys = [h.copy().hexdigest()]
+        for step in self.steps:
+            h.update(b"\0" + json.dumps(step.material(), sort_keys=True).encode())
+            keys.append(h.copy().hexdigest())
+        return keys
+
+    @property
+    def key(self) -> str:
+        """The setup key: stable across runs and machines, changed by any change to the recipe."""
+        return self.prefix_keys()[-1]
+
+    def describe(self) -> str:
+        """The recipe in a readable form, one step a line."""
+        b = dict(self.base)
+        head = "FROM " + {
+            "host": "host",
+            "debian": f"debian:{b.get('suite')} ({b.get('variant')})",
+            "rootfs": f"rootfs {b.get('path')}",
+            "registry": f"registry {b.get('ref')}",
+        }[b["kind"]]
+        return "\n".join([head] + [s.describe() for s in self.steps])

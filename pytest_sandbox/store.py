@@ -1,0 +1,346 @@
+"""The snapshot store: layers and snapshot records on disk, with the locks that keep it consistent.
+
+Layout under the cache directory (short names on purpose: overlayfs takes every layer path in
+one mount option string limited to a page, so deep snapshot chains need short paths)::
+
+    CACHEDIR.TAG
+    v1/l/<id>/          immutable layer trees
+    v1/s/<key>.json     snapshot records (layers, env, workdir, parent)
+    v1/t/<owner>.<id>   work in progress; published with an atomic rename
+    v1/r/<id>/          live sandboxes: writable layer, overlay work dir, meta.json
+    v1/k/<key>.lock     one build lock per setup key (filelock; never deleted, see filelock #574)
+    v1/o/<owner>.lock   held by each live process; a free one means its owner died
+    v1/gc.lock          shared by writers, exclusive for garbage collection
+
+Core module: no pytest import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from .api import Snapshot
+from .errors import ConfigError, SnapshotNotFoundError
+from .image import ENGINE_FORMAT
+
+__all__ = ["Store", "default_cache_dir"]
+
+CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by pytest-sandbox.\n"
+    "# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
+
+
+def default_cache_dir() -> Path:
+    """``$PYTEST_SANDBOX_CACHE``, else ``$XDG_CACHE_HOME/pytest-sandbox``, else ~/.cache/..."""
+    env = os.environ.get("PYTEST_SANDBOX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "pytest-sandbox"
+
+
+def new_id(n: int = 5) -> str:
+    """A short random id (2n hex characters)."""
+    return secrets.token_hex(n)
+
+
+def rmtree(path: Path) -> None:
+    """Remove a tree even where a sandbox left directories without write permission."""
+    if not os.path.lexists(path):
+        return
+    try:
+        shutil.rmtree(path)
+    except PermissionError:
+        for dirpath, dirnames, _ in os.walk(path):
+            for d in dirnames:
+                p = os.path.join(dirpath, d)
+                if not os.path.islink(p):
+                    with contextlib.suppress(OSError):
+                        os.chmod(p, stat.S_IRWXU)
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IRWXU)
+        shutil.rmtree(path, ignore_errors=True)
+    except FileNotFoundError:
+        pass
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated below ``path`` (hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+class Store:
+    """Snapshot records and layers under one cache directory, safe for many processes at once."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.root = self.cache_dir / f"v{ENGINE_FORMAT}"
+        try:
+            for sub in ("l", "s", "t", "r", "k", "o"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            tag = self.cache_dir / "CACHEDIR.TAG"
+            if not tag.exists():
+                tag.write_text(CACHEDIR_TAG)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use cache directory {self.cache_dir}: {exc}. Point PYTEST_SANDBOX_CACHE "
+                "(or --sandbox-cache-dir) at a writable directory."
+            ) from exc
+        self._owner: str | None = None
+        self._owner_fd: int | None = None
+        self._lock = threading.Lock()
+
+    # -- ownership ---------------------------------------------------------------------------
+    @property
+    def owner(self) -> str:
+        """This process's owner token. Its lock file is held for as long as the process lives."""
+        with self._lock:
+            if self._owner is None or self._owner_fd is None:
+                token = new_id(4)
+                fd = os.open(self.root / "o" / f"{token}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._owner, self._owner_fd = token, fd
+            return self._owner
+
+    def owner_alive(self, token: str | None) -> bool:
+        """True while the process that holds ``token`` is running (or the token is ours)."""
+        if token is None:
+            return False
+        if token == self._owner:
+            return True
+        path = self.root / "o" / f"{token}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- locks -------------------------------------------------------------------------------
+    def build_lock(self, key: str) -> filelock.FileLock:
+        """The lock that makes N processes racing for ``key`` build it exactly once."""
+        return filelock.FileLock(str(self.root / "k" / f"{key}.lock"))
+
+    @contextlib.contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
+        fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    def shared(self) -> contextlib.AbstractContextManager[None]:
+        """Held while publishing layers or registering a sandbox: gc cannot run meanwhile."""
+        return self._flock(fcntl.LOCK_SH)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held by garbage collection, so it never deletes what a writer is about to reference."""
+        return self._flock(fcntl.LOCK_EX)
+
+    # -- paths -------------------------------------------------------------------------------
+    def layer_path(self, layer: str) -> Path:
+        return self.root / "l" / layer
+
+    def tmp_dir(self) -> Path:
+        """A fresh work-in-progress directory, named after this process so gc can find strays."""
+        p = self.root / "t" / f"{self.owner}.{new_id()}"
+        p.mkdir()
+        return p
+
+    def publish_layer(self, tmp: Path, layer: str | None = None) -> str:
+        """Move a finished tree into the layer store (atomic rename) and return its id.
+
+        Call with :meth:`shared` held, together with the :meth:`put` that references it.
+        """
+        layer = layer or new_id()
+        os.rename(tmp, self.layer_path(layer))
+        return layer
+
+    # -- records -----------------------------------------------------------------------------
+    def _record(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ConfigError(f"snapshot key {key!r} is not valid")
+        return self.root / "s" / f"{key}.json"
+
+    def get(self, key: str) -> Snapshot | None:
+        try:
+            data = json.loads(self._record(key).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        snap = Snapshot.from_json(data)
+        # A record whose layers vanished (hand-edited cache) is treated as absent, never used.
+        if not all(self.layer_path(layer).is_dir() for layer in snap.layers):
+            return None
+        return snap
+
+    def put(self, snap: Snapshot) -> None:
+        """Write a record atomically: readers see the old record or the new one, never half."""
+        path = self._record(snap.key)
+        tmp = path.with_name(f".{snap.key}.{new_id()}.tmp")
+        tmp.write_text(json.dumps(snap.to_json(), indent=1))
+        os.rename(tmp, path)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._record(key).unlink()
+
+    def list(self) -> list[Snapshot]:
+        out = []
+        for p in (self.root / "s").glob("*.json"):
+            snap = self.get(p.stem)
+            if snap is not None:
+                out.append(snap)
+        return sorted(out, key=lambda s: s.created)
+
+    def find(self, ref: str) -> Snapshot:
+        """A snapshot by key, unique key prefix (4+ characters) or name."""
+        exact = self.get(ref) if "/" not in ref else None
+        if exact is not None:
+            return exact
+        snaps = self.list()
+        named = [s for s in snaps if s.name == ref]
+        if named:
+            return named[-1]
+        matches = [s for s in snaps if len(ref) >= 4 and s.key.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise SnapshotNotFoundError(
+                f"{ref!r} matches {len(matches)} snapshots; give more characters of the key"
+            )
+        raise SnapshotNotFoundError(
+            f"no snapshot {ref!r} in {self.cache_dir}; `pytest-sandbox ls` lists the ones there are"
+        )
+
+    # -- live sandboxes ----------------------------------------------------------------------
+    def register_sandbox(self, sid: str, meta: dict[str, Any]) -> Path:
+        """Create a sandbox's directory and meta (call with :meth:`shared` held)."""
+        d = self.root / "r" / sid
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({**meta, "owner": self.owner}))
+        return d
+
+    def sandboxes(self) -> list[tuple[Path, dict[str, Any]]]:
+        out = []
+        for d in (self.root / "r").iterdir():
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                meta = {}
+            out.append((d, meta))
+        return out
+
+    def discard(self, path: Path) -> None:
+        """Remove a tree without making the caller wait: rename into t/ now, delete in the background.
+
+        A crash before the deletion finishes leaves the tree in t/ under our owner token, where the
+        next gc finds it.
+        """
+        trash = self.root / "t" / f"{self.owner}.x{new_id()}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        threading.Thread(target=rmtree, args=(trash,), daemon=True).start()
+
+    # -- garbage collection ------------------------------------------------------------------
+    def gc(self) -> int:
+        """Remove what dead processes left behind: sandboxes, work in progress, their ephemeral
+        snapshots, and layers nothing references. Returns the number of items removed."""
+        removed = 0
+        with self.exclusive():
+            for d, meta in self.sandboxes():
+                if not self.owner_alive(meta.get("owner")):
+                    rmtree(d)
+                    removed += 1
+            for p in (self.root / "t").iterdir():
+                if not self.owner_alive(p.name.split(".")[0]):
+                    rmtree(p)
+                    removed += 1
+            for snap in self.list():
+                if snap.owner is not None and not self.owner_alive(snap.owner):
+                    self.delete(snap.key)
+                    removed += 1
+            removed += self._remove_unreferenced()
+            for p in (self.root / "o").glob("*.lock"):
+                if not self.owner_alive(p.stem):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+        return removed
+
+    def _remove_unreferenced(self) -> int:
+        """Delete layers that no record and no live sandbox uses (caller holds :meth:`exclusive`)."""
+        used: set[str] = set()
+        for snap in self.list():
+            used.update(snap.layers)
+        for _, meta in self.sandboxes():
+            used.update(meta.get("layers", ()))
+        removed = 0
+        for p in (self.root / "l").iterdir():
+            if p.name not in used:
+                rmtree(p)
+                removed += 1
+        return removed
+
+    def remove(self, keys: list[str]) -> int:
+        """Delete these snapshot records and every layer left unreferenced."""
+        with self.exclusive():
+            for key in keys:
+                self.delete(key)
+            return self._remove_unreferenced()
+
+    def prune(self, older_than: float = 0.0) -> list[str]:
+        """Delete snapshots not used for ``older_than`` seconds (all of them with 0), except those
+        a live sandbox runs from. Returns the keys removed."""
+        now = time.time()
+        busy = {m.get("snapshot") for _, m in self.sandboxes() if self.owner_alive(m.get("owner"))}
+        doomed = [s.key for s in self.list()
+                  if s.key not in busy and now - self.last_used(s) >= older_than]
+        self.remove(doomed)
+        return doomed
+
+    def touch(self, snap: Snapshot) -> None:
+        """Record that ``snap`` was used now (what prune's age counts from)."""
+        with contextlib.suppress(OSError):
+            os.utime(self._record(snap.key))
+
+    def last_used(self, snap: Snapshot) -> float:
+        try:
+            return self._record(snap.key).stat().st_mtime
+        except OSError:
+            return snap.created
