@@ -60,7 +60,35 @@ HOST_SYSTEM_DIRS = ("usr", "etc", "opt", "bin", "sbin", "lib", "lib32", "lib64",
 # new snapshot squashes its non-base layers into one (see ENGINE-NOTES).
 MAX_LAYERS = 100
 MAX_LAYER_OPTION_BYTES = 3000
-_HOLDER = ["/bin/sh", "-c", "echo r; read _"]
+# The holder waits for EOF on its stdin (our pipe, closed when we exit or are killed), then kills
+# every process in its pid namespace: bwrap's init would otherwise wait for orphaned background
+# processes forever.
+_HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
+# Build steps use the host's network, so they also use its trust roots and proxy settings (a
+# TLS-intercepting proxy is common in companies). The CA bundle is bound into bwrap's private /dev
+# tmpfs so that nothing of it lands in the snapshot.
+BUILD_CA_PATH = "/dev/.host-ca-certificates.crt"
+_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def _host_ca_bundle() -> str | None:
+    import ssl
+
+    for cand in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
+                 "/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+def build_env() -> dict[str, str]:
+    """Environment for build steps: host proxies and the host CA bundle (see BUILD_CA_PATH)."""
+    env = {k: v for k, v in os.environ.items() if k in _PROXY_VARS}
+    if _host_ca_bundle():
+        env.update({"SSL_CERT_FILE": BUILD_CA_PATH, "PIP_CERT": BUILD_CA_PATH,
+                    "REQUESTS_CA_BUNDLE": BUILD_CA_PATH, "CURL_CA_BUNDLE": BUILD_CA_PATH,
+                    "NODE_EXTRA_CA_CERTS": BUILD_CA_PATH})
+    return env
 
 
 def _userns_help() -> str:
@@ -233,8 +261,9 @@ class LocalBackend:
               rebuild: bool | float = False) -> Snapshot:
         """Build ``image`` once per setup key and return its snapshot; later calls reuse it.
 
-        ``rebuild=True`` ignores cached snapshots of this recipe's keys; a timestamp ignores only
-        those created before it (so parallel workers of one run still build once).
+        ``rebuild=True`` ignores cached snapshots of this recipe's steps; a timestamp ignores only
+        those created before it (so parallel workers of one run still build once). The base
+        (a Debian rootfs, an unpacked tarball) is kept: ``pytest-sandbox rm`` it to refresh it.
         """
         if not isinstance(image, Image):
             raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
@@ -254,7 +283,7 @@ class LocalBackend:
         if hit is not None:
             self.store.touch(hit)
             return hit
-        current = self._build_base(image, keys[0], cached, log)
+        current = self._build_base(image, keys[0], self.store.get, log)
         for i, step in enumerate(image.steps, start=1):
             with self.store.build_lock(keys[i]):
                 hit = cached(keys[i])
@@ -401,7 +430,7 @@ class LocalBackend:
             else:
                 argv = _step_argv(step)
                 try:
-                    res = sb._run(argv, cwd=workdir, env=dict(step.env), on_line=keep)
+                    res = sb._run(argv, cwd=workdir, env={**build_env(), **dict(step.env)}, on_line=keep)
                 except ExecTimeoutError as exc:
                     raise fail(None, "timed out") from exc
                 if res.exit_code != 0:
@@ -527,6 +556,9 @@ class LocalSandbox:
         if self.network:
             if self.snapshot_of.base.get("kind") != "host":
                 argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+            ca = _host_ca_bundle()
+            if ca:
+                argv += ["--ro-bind", ca, BUILD_CA_PATH]
         else:
             argv += ["--unshare-net"]
         info_r, info_w = os.pipe2(os.O_CLOEXEC)

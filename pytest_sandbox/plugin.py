@@ -1,0 +1,1 @@
+"""pytest plugin entry point (fixtures and options arrive with the plugin work)."""

@@ -1,0 +1,56 @@
+"""Shared fixtures: one real local engine and one mmdebstrap-built Debian base per test session.
+
+The cache lives beside pytest's basetemp, shared by xdist workers (so the Debian base is built
+once per run, under the engine's own build lock). Set PYTEST_SANDBOX_TEST_CACHE to keep it
+between runs while developing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import Image, Snapshot
+from pytest_sandbox.backends.local import LocalBackend
+
+pytest_plugins = ["pytester"]
+
+DEBIAN = Image.debian("bookworm", include=["python3", "python3-pip"])
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("PYTEST_SANDBOX_TEST_CACHE")
+    if env:
+        return Path(env)
+    base = tmp_path_factory.getbasetemp()
+    if base.name.startswith("popen-gw"):
+        base = base.parent
+    return base / "sandbox-cache"
+
+
+@pytest.fixture(scope="session")
+def backend(cache_dir: Path) -> Iterator[LocalBackend]:
+    with LocalBackend(cache_dir) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def debian(backend: LocalBackend) -> Snapshot:
+    return backend.build(DEBIAN)
+
+
+@pytest.fixture(scope="session")
+def host(backend: LocalBackend) -> Snapshot:
+    return backend.build(Image.host())
+
+
+@pytest.fixture(params=["debian", "host"])
+def base(request: pytest.FixtureRequest) -> Snapshot:
+    """Each behavioural test runs on a real Debian rootfs and on the host base."""
+    snap = request.getfixturevalue(request.param)
+    assert isinstance(snap, Snapshot)
+    return snap
