@@ -87,20 +87,33 @@ class Snapshot:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "key": self.key, "backend": self.backend, "layers": list(self.layers),
-            "base": dict(self.base), "env": [list(p) for p in self.env], "workdir": self.workdir,
-            "parent": self.parent, "created": self.created, "description": self.description,
-            "name": self.name, "owner": self.owner,
+            "key": self.key,
+            "backend": self.backend,
+            "layers": list(self.layers),
+            "base": dict(self.base),
+            "env": [list(p) for p in self.env],
+            "workdir": self.workdir,
+            "parent": self.parent,
+            "created": self.created,
+            "description": self.description,
+            "name": self.name,
+            "owner": self.owner,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
         return cls(
-            key=data["key"], backend=data["backend"], layers=tuple(data.get("layers", ())),
-            base=dict(data.get("base", {})), env=tuple((k, v) for k, v in data.get("env", ())),
-            workdir=data.get("workdir", "/"), parent=data.get("parent"),
-            created=float(data.get("created", 0.0)), description=data.get("description", ""),
-            name=data.get("name"), owner=data.get("owner"),
+            key=data["key"],
+            backend=data["backend"],
+            layers=tuple(data.get("layers", ())),
+            base=dict(data.get("base", {})),
+            env=tuple((k, v) for k, v in data.get("env", ())),
+            workdir=data.get("workdir", "/"),
+            parent=data.get("parent"),
+            created=float(data.get("created", 0.0)),
+            description=data.get("description", ""),
+            name=data.get("name"),
+            owner=data.get("owner"),
         )
 
 
@@ -132,8 +145,12 @@ class Sandbox(Protocol):
     def fs(self) -> SandboxFS: ...
 
     def exec(
-        self, command: str | Sequence[str], *, cwd: str | None = None,
-        env: Mapping[str, str] | None = None, input: bytes | str | None = None,
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
         timeout: float | None = None,
     ) -> ExecResult: ...
 
@@ -141,9 +158,7 @@ class Sandbox(Protocol):
     def fork(self) -> Sandbox: ...
     def close(self) -> None: ...
     def __enter__(self) -> Sandbox: ...
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None: ...
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None: ...
 
 
 @runtime_checkable
@@ -152,12 +167,13 @@ class Backend(Protocol):
 
     name: str
 
-    def build(
-        self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False
-    ) -> Snapshot: ...
+    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot: ...
 
     def create(
-        self, snapshot: Snapshot | Image | str, *, network: bool = False,
+        self,
+        snapshot: Snapshot | Image | str,
+        *,
+        network: bool = False,
         env: Mapping[str, str] | None = None,
     ) -> Sandbox: ...
 

@@ -1,11 +1,11 @@
 """The ``pytest-sandbox`` command: inspect and manage the snapshot cache of the local engine.
 
-    pytest-sandbox ls                 snapshots: key, size, age, parent, description
-    pytest-sandbox build MOD:ATTR     build the Image that MOD.ATTR names (or returns, if callable)
-    pytest-sandbox shell SNAPSHOT     an interactive shell in a fresh fork of SNAPSHOT
-    pytest-sandbox rm SNAPSHOT...     delete snapshots
-    pytest-sandbox prune [--older-than DAYS]   delete snapshots unused for that long (default: all)
-    pytest-sandbox gc                 remove what crashed processes left behind
+pytest-sandbox ls                 snapshots: key, size, age, parent, description
+pytest-sandbox build MOD:ATTR     build the Image that MOD.ATTR names (or returns, if callable)
+pytest-sandbox shell SNAPSHOT     an interactive shell in a fresh fork of SNAPSHOT
+pytest-sandbox rm SNAPSHOT...     delete snapshots
+pytest-sandbox prune [--older-than DAYS]   delete snapshots unused for that long (default: all)
+pytest-sandbox gc                 remove what crashed processes left behind
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from .errors import ConfigError, SandboxError
 from .image import Image
@@ -94,14 +93,16 @@ def _run(args: argparse.Namespace, backend: object) -> int:
     assert isinstance(backend, LocalBackend)
     store = backend.store
     if args.cmd == "ls":
-        snaps = store.list()
+        snaps = store.all()
         print(f"{'KEY':12}  {'OWN':>7}  {'AGE':>4}  {'USED':>4}  {'PARENT':12}  DESCRIPTION")
         now = time.time()
         for snap in snaps:
             own = disk_usage(store.layer_path(snap.layers[-1])) if snap.layers else 0
             label = (f"[{snap.name}] " if snap.name else "") + snap.description
-            print(f"{snap.short:12}  {_size(own):>7}  {_age(now - snap.created):>4}  "
-                  f"{_age(now - store.last_used(snap)):>4}  {(snap.parent or '-')[:12]:12}  {label[:70]}")
+            print(
+                f"{snap.short:12}  {_size(own):>7}  {_age(now - snap.created):>4}  "
+                f"{_age(now - store.last_used(snap)):>4}  {(snap.parent or '-')[:12]:12}  {label[:70]}"
+            )
         print(f"{len(snaps)} snapshots, {_size(disk_usage(store.root / 'l'))} of layers in {store.cache_dir}")
         return 0
     if args.cmd == "build":

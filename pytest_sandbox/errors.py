@@ -72,8 +72,15 @@ class SnapshotBuildError(SandboxError):
     """A recipe step failed while its snapshot was being built. Nothing was cached for it."""
 
     def __init__(
-        self, *, key: str, step_index: int, step_count: int, step: str, exit_code: int | None,
-        output: str, reason: str = "",
+        self,
+        *,
+        key: str,
+        step_index: int,
+        step_count: int,
+        step: str,
+        exit_code: int | None,
+        output: str,
+        reason: str = "",
     ) -> None:
         self.key = key
         self.step_index = step_index

@@ -144,19 +144,33 @@ class Image:
         return cls(base=(("kind", "host"),))
 
     @classmethod
-    def debian(
-        cls, suite: str = "bookworm", *, variant: str = "minbase", include: Iterable[str] = ()
-    ) -> Image:
+    def debian(cls, suite: str = "bookworm", *, variant: str = "minbase", include: Iterable[str] = ()) -> Image:
         """A Debian root filesystem built with ``mmdebstrap``, cached by its inputs.
 
         ``variant`` is mmdebstrap's (minbase, buildd, important, standard); ``include`` lists extra
         packages installed into the base itself.
         """
-        if variant not in {"extract", "custom", "essential", "apt", "required", "minbase",
-                           "buildd", "important", "debootstrap", "standard"}:
+        if variant not in {
+            "extract",
+            "custom",
+            "essential",
+            "apt",
+            "required",
+            "minbase",
+            "buildd",
+            "important",
+            "debootstrap",
+            "standard",
+        }:
             raise ConfigError(f"unknown mmdebstrap variant {variant!r}; use e.g. 'minbase'")
-        return cls(base=(("kind", "debian"), ("suite", suite), ("variant", variant),
-                         ("include", tuple(sorted(include)))))
+        return cls(
+            base=(
+                ("kind", "debian"),
+                ("suite", suite),
+                ("variant", variant),
+                ("include", tuple(sorted(include))),
+            )
+        )
 
     @classmethod
     def from_rootfs(cls, path: str | os.PathLike[str]) -> Image:
@@ -178,7 +192,7 @@ class Image:
 
     # -- steps -------------------------------------------------------------------------------
     def _add(self, step: Step) -> Image:
-        return replace(self, steps=self.steps + (step,))
+        return replace(self, steps=(*self.steps, step))
 
     def run(self, command: str | Sequence[str], *, env: Mapping[str, Any] | None = None) -> Image:
         """Run a shell command (a string) or an argv (a list) in the sandbox at build time."""
@@ -239,8 +253,7 @@ class Image:
     def prefix_keys(self) -> list[str]:
         """Keys of the base alone and of every prefix of the steps; the last is :attr:`key`."""
         h = hashlib.sha256()
-        h.update(json.dumps({"format": ENGINE_FORMAT, "base": self.base_material()},
-                            sort_keys=True).encode())
+        h.update(json.dumps({"format": ENGINE_FORMAT, "base": self.base_material()}, sort_keys=True).encode())
         keys = [h.copy().hexdigest()]
         for step in self.steps:
             h.update(b"\0" + json.dumps(step.material(), sort_keys=True).encode())
@@ -255,10 +268,13 @@ class Image:
     def describe(self) -> str:
         """The recipe in a readable form, one step a line."""
         b = dict(self.base)
-        head = "FROM " + {
-            "host": "host",
-            "debian": f"debian:{b.get('suite')} ({b.get('variant')})",
-            "rootfs": f"rootfs {b.get('path')}",
-            "registry": f"registry {b.get('ref')}",
-        }[b["kind"]]
+        head = (
+            "FROM "
+            + {
+                "host": "host",
+                "debian": f"debian:{b.get('suite')} ({b.get('variant')})",
+                "rootfs": f"rootfs {b.get('path')}",
+                "registry": f"registry {b.get('ref')}",
+            }[b["kind"]]
+        )
         return "\n".join([head] + [s.describe() for s in self.steps])

@@ -1,1 +1,389 @@
-"""pytest plugin entry point (fixtures and options arrive with the plugin work)."""
+"""The pytest plugin: options, the ``sandbox`` marker and fixtures. Thin by design: the work is
+done by :class:`pytest_sandbox.session.SessionManager` and the backends.
+
+Fixtures (``pytest --fixtures`` shows their docs): ``sandbox_backend``, ``sandbox_image``,
+``sandbox_images``, ``sandbox_snapshot``, ``sandbox``, ``worker_sandbox``, ``sandbox_factory``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from .api import Backend, ExecResult, Sandbox, Snapshot
+from .errors import SandboxError, tail
+from .image import Image
+from .session import KEEP_CHOICES, SessionManager, image_from_ref
+
+BACKEND_CHOICES = ("auto", "local", "docker", "daytona")
+MARKER_DOC = (
+    "sandbox(image=None, network=False, env=None): the sandbox for this test (class, module) is "
+    "forked from `image`: an Image, a name from the sandbox_images fixture, or a base reference "
+    "('host', 'debian:bookworm', 'rootfs:/path', 'python:3.12-slim'); network=True gives it the "
+    "host's network; env adds environment variables."
+)
+
+manager_key = pytest.StashKey[SessionManager]()
+keep_key = pytest.StashKey[str]()
+used_key = pytest.StashKey[list[tuple[str, Sandbox, int]]]()
+reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
+worker_sb_key = pytest.StashKey[Sandbox]()
+kept_key = pytest.StashKey[list[dict[str, str]]]()
+stats_key = pytest.StashKey[dict[str, Any]]()
+
+
+# -- options ------------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sandbox", "pytest-sandbox: a real, isolated environment per test")
+    group.addoption(
+        "--sandbox-backend",
+        default=None,
+        help="auto (default: local where it works, else docker, else daytona), local, "
+        "docker or daytona. ini: sandbox_backend",
+    )
+    group.addoption(
+        "--sandbox-cache-dir",
+        default=None,
+        help="snapshot cache (default $PYTEST_SANDBOX_CACHE or ~/.cache/pytest-sandbox). ini: sandbox_cache_dir",
+    )
+    group.addoption(
+        "--sandbox-rebuild",
+        action="store_true",
+        default=None,
+        help="ignore cached snapshots of this run's setup keys (each still built once). ini: sandbox_rebuild",
+    )
+    group.addoption(
+        "--sandbox-keep",
+        default=None,
+        help="never (default), failed or always: keep those tests' sandboxes as "
+        "snapshots and print the command that opens a shell in each. ini: sandbox_keep",
+    )
+    parser.addini("sandbox_backend", "default for --sandbox-backend", default="auto")
+    parser.addini("sandbox_cache_dir", "default for --sandbox-cache-dir", default="")
+    parser.addini("sandbox_rebuild", "default for --sandbox-rebuild", type="bool", default=False)
+    parser.addini("sandbox_keep", "default for --sandbox-keep", default="never")
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    value = config.getoption(f"sandbox_{name}")
+    return config.getini(f"sandbox_{name}") if value is None else value
+
+
+def _log(config: pytest.Config) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        # Builds happen inside fixtures, while pytest captures output: step past the capture.
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+        with ctx:
+            tr = config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None and not hasattr(config, "workerinput"):
+                tr.ensure_newline()
+                tr.write_line(line)
+            else:
+                # xdist workers have no terminal of their own; their stderr is the controller's.
+                print(line, file=sys.stderr, flush=True)
+
+    return log
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_DOC)
+    backend = str(_option(config, "backend"))
+    if backend not in BACKEND_CHOICES:
+        raise pytest.UsageError(f"--sandbox-backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+    keep = str(_option(config, "keep"))
+    if keep not in KEEP_CHOICES:
+        raise pytest.UsageError(f"--sandbox-keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "sandbox_run_id" in workerinput:
+        run_id, run_start = workerinput["sandbox_run_id"], float(workerinput["sandbox_run_start"])
+    else:
+        run_id, run_start = uuid.uuid4().hex, time.time()
+    config.stash[keep_key] = keep
+    config.stash[kept_key] = []
+    config.stash[stats_key] = {}
+    config.stash[manager_key] = SessionManager(
+        backend=backend,
+        cache_dir=str(_option(config, "cache_dir") or "") or None,
+        rebuild=bool(_option(config, "rebuild")),
+        run_id=run_id,
+        run_start=run_start,
+        log=_log(config),
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: every worker of this run shares one run id and start time."""
+    mgr = node.config.stash[manager_key]
+    node.workerinput["sandbox_run_id"] = mgr.run_id
+    node.workerinput["sandbox_run_start"] = mgr.run_start
+
+
+def _validate_marker(item: pytest.Item) -> None:
+    for mark in item.iter_markers("sandbox"):
+        where = f"@pytest.mark.sandbox on {item.nodeid}"
+        if mark.args:
+            raise pytest.UsageError(f"{where}: takes keyword arguments only (image=, network=, env=)")
+        unknown = set(mark.kwargs) - {"image", "network", "env"}
+        if unknown:
+            raise pytest.UsageError(
+                f"{where}: unknown argument(s) {', '.join(sorted(unknown))}; use image=, network=, env="
+            )
+        image = mark.kwargs.get("image")
+        if image is not None and not isinstance(image, (Image, str)):
+            raise pytest.UsageError(
+                f"{where}: image= must be an Image, an image name or a base reference, got {type(image).__name__}"
+            )
+        if not isinstance(mark.kwargs.get("network", False), bool):
+            raise pytest.UsageError(f"{where}: network= must be True or False")
+        env = mark.kwargs.get("env", {})
+        if not isinstance(env, Mapping) or not all(isinstance(k, str) for k in env):
+            raise pytest.UsageError(f"{where}: env= must be a dict of names to values")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        _validate_marker(item)
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def _describe(result: ExecResult) -> str:
+    line = (
+        f"$ {result.command}\n  -> exit {result.exit_code}{' (timed out)' if result.timed_out else ''}"
+        f" in {result.duration * 1000:.1f} ms"
+    )
+    out = tail(result.output, 10)
+    return line + ("\n" + "\n".join("  | " + x for x in out.splitlines()) if out else "")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    rep = yield
+    item.stash.setdefault(reports_key, {})[rep.when] = rep
+    used = item.stash.get(used_key, [])
+    if rep.failed and used:
+        parts = []
+        for label, sb, start in used:
+            execs = sb.history[start:]
+            snap = sb.snapshot_of
+            head = f"{label}: sandbox {sb.id} from snapshot {snap.short} ({len(execs)} execs)"
+            parts.append("\n".join([head, *(_describe(r) for r in execs)]))
+        rep.sections.append(("sandbox", "\n\n".join(parts)))
+    return rep
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    wsb = item.config.stash.get(worker_sb_key, None)
+    item.stash[used_key] = [] if wsb is None else [("worker_sandbox", wsb, len(wsb.history))]
+
+
+def _finish(request: pytest.FixtureRequest, sb: Sandbox, label: str) -> None:
+    """Close a test's sandbox, first freezing it when the keep policy says so."""
+    config = request.config
+    policy = config.stash[keep_key]
+    reports = request.node.stash.get(reports_key, {})
+    failed = any(r.failed for r in reports.values())
+    try:
+        if policy == "always" or (policy == "failed" and failed):
+            snap = config.stash[manager_key].keep(sb, label)
+            config.stash[kept_key].append({"test": label, "key": snap.key})
+    finally:
+        sb.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    mgr = config.stash[manager_key]
+    mgr.close()
+    if hasattr(config, "workerinput"):
+        config.workeroutput["sandbox_stats"] = json.dumps(  # type: ignore[attr-defined]
+            {**mgr.stats.to_json(), "kept": config.stash[kept_key]}
+        )
+    else:
+        config.stash[stats_key] = mgr.stats.to_json()
+        # Sweep what crashed workers left (their sandboxes' processes died with them).
+        with contextlib.suppress(SandboxError):
+            mgr.gc()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    data = getattr(node, "workeroutput", {}).get("sandbox_stats")
+    if data:
+        parsed = json.loads(data)
+        node.config.stash[manager_key].stats.merge(parsed)
+        node.config.stash[kept_key].extend(parsed.get("kept", []))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    mgr = config.stash[manager_key]
+    st = mgr.stats
+    if st.built or st.reused or st.forks:
+        terminalreporter.write_line(st.summary())
+    kept = config.stash[kept_key]
+    if kept:
+        terminalreporter.section("kept sandboxes")
+        cache = f" --cache-dir {mgr.cache_dir}" if mgr.cache_dir else ""
+        for k in kept:
+            terminalreporter.write_line(f"{k['test']}: pytest-sandbox{cache} shell {k['key'][:12]}")
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+def _manager(request: pytest.FixtureRequest) -> SessionManager:
+    return request.config.stash[manager_key]
+
+
+@pytest.fixture(scope="session")
+def sandbox_backend(request: pytest.FixtureRequest) -> Backend:
+    """The backend this run uses (``--sandbox-backend``; local by default), opened on first use."""
+    try:
+        return _manager(request).backend
+    except SandboxError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sandbox_image() -> Image:
+    """The recipe of the default sandbox: ``Image.host()``. Override it in your conftest.py::
+
+    @pytest.fixture(scope="session")
+    def sandbox_image():
+        return Image.debian("bookworm").apt_install("git").copy("src", "/work/src")
+    """
+    return Image.host()
+
+
+@pytest.fixture(scope="session")
+def sandbox_images() -> dict[str, Image]:
+    """Named recipes that ``@pytest.mark.sandbox(image="name")`` and ``sandbox_factory("name")``
+    pick from. Empty by default; override it in your conftest.py to return ``{name: Image}``."""
+    return {}
+
+
+def _snapshot(request: pytest.FixtureRequest, image: Image) -> Snapshot:
+    try:
+        return _manager(request).snapshot(image)
+    except SandboxError as exc:
+        message = str(exc)  # failed outside the except block: no "during handling" chain
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sandbox_snapshot(request: pytest.FixtureRequest, sandbox_image: Image, sandbox_backend: Backend) -> Snapshot:
+    """The snapshot of ``sandbox_image``: built once per setup key across all xdist workers and
+    reused by later runs until the recipe changes."""
+    return _snapshot(request, sandbox_image)
+
+
+def _resolve(request: pytest.FixtureRequest, what: Image | Snapshot | str, where: str) -> Image | Snapshot:
+    if isinstance(what, (Image, Snapshot)):
+        return what
+    images: dict[str, Image] = request.getfixturevalue("sandbox_images")
+    if what in images:
+        return images[what]
+    if what in ("host", "debian") or what.startswith(("debian:", "rootfs:", "/")) or ":" in what or "/" in what:
+        return image_from_ref(what)
+    names = ", ".join(sorted(images)) or "none (override the sandbox_images fixture)"
+    pytest.fail(f"{where}: no image named {what!r}; sandbox_images defines: {names}", pytrace=False)
+
+
+def _create(
+    request: pytest.FixtureRequest,
+    what: Image | Snapshot,
+    network: bool,
+    env: Mapping[str, Any] | None,
+    label: str,
+) -> Sandbox:
+    snap = _snapshot(request, what) if isinstance(what, Image) else what
+    try:
+        sb = _manager(request).create(snap, network=network, env={k: str(v) for k, v in (env or {}).items()})
+    except SandboxError as exc:
+        message = f"{label}: {exc}"
+    else:
+        request.node.stash.setdefault(used_key, []).append((label, sb, 0))
+        return sb
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture
+def sandbox(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterator[Sandbox]:
+    """A fresh copy-on-write fork of the session's snapshot, for this test only.
+
+    ``@pytest.mark.sandbox(image=..., network=..., env=...)`` on the test, its class or module
+    picks another image, gives it the host's network or adds environment variables.
+    """
+    mark = request.node.get_closest_marker("sandbox")
+    kwargs = dict(mark.kwargs) if mark else {}
+    image = kwargs.get("image")
+    # Not through the session-scoped sandbox_snapshot fixture: pytest would re-raise a build
+    # failure cached there in full for every test, where the manager shows it once.
+    what = (
+        _snapshot(request, request.getfixturevalue("sandbox_image"))
+        if image is None
+        else _resolve(request, image, f"@pytest.mark.sandbox on {request.node.nodeid}")
+    )
+    sb = _create(request, what, bool(kwargs.get("network", False)), kwargs.get("env"), request.node.nodeid)
+    yield sb
+    _finish(request, sb, request.node.nodeid)
+
+
+@pytest.fixture(scope="session")
+def worker_sandbox(request: pytest.FixtureRequest, sandbox_snapshot: Snapshot) -> Iterator[Sandbox]:
+    """One sandbox per xdist worker (per session without xdist), shared by that worker's tests.
+
+    Faster than ``sandbox`` when tests may share state; a failing test's report still lists
+    the commands it ran in it.
+    """
+    try:
+        sb = _manager(request).create(sandbox_snapshot)
+    except SandboxError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    request.config.stash[worker_sb_key] = sb
+    request.node.stash.setdefault(used_key, []).append(("worker_sandbox", sb, 0))
+    yield sb
+    del request.config.stash[worker_sb_key]
+    sb.close()
+
+
+@pytest.fixture
+def sandbox_factory(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterator[Callable[..., Sandbox]]:
+    """Make more sandboxes in one test: ``sandbox_factory(what=None, network=False, env=None)``
+    where ``what`` is an Image, a Snapshot (e.g. ``sandbox.snapshot()``) or an image name from
+    ``sandbox_images``; default: the session's snapshot. All are closed after the test."""
+    made: list[tuple[Sandbox, str]] = []
+
+    def make(
+        what: Image | Snapshot | str | None = None,
+        *,
+        network: bool = False,
+        env: Mapping[str, Any] | None = None,
+    ) -> Sandbox:
+        label = f"{request.node.nodeid}[factory {len(made)}]"
+        target = (
+            _snapshot(request, request.getfixturevalue("sandbox_image"))
+            if what is None
+            else _resolve(request, what, label)
+        )
+        sb = _create(request, target, network, env, label)
+        made.append((sb, label))
+        return sb
+
+    yield make
+    errors = []
+    for sb, label in made:
+        try:
+            _finish(request, sb, label)
+        except Exception as exc:  # one failed close must not leak the rest
+            errors.append(exc)
+    if errors:
+        raise errors[0]

@@ -219,7 +219,7 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self._record(key).unlink()
 
-    def list(self) -> list[Snapshot]:
+    def all(self) -> list[Snapshot]:
         out = []
         for p in (self.root / "s").glob("*.json"):
             snap = self.get(p.stem)
@@ -232,7 +232,7 @@ class Store:
         exact = self.get(ref) if "/" not in ref else None
         if exact is not None:
             return exact
-        snaps = self.list()
+        snaps = self.all()
         named = [s for s in snaps if s.name == ref]
         if named:
             return named[-1]
@@ -240,9 +240,7 @@ class Store:
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise SnapshotNotFoundError(
-                f"{ref!r} matches {len(matches)} snapshots; give more characters of the key"
-            )
+            raise SnapshotNotFoundError(f"{ref!r} matches {len(matches)} snapshots; give more characters of the key")
         raise SnapshotNotFoundError(
             f"no snapshot {ref!r} in {self.cache_dir}; `pytest-sandbox ls` lists the ones there are"
         )
@@ -292,7 +290,7 @@ class Store:
                 if not self.owner_alive(p.name.split(".")[0]):
                     rmtree(p)
                     removed += 1
-            for snap in self.list():
+            for snap in self.all():
                 if snap.owner is not None and not self.owner_alive(snap.owner):
                     self.delete(snap.key)
                     removed += 1
@@ -306,7 +304,7 @@ class Store:
     def _remove_unreferenced(self) -> int:
         """Delete layers that no record and no live sandbox uses (caller holds :meth:`exclusive`)."""
         used: set[str] = set()
-        for snap in self.list():
+        for snap in self.all():
             used.update(snap.layers)
         for _, meta in self.sandboxes():
             used.update(meta.get("layers", ()))
@@ -329,8 +327,7 @@ class Store:
         a live sandbox runs from. Returns the keys removed."""
         now = time.time()
         busy = {m.get("snapshot") for _, m in self.sandboxes() if self.owner_alive(m.get("owner"))}
-        doomed = [s.key for s in self.list()
-                  if s.key not in busy and now - self.last_used(s) >= older_than]
+        doomed = [s.key for s in self.all() if s.key not in busy and now - self.last_used(s) >= older_than]
         self.remove(doomed)
         return doomed
 

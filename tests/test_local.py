@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -36,8 +38,13 @@ ROOT = os.geteuid() == 0
 def run_py(code: str, cache_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a Python snippet in a fresh process against the same cache (a second 'session')."""
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def alive(pid: int) -> bool:
@@ -61,29 +68,32 @@ def wait_for(cond: object, timeout: float = 10.0) -> bool:
 
 
 # -- building --------------------------------------------------------------------------------
-def test_build_once_then_reuse_across_sessions(backend: LocalBackend, debian: Snapshot,
-                                               cache_dir: Path) -> None:
-    token_image = DEB().run(f"echo {secrets.token_hex(4)} > /salt; head -c8 /dev/urandom | od -An -tx1 > /token")
+def test_build_once_then_reuse_across_sessions(backend: LocalBackend, debian: Snapshot, cache_dir: Path) -> None:
+    salt = secrets.token_hex(4)
+    token_image = DEB().run(f"echo {salt} > /salt; head -c8 /dev/urandom | od -An -tx1 > /token")
     snap = backend.build(token_image)
     with backend.create(snap) as sb:
         token = sb.fs.read_text("/token")
     again = backend.build(token_image)
     assert again.key == snap.key and again.layers == snap.layers and again.created == snap.created
     # A new process (a later session) finds the same snapshot by key and sees the same token.
-    out = run_py(f"""
+    out = run_py(
+        f"""
         from pytest_sandbox.backends.local import LocalBackend
         with LocalBackend() as b:
             snap = b.get_snapshot({snap.key!r})
             with b.create(snap) as sb:
                 print(sb.fs.read_text("/token"), end="")
-        """, cache_dir)
+        """,
+        cache_dir,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == token
     rebuilt = backend.build(token_image, rebuild=True)
     assert rebuilt.layers != snap.layers
 
 
-def DEB() -> Image:  # noqa: N802 - reads like the constant it wraps
+def DEB() -> Image:
     from tests.conftest import DEBIAN
 
     return DEBIAN
@@ -104,8 +114,16 @@ def test_racing_processes_build_a_key_exactly_once(debian: Snapshot, cache_dir: 
                 print("TOKEN", sb.fs.read_text("/tok").strip())
         """
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     logs = "".join(o[0] for o in outs)
@@ -115,7 +133,8 @@ def test_racing_processes_build_a_key_exactly_once(debian: Snapshot, cache_dir: 
 
 
 def test_failing_step_names_step_exit_code_and_output_and_caches_nothing(
-        backend: LocalBackend, debian: Snapshot) -> None:
+    backend: LocalBackend, debian: Snapshot
+) -> None:
     image = DEB().run("echo fine").run("echo about-to-fail; echo oops >&2; exit 7").run("echo never")
     with pytest.raises(SnapshotBuildError) as info:
         backend.build(image)
@@ -127,16 +146,20 @@ def test_failing_step_names_step_exit_code_and_output_and_caches_nothing(
     assert backend.store.get(keys[2]) is None and backend.store.get(keys[3]) is None
 
 
-def test_steps_run_in_order_with_env_workdir_and_copy(backend: LocalBackend, debian: Snapshot,
-                                                      tmp_path: Path) -> None:
+def test_steps_run_in_order_with_env_workdir_and_copy(backend: LocalBackend, debian: Snapshot, tmp_path: Path) -> None:
     app = tmp_path / "app"
     (app / "sub").mkdir(parents=True)
     (app / "main.py").write_text("print('hi from app')\n")
     (app / "sub" / "run.sh").write_text("#!/bin/sh\necho run\n")
     (app / "sub" / "run.sh").chmod(0o755)
     (app / "link").symlink_to("main.py")
-    image = (DEB().copy(app, "/work/app").env(APP_MODE="test").workdir("/work/app")
-             .run("python3 main.py > out.txt && echo $APP_MODE >> out.txt"))
+    image = (
+        DEB()
+        .copy(app, "/work/app")
+        .env(APP_MODE="test")
+        .workdir("/work/app")
+        .run("python3 main.py > out.txt && echo $APP_MODE >> out.txt")
+    )
     snap = backend.build(image)
     assert snap.workdir == "/work/app" and snap.environment["APP_MODE"] == "test"
     with backend.create(snap) as sb:
@@ -162,17 +185,20 @@ def test_copy_of_a_single_file_with_mode(backend: LocalBackend, host: Snapshot, 
 
 
 def test_missing_mmdebstrap_names_the_package(cache_dir: Path) -> None:
-    out = run_py("""
+    out = run_py(
+        f"""
         import os
         os.environ["PATH"] = "/nonexistent"
         from pytest_sandbox import Image, EngineUnavailableError
         from pytest_sandbox.backends.local import LocalBackend
         with LocalBackend() as b:
             try:
-                b.build(Image.debian("bookworm", include=["nonexistent-%s"] ))
+                b.build(Image.debian("bookworm", include=["nonexistent-{secrets.token_hex(3)}"]))
             except EngineUnavailableError as e:
                 print(e)
-        """ % secrets.token_hex(3), cache_dir)
+        """,
+        cache_dir,
+    )
     assert "apt-get install mmdebstrap" in out.stdout, out.stderr
 
 
@@ -213,16 +239,20 @@ def test_exec_basics(backend: LocalBackend, base: Snapshot) -> None:
         assert sb.exec("id -u").stdout == "0\n"
         assert sb.exec(["/no/such/binary"]).exit_code in (126, 127)
         assert sb.exec("kill -9 $$").exit_code == 128 + 9
-        assert [h.command for h in sb.history][:2] == ["echo out; echo err >&2; exit 3", "printf '%s|' 'a b' '$HOME'"]
+        assert [h.command for h in sb.history][:2] == [
+            "echo out; echo err >&2; exit 3",
+            "printf '%s|' 'a b' '$HOME'",
+        ]
 
 
-def test_background_process_survives_between_execs_on_loopback(backend: LocalBackend,
-                                                                debian: Snapshot) -> None:
+def test_background_process_survives_between_execs_on_loopback(backend: LocalBackend, debian: Snapshot) -> None:
     with backend.create(debian) as sb:
         sb.exec("python3 -m http.server 8765 --bind 127.0.0.1 >/tmp/http.log 2>&1 &").check()
-        fetch = ("python3 -c \"import urllib.request,time\nfor i in range(100):\n try:\n"
-                 "  print(urllib.request.urlopen('http://127.0.0.1:8765/').status); break\n"
-                 " except OSError: time.sleep(0.05)\"")
+        fetch = (
+            'python3 -c "import urllib.request,time\nfor i in range(100):\n try:\n'
+            "  print(urllib.request.urlopen('http://127.0.0.1:8765/').status); break\n"
+            ' except OSError: time.sleep(0.05)"'
+        )
         assert sb.exec(fetch, timeout=30).stdout.strip() == "200"
         assert "http.server" in sb.exec("ps -eo args 2>/dev/null || cat /proc/[0-9]*/cmdline").stdout
 
@@ -236,7 +266,7 @@ def test_background_output_does_not_block_exec(backend: LocalBackend, base: Snap
 
 def test_timeout_kills_whole_tree_and_says_so(backend: LocalBackend, base: Snapshot) -> None:
     with backend.create(base) as sb:
-        with pytest.raises(ExecTimeoutError, match="timed out after 0.5s") as info:
+        with pytest.raises(ExecTimeoutError, match=r"timed out after 0\.5s") as info:
             sb.exec("echo started; sleep 301 & setsid sleep 302 & sleep 303", timeout=0.5)
         assert info.value.result.stdout == "started\n" and info.value.result.timed_out
         procs = sb.exec("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
@@ -254,8 +284,7 @@ def test_no_network_beyond_loopback_unless_asked(backend: LocalBackend, base: Sn
         assert len(sb.exec("cat /proc/net/dev").stdout.splitlines()[2:]) == len(host_ifaces)
 
 
-def test_cannot_see_host_processes_homes_or_terminal(backend: LocalBackend, base: Snapshot,
-                                                     tmp_path: Path) -> None:
+def test_cannot_see_host_processes_homes_or_terminal(backend: LocalBackend, base: Snapshot, tmp_path: Path) -> None:
     home_marker = Path.home() / f".pytest-sandbox-marker-{secrets.token_hex(4)}"
     home_marker.write_text("private")
     try:
@@ -309,15 +338,17 @@ def test_fs_round_trip(backend: LocalBackend, base: Snapshot, tmp_path: Path) ->
             sb.fs.read("relative/path")
 
 
-def test_fs_cannot_touch_host_files_outside_the_sandbox(backend: LocalBackend, base: Snapshot,
-                                                        tmp_path: Path) -> None:
+def test_fs_cannot_touch_host_files_outside_the_sandbox(backend: LocalBackend, base: Snapshot, tmp_path: Path) -> None:
     secret = tmp_path / "host-secret.txt"
     secret.write_text("host only")
     victim_dir = tmp_path / "victim"
     victim_dir.mkdir()
     with backend.create(base) as sb:
-        sb.exec(f"mkdir -p /tmp/e {victim_dir} && ln -s {secret} /tmp/e/abs && ln -s ../../../../../../..{secret} /tmp/e/rel"
-                f" && ln -s {victim_dir} /tmp/e/dir && ln -s / /tmp/e/root").check()
+        sb.exec(
+            f"mkdir -p /tmp/e {victim_dir} && ln -s {secret} /tmp/e/abs"
+            f" && ln -s ../../../../../../..{secret} /tmp/e/rel"
+            f" && ln -s {victim_dir} /tmp/e/dir && ln -s / /tmp/e/root"
+        ).check()
         for path in ("/tmp/e/abs", "/tmp/e/rel", f"/../../..{secret}", f"/tmp/e/root{secret}"):
             with pytest.raises(SandboxFileError):
                 sb.fs.read(path)
@@ -406,7 +437,8 @@ def test_close_kills_processes_and_removes_writable_layer(backend: LocalBackend,
 
 
 def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
-        backend: LocalBackend, debian: Snapshot, cache_dir: Path) -> None:
+    backend: LocalBackend, debian: Snapshot, cache_dir: Path
+) -> None:
     code = f"""
         import os, time
         from pytest_sandbox.backends.local import LocalBackend
@@ -418,22 +450,25 @@ def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
         time.sleep(1000)
         """
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     pid_s, run_dir = proc.stdout.readline().split()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert wait_for(lambda: not alive(int(pid_s))), "sandbox init outlived its owner"
-    assert wait_for(lambda: "sleep 1000" not in subprocess.run(
-        ["ps", "-eo", "args"], capture_output=True, text=True).stdout or not ROOT)
+    assert wait_for(
+        lambda: (
+            "sleep 1000" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout or not ROOT
+        )
+    )
     assert Path(run_dir).exists()
     backend.gc()
     assert not Path(run_dir).exists()
 
 
 def test_kill_9_during_build_leaves_nothing_used_and_next_run_cleans_up(
-        backend: LocalBackend, debian: Snapshot, cache_dir: Path) -> None:
+    backend: LocalBackend, debian: Snapshot, cache_dir: Path
+) -> None:
     marker = secrets.token_hex(6)
     code = f"""
         import sys
@@ -446,8 +481,7 @@ def test_kill_9_during_build_leaves_nothing_used_and_next_run_cleans_up(
         """
     image = DEB().run(f"echo {marker} > /f; echo started-{marker}; sleep 1000")
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     for line in proc.stdout:
         if f"started-{marker}" in line:
@@ -475,24 +509,34 @@ def test_gc_keeps_what_live_processes_use(backend: LocalBackend, base: Snapshot)
     backend.remove_snapshot(snap)
 
 
-def test_unprivileged_userns_forbidden_is_a_clear_error(tmp_path: Path) -> None:
+def test_unprivileged_userns_forbidden_is_a_clear_error() -> None:
     user = os.environ.get("PYTEST_SANDBOX_TEST_USER")
     if not ROOT or not user:
         pytest.skip("needs root and PYTEST_SANDBOX_TEST_USER (an unprivileged user) to flip the sysctl")
     knob = Path("/proc/sys/user/max_user_namespaces")
     old = knob.read_text()
-    tmp_path.chmod(0o777)
-    code = ("from pytest_sandbox.backends.local import LocalBackend\n"
-            "from pytest_sandbox import Image\n"
-            "try:\n    LocalBackend().build(Image.host())\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    python = os.environ.get("PYTEST_SANDBOX_TEST_PYTHON", sys.executable)
+    cache = Path(tempfile.mkdtemp(prefix="psb-userns-"))
+    cache.chmod(0o777)  # pytest's basetemp is private to root; the user needs a cache it can write
+    code = (
+        "from pytest_sandbox.backends.local import LocalBackend\n"
+        "from pytest_sandbox import Image\n"
+        "try:\n    LocalBackend().build(Image.host())\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
     try:
         knob.write_text("0\n")
-        out = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", code], text=True,
-                             capture_output=True, cwd="/", env={**os.environ,
-                             "PYTEST_SANDBOX_CACHE": str(tmp_path / "c")}, timeout=60)
+        out = subprocess.run(
+            ["runuser", "-u", user, "--", python, "-c", code],
+            text=True,
+            capture_output=True,
+            cwd="/",
+            env={**os.environ, "PYTEST_SANDBOX_CACHE": str(cache / "c")},
+            timeout=60,
+        )
     finally:
         knob.write_text(old)
+        shutil.rmtree(cache, ignore_errors=True)
     assert "EngineUnavailableError" in out.stdout, out.stdout + out.stderr
     assert "max_user_namespaces" in out.stdout and "docker" in out.stdout
 

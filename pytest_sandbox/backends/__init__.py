@@ -27,4 +27,3 @@ def open_backend(name: str = "local", **options: Any) -> Backend:
             "use the local backend (open_backend('local'))"
         )
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-

@@ -22,8 +22,7 @@ _SKIP_XATTRS = ("user.overlay.origin", "user.overlay.impure", "user.overlay.nlin
 def copy_tree(src: Path, dest: Path) -> None:
     """Copy a layer tree with modes, owners, xattrs and whiteouts (``cp -a``, reflinks if cheap)."""
     dest.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{dest}/"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{dest}/"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SandboxError(f"copying layer {src} failed: {proc.stderr.strip()}")
 
@@ -87,8 +86,7 @@ def merge_into(result: Path, layer: Path) -> None:
             dst_st: os.stat_result | None = os.lstat(dest)
         except FileNotFoundError:
             dst_st = None
-        if stat.S_ISDIR(st.st_mode) and not _is_opaque(src) and dst_st is not None \
-                and stat.S_ISDIR(dst_st.st_mode):
+        if stat.S_ISDIR(st.st_mode) and not _is_opaque(src) and dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
             merge_into(dest, src)
             was_opaque = _is_opaque(dest)
             _copy_meta(src, dest, st)

@@ -35,7 +35,7 @@ def _children(pid: int) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 data = f.read()
-            parent_of[int(entry)] = int(data[data.rindex(b")") + 2:].split()[1])
+            parent_of[int(entry)] = int(data[data.rindex(b")") + 2 :].split()[1])
         except (OSError, ValueError):
             continue
     found, frontier = [], [pid]
@@ -57,6 +57,14 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+def _die_with_parent() -> None:
+    # SIGKILL when the thread that started us exits; run() waits in that thread, so this fires
+    # only when our process dies (e.g. kill -9), never while we still want the child.
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _memfd(name: str, data: bytes = b"") -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     if data:
@@ -71,8 +79,13 @@ def _read_all(fd: int) -> bytes:
 
 
 def run(
-    argv: Sequence[str], *, env: Mapping[str, str] | None = None, input: bytes | None = None,
-    timeout: float | None = None, on_line: Callable[[str], None] | None = None,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    on_line: Callable[[str], None] | None = None,
+    die_with_parent: bool = False,
 ) -> Completed:
     """Run ``argv`` in a new session; on timeout kill its whole tree. Never raises for exit codes."""
     out, err = _memfd("stdout"), _memfd("stderr")
@@ -80,8 +93,14 @@ def run(
     start = time.perf_counter()
     try:
         proc = subprocess.Popen(
-            list(argv), stdin=stdin, stdout=out, stderr=err, env=dict(env) if env is not None else None,
-            start_new_session=True, close_fds=True,
+            list(argv),
+            stdin=stdin,
+            stdout=out,
+            stderr=err,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
         timed_out = False
         deadline = None if timeout is None else start + timeout

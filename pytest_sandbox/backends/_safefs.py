@@ -29,8 +29,7 @@ class _OpenHow(ctypes.Structure):
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
     """openat2(2) with RESOLVE_IN_ROOT: ``path`` is looked up as if ``dirfd`` were ``/``."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
-                   _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     fd = _libc.syscall(_SYS_OPENAT2, dirfd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
@@ -61,10 +60,13 @@ class SafeFS:
         return fd
 
     def _fail(self, exc: OSError, op: str, path: str) -> SandboxFileError:
-        what = {errno.ENOENT: "no such file or directory", errno.ENOTDIR: "not a directory",
-                errno.EISDIR: "is a directory", errno.EEXIST: "already exists",
-                errno.ENOTEMPTY: "directory not empty (pass recursive=True)"}.get(
-                    exc.errno or 0, exc.strerror or str(exc))
+        what = {
+            errno.ENOENT: "no such file or directory",
+            errno.ENOTDIR: "not a directory",
+            errno.EISDIR: "is a directory",
+            errno.EEXIST: "already exists",
+            errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
         err = SandboxFileError(exc.errno or 0, f"{op} {path}: {what}")
         err.__cause__ = exc
         return err
@@ -172,7 +174,7 @@ class SafeFS:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
@@ -262,8 +264,11 @@ def _copy_out(fd: int, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink():
             dest.unlink()  # never write through a host symlink that happens to sit there
-        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      stat.S_IMODE(st.st_mode))
+        out = os.open(
+            dest,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            stat.S_IMODE(st.st_mode),
+        )
         try:
             while chunk := os.read(fd, 1 << 20):
                 os.write(out, chunk)

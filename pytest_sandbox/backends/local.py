@@ -74,8 +74,12 @@ _PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PRO
 def _host_ca_bundle() -> str | None:
     import ssl
 
-    for cand in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
-                 "/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+    for cand in (
+        os.environ.get("SSL_CERT_FILE"),
+        ssl.get_default_verify_paths().cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ):
         if cand and os.path.isfile(cand):
             return cand
     return None
@@ -85,17 +89,25 @@ def build_env() -> dict[str, str]:
     """Environment for build steps: host proxies and the host CA bundle (see BUILD_CA_PATH)."""
     env = {k: v for k, v in os.environ.items() if k in _PROXY_VARS}
     if _host_ca_bundle():
-        env.update({"SSL_CERT_FILE": BUILD_CA_PATH, "PIP_CERT": BUILD_CA_PATH,
-                    "REQUESTS_CA_BUNDLE": BUILD_CA_PATH, "CURL_CA_BUNDLE": BUILD_CA_PATH,
-                    "NODE_EXTRA_CA_CERTS": BUILD_CA_PATH})
+        env.update(
+            {
+                "SSL_CERT_FILE": BUILD_CA_PATH,
+                "PIP_CERT": BUILD_CA_PATH,
+                "REQUESTS_CA_BUNDLE": BUILD_CA_PATH,
+                "CURL_CA_BUNDLE": BUILD_CA_PATH,
+                "NODE_EXTRA_CA_CERTS": BUILD_CA_PATH,
+            }
+        )
     return env
 
 
 def _userns_help() -> str:
     hints = []
     for path, fix in (
-        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
-         "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+        (
+            "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+            "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0",
+        ),
         ("/proc/sys/kernel/unprivileged_userns_clone", "sudo sysctl -w kernel.unprivileged_userns_clone=1"),
         ("/proc/sys/user/max_user_namespaces", "sudo sysctl -w user.max_user_namespaces=15000"),
     ):
@@ -145,7 +157,8 @@ def preflight() -> tuple[str, str]:
     except OSError as exc:
         raise EngineUnavailableError(f"cannot read /proc/filesystems: {exc}") from exc
     nsenter = shutil.which("nsenter") or next(
-        (p for p in ("/usr/bin/nsenter", "/bin/nsenter") if os.path.exists(p)), None)
+        (p for p in ("/usr/bin/nsenter", "/bin/nsenter") if os.path.exists(p)), None
+    )
     if nsenter is None:
         raise EngineUnavailableError("nsenter is missing; install util-linux (apt-get install util-linux)")
     return _bwrap(), nsenter
@@ -158,12 +171,18 @@ class _UserNamespace:
     """
 
     def __init__(self) -> None:
-        code = ("import ctypes,os,sys\n"
-                "r=ctypes.CDLL(None,use_errno=True).unshare(0x10000000)\n"
-                "os.write(1,b'u' if r==0 else os.strerror(ctypes.get_errno()).encode())\n"
-                "sys.stdin.buffer.read()")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, start_new_session=True)
+        code = (
+            "import ctypes,os,sys\n"
+            "r=ctypes.CDLL(None,use_errno=True).unshare(0x10000000)\n"
+            "os.write(1,b'u' if r==0 else os.strerror(ctypes.get_errno()).encode())\n"
+            "sys.stdin.buffer.read()"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
         assert self.proc.stdout is not None
         answer = os.read(self.proc.stdout.fileno(), 200)
         if answer != b"u":
@@ -241,7 +260,7 @@ class LocalBackend:
 
     def snapshots(self) -> Iterator[Snapshot]:
         """Every stored snapshot, oldest first."""
-        return iter(self.store.list())
+        return iter(self.store.all())
 
     def remove_snapshot(self, snapshot: Snapshot | str) -> None:
         """Delete a snapshot and the layers nothing else uses. Live sandboxes keep working."""
@@ -257,8 +276,7 @@ class LocalBackend:
         return self.store.prune(older_than)
 
     # -- building ----------------------------------------------------------------------------
-    def build(self, image: Image, *, on_log: LogCallback | None = None,
-              rebuild: bool | float = False) -> Snapshot:
+    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot:
         """Build ``image`` once per setup key and return its snapshot; later calls reuse it.
 
         ``rebuild=True`` ignores cached snapshots of this recipe's steps; a timestamp ignores only
@@ -322,8 +340,15 @@ class LocalBackend:
                     base = {"kind": "rootfs"}
                 with self.store.shared():
                     layer = self.store.publish_layer(tmp / "root")
-                    snap = Snapshot(key=key, backend=self.name, layers=(layer,), base=base,
-                                    env=(), workdir="/", description=image.describe().splitlines()[0])
+                    snap = Snapshot(
+                        key=key,
+                        backend=self.name,
+                        layers=(layer,),
+                        base=base,
+                        env=(),
+                        workdir="/",
+                        description=image.describe().splitlines()[0],
+                    )
                     self.store.put(snap)
                 return snap
             finally:
@@ -341,10 +366,22 @@ class LocalBackend:
             elif host.is_dir():
                 (root / name).mkdir()
                 dirs.append(name)
-        for name, mode in (("tmp", 0o1777), ("var", 0o755), ("var/tmp", 0o1777), ("var/lib", 0o755),
-                           ("var/cache", 0o755), ("var/log", 0o755), ("root", 0o700), ("home", 0o755),
-                           ("run", 0o755), ("proc", 0o555), ("dev", 0o755), ("sys", 0o555),
-                           ("mnt", 0o755), ("srv", 0o755)):
+        for name, mode in (
+            ("tmp", 0o1777),
+            ("var", 0o755),
+            ("var/tmp", 0o1777),
+            ("var/lib", 0o755),
+            ("var/cache", 0o755),
+            ("var/log", 0o755),
+            ("root", 0o700),
+            ("home", 0o755),
+            ("run", 0o755),
+            ("proc", 0o555),
+            ("dev", 0o755),
+            ("sys", 0o555),
+            ("mnt", 0o755),
+            ("srv", 0o755),
+        ):
             (root / name).mkdir(exist_ok=True)
             os.chmod(root / name, mode)
         return dirs
@@ -368,10 +405,16 @@ class LocalBackend:
             lines.append(line)
             log(line)
 
-        res = _proc.run(argv, on_line=keep, env={**os.environ, "LC_ALL": "C.UTF-8"})
+        res = _proc.run(argv, on_line=keep, env={**os.environ, "LC_ALL": "C.UTF-8"}, die_with_parent=True)
         if res.returncode != 0:
-            raise SnapshotBuildError(key=key, step_index=0, step_count=nsteps, step=desc,
-                                     exit_code=res.returncode, output="\n".join(lines))
+            raise SnapshotBuildError(
+                key=key,
+                step_index=0,
+                step_count=nsteps,
+                step=desc,
+                exit_code=res.returncode,
+                output="\n".join(lines),
+            )
         self._extract_rootfs(tar, tmp / "root")
         tar.unlink()
 
@@ -383,8 +426,11 @@ class LocalBackend:
         owner = ["--no-same-owner"] if self.rootless else ["--numeric-owner"]
         untar = ["tar", "-x", "-p", *owner, *excl, "-C", str(dest), "-f"]
         if src.is_dir():
-            pack = subprocess.Popen(["tar", "-c", "-C", str(src), *excl, "-f", "-", "."],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            pack = subprocess.Popen(
+                ["tar", "-c", "-C", str(src), *excl, "-f", "-", "."],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             proc = subprocess.run([*untar, "-"], stdin=pack.stdout, capture_output=True, text=True)
             pack.wait()
         else:
@@ -392,14 +438,20 @@ class LocalBackend:
         if proc.returncode != 0:
             raise ConfigError(f"cannot unpack rootfs {src}: {proc.stderr.strip()[-2000:]}")
 
-    def _build_step(self, parent: Snapshot, step: Step, key: str, i: int, n: int,
-                    log: LogCallback) -> Snapshot:
+    def _build_step(self, parent: Snapshot, step: Step, key: str, i: int, n: int, log: LogCallback) -> Snapshot:
         env = dict(parent.env)
         workdir = parent.workdir
         if step.kind == "env":
-            snap = Snapshot(key=key, backend=self.name, layers=parent.layers, base=parent.base,
-                            env=tuple({**env, **dict(step.env)}.items()), workdir=workdir,
-                            parent=parent.key, description=step.describe())
+            snap = Snapshot(
+                key=key,
+                backend=self.name,
+                layers=parent.layers,
+                base=parent.base,
+                env=tuple({**env, **dict(step.env)}.items()),
+                workdir=workdir,
+                parent=parent.key,
+                description=step.describe(),
+            )
             with self.store.shared():
                 self.store.put(snap)
             return snap
@@ -412,8 +464,15 @@ class LocalBackend:
                 log("    " + line)
 
             def fail(code: int | None, reason: str = "") -> SnapshotBuildError:
-                return SnapshotBuildError(key=key, step_index=i, step_count=n, step=step.describe(),
-                                          exit_code=code, output="\n".join(output), reason=reason)
+                return SnapshotBuildError(
+                    key=key,
+                    step_index=i,
+                    step_count=n,
+                    step=step.describe(),
+                    exit_code=code,
+                    output="\n".join(output),
+                    reason=reason,
+                )
 
             if step.kind == "copy":
                 assert step.source is not None
@@ -440,8 +499,9 @@ class LocalBackend:
             sb.close()
 
     # -- sandboxes ---------------------------------------------------------------------------
-    def create(self, snapshot: Snapshot | Image | str, *, network: bool = False,
-               env: Mapping[str, str] | None = None) -> LocalSandbox:
+    def create(
+        self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
+    ) -> LocalSandbox:
         """Fork a fresh copy-on-write sandbox from a snapshot (an Image is built first).
 
         ``network=False`` (the default) leaves only loopback; ``env`` adds environment variables
@@ -504,23 +564,28 @@ def _step_argv(step: Step) -> list[str]:
     if step.kind == "apt":
         pkgs = " ".join(shlex.quote(p) for p in step.args)
         # APT::Sandbox::User=root: rootless sandboxes map a single uid, so apt cannot drop to _apt.
-        return ["/bin/sh", "-c",
-                "export DEBIAN_FRONTEND=noninteractive; "
-                "apt-get -o APT::Sandbox::User=root update -q && "
-                f"apt-get -o APT::Sandbox::User=root install -y -q --no-install-recommends {pkgs} && "
-                "apt-get clean && rm -rf /var/lib/apt/lists/*"]
+        return [
+            "/bin/sh",
+            "-c",
+            "export DEBIAN_FRONTEND=noninteractive; "
+            "apt-get -o APT::Sandbox::User=root update -q && "
+            f"apt-get -o APT::Sandbox::User=root install -y -q --no-install-recommends {pkgs} && "
+            "apt-get clean && rm -rf /var/lib/apt/lists/*",
+        ]
     if step.kind == "pip":
-        return ["/bin/sh", "-c",
-                "PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 "
-                "python3 -m pip install --no-cache-dir " + " ".join(shlex.quote(p) for p in step.args)]
+        return [
+            "/bin/sh",
+            "-c",
+            "PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 "
+            "python3 -m pip install --no-cache-dir " + " ".join(shlex.quote(p) for p in step.args),
+        ]
     raise AssertionError(step.kind)
 
 
 class LocalSandbox:
     """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
 
-    def __init__(self, backend: LocalBackend, snapshot: Snapshot, *, network: bool,
-                 env: dict[str, str]) -> None:
+    def __init__(self, backend: LocalBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str]) -> None:
         self.backend = backend
         self.snapshot_of = snapshot
         self.network = network
@@ -534,9 +599,9 @@ class LocalSandbox:
         with store.shared():
             if not all(store.layer_path(x).is_dir() for x in snapshot.layers):
                 raise SandboxClosedError(
-                    f"snapshot {snapshot.short} lost its layers (removed or pruned); build it again")
-            self._dir = store.register_sandbox(self.id, {"layers": list(snapshot.layers),
-                                                         "snapshot": snapshot.key})
+                    f"snapshot {snapshot.short} lost its layers (removed or pruned); build it again"
+                )
+            self._dir = store.register_sandbox(self.id, {"layers": list(snapshot.layers), "snapshot": snapshot.key})
         try:
             self._start()
         except BaseException:
@@ -549,10 +614,25 @@ class LocalSandbox:
         userns = b.userns_fd
         argv = [b._bwrap, "--userns", str(userns)]
         argv += b._mount_args(self.snapshot_of, self._dir)
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
-                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                 "--hostname", "sandbox", "--new-session", "--cap-add", "ALL",
-                 "--chdir", self.snapshot_of.workdir]
+        argv += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/dev/shm",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "sandbox",
+            "--new-session",
+            "--cap-add",
+            "ALL",
+            "--chdir",
+            self.snapshot_of.workdir,
+        ]
         if self.network:
             if self.snapshot_of.base.get("kind") != "host":
                 argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
@@ -568,8 +648,13 @@ class LocalSandbox:
             # No --die-with-parent: it fires when the creating *thread* exits. Instead the holder
             # exits when its stdin (our pipe) closes, which also happens when we are killed.
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                pass_fds=(userns, info_w), start_new_session=True, env={"PATH": DEFAULT_ENV["PATH"]},
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                pass_fds=(userns, info_w),
+                start_new_session=True,
+                env={"PATH": DEFAULT_ENV["PATH"]},
             )
             os.close(info_w)
             assert self._proc.stdout is not None
@@ -600,8 +685,7 @@ class LocalSandbox:
     def __enter__(self) -> LocalSandbox:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -623,32 +707,54 @@ class LocalSandbox:
         """The host command line that runs ``argv`` inside this sandbox."""
         if cwd is not None:
             argv = ["/bin/sh", "-c", 'cd -- "$1" || exit 125; shift; exec "$@"', "sh", cwd, *argv]
-        return [self.backend._nsenter, "-t", str(self.pid), "-U", "--preserve-credentials",
-                "-m", "-u", "-i", "-n", "-p", "-r", "-w", "--", *argv]
+        # A networked sandbox shares the host's network namespace, which we are already in (and
+        # which an unprivileged user may not setns() into).
+        net = [] if self.network else ["-n"]
+        ns = ["-U", "--preserve-credentials", "-m", "-u", "-i", *net, "-p", "-r", "-w"]
+        return [self.backend._nsenter, "-t", str(self.pid), *ns, "--", *argv]
 
-    def _run(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
-             input: bytes | str | None = None, timeout: float | None = None,
-             on_line: LogCallback | None = None) -> ExecResult:
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        on_line: LogCallback | None = None,
+    ) -> ExecResult:
         self._check_open()
         if isinstance(input, str):
             input = input.encode()
         full_env = {**self._env, **(env or {})}
-        res = _proc.run(self.nsenter_argv(argv, cwd), env=full_env, input=input, timeout=timeout,
-                        on_line=on_line)
+        res = _proc.run(self.nsenter_argv(argv, cwd), env=full_env, input=input, timeout=timeout, on_line=on_line)
         shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
-        result = ExecResult(command=shown, exit_code=res.returncode,
-                            stdout=res.stdout.decode("utf-8", errors="replace"),
-                            stderr=res.stderr.decode("utf-8", errors="replace"),
-                            duration=res.duration, timed_out=res.timed_out)
+        result = ExecResult(
+            command=shown,
+            exit_code=res.returncode,
+            stdout=res.stdout.decode("utf-8", errors="replace"),
+            stderr=res.stderr.decode("utf-8", errors="replace"),
+            duration=res.duration,
+            timed_out=res.timed_out,
+        )
         self.history.append(result)
         if res.timed_out:
-            raise ExecTimeoutError(result, f"`{shown}` timed out after {timeout}s; its whole process "
-                                           "tree was killed (the sandbox itself is still usable)")
+            raise ExecTimeoutError(
+                result,
+                f"`{shown}` timed out after {timeout}s; its whole process "
+                "tree was killed (the sandbox itself is still usable)",
+            )
         return result
 
-    def exec(self, command: str | Sequence[str], *, cwd: str | None = None,
-             env: Mapping[str, str] | None = None, input: bytes | str | None = None,
-             timeout: float | None = None) -> ExecResult:
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
         """Run a command in the sandbox and wait for it.
 
         A string runs through ``/bin/sh -c``; a list is an argv. Processes it leaves in the
@@ -667,15 +773,24 @@ class LocalSandbox:
     def fs(self) -> SafeFS:
         """Files inside the sandbox (read, write, upload, download, listdir, exists, remove)."""
         if self._fs is None:
+
             def root() -> int:
                 self._check_open()
                 return os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
             self._fs = SafeFS(root)
         return self._fs
 
     # -- snapshots ---------------------------------------------------------------------------
-    def _freeze(self, *, key: str | None = None, name: str | None = None, workdir: str | None = None,
-                description: str = "", ephemeral: bool = False) -> Snapshot:
+    def _freeze(
+        self,
+        *,
+        key: str | None = None,
+        name: str | None = None,
+        workdir: str | None = None,
+        description: str = "",
+        ephemeral: bool = False,
+    ) -> Snapshot:
         self._check_open()
         b, store, parent = self.backend, self.backend.store, self.snapshot_of
         tmp = store.tmp_dir()
@@ -694,9 +809,15 @@ class LocalSandbox:
                     _layers.squash([store.layer_path(x) for x in layers[1:]], tmp / "squash")
                     layers = [layers[0], store.publish_layer(tmp / "squash")]
                 snap = Snapshot(
-                    key=key or "x" + new_id(8), backend=b.name, layers=tuple(layers), base=parent.base,
-                    env=parent.env, workdir=workdir or parent.workdir, parent=parent.key,
-                    description=description or f"snapshot of sandbox {self.id}", name=name,
+                    key=key or "x" + new_id(8),
+                    backend=b.name,
+                    layers=tuple(layers),
+                    base=parent.base,
+                    env=parent.env,
+                    workdir=workdir or parent.workdir,
+                    parent=parent.key,
+                    description=description or f"snapshot of sandbox {self.id}",
+                    name=name,
                     owner=store.owner if ephemeral else None,
                 )
                 store.put(snap)

@@ -1,0 +1,205 @@
+"""Local engine benchmark: every figure side by side in one run, with ratios.
+
+    python bench/engine.py [--n 50] [--cache DIR] [--json out.json]
+
+Rows: fork + first exec vs the bare-bwrap floor (same layers) vs `docker run` (where a Docker
+engine answers); exec round-trip; snapshot() of a 1 MB change on a small and a large base; disk
+used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200. Targets (issue 2) are printed
+beside the measurements; nothing here asserts, the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pytest_sandbox import Image, Snapshot
+from pytest_sandbox.backends.local import LocalBackend
+from pytest_sandbox.store import disk_usage
+
+DEBIAN = Image.debian("bookworm", include=["python3", "python3-pip"])
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:7.2f} ms"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], None]:
+    """The floor: one bwrap on the same layers running /bin/true, nothing else."""
+    layers = [str(b.store.layer_path(x)) for x in snap.layers]
+    counter = [0]
+
+    def run() -> None:
+        counter[0] += 1
+        up, wk = scratch / f"u{counter[0]}", scratch / f"w{counter[0]}"
+        up.mkdir()
+        wk.mkdir()
+        argv = [b._bwrap, "--userns", str(b.userns_fd)]
+        for layer in layers:
+            argv += ["--overlay-src", layer]
+        argv += ["--overlay", str(up), str(wk), "/", "--proc", "/proc", "--dev", "/dev",
+                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--new-session",
+                 "/bin/true"]
+        subprocess.run(argv, check=True, pass_fds=(b.userns_fd,))
+
+    return run
+
+
+def docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+
+
+def docker_image(b: LocalBackend, snap: Snapshot) -> str:
+    tag = f"pytest-sandbox-bench:{snap.short}"
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode != 0:
+        src = b.store.layer_path(snap.layers[0])
+        tar = subprocess.Popen(["tar", "-C", str(src), "-cf", "-", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-", tag], stdin=tar.stdout, check=True, capture_output=True)
+        tar.wait()
+    return tag
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=50, help="samples per timing row")
+    ap.add_argument("--cache", default=None, help="cache dir (default: a fresh temporary one)")
+    ap.add_argument("--live", type=int, default=1000, help="live sandboxes for the disk row")
+    ap.add_argument("--depth", type=int, default=200, help="snapshot chain depth")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    cache = Path(args.cache or os.environ.get("PYTEST_SANDBOX_CACHE") or tempfile.mkdtemp(prefix="psb-bench-"))
+    out: dict[str, float] = {}
+    rows: list[str] = []
+
+    def row(label: str, value: str, note: str = "") -> None:
+        rows.append(f"{label:<46} {value:>22}  {note}")
+        print(rows[-1], flush=True)
+
+    with LocalBackend(cache) as b:
+        print(f"# pytest-sandbox local engine bench  cache={cache}  rootless={b.rootless}  n={args.n}")
+        t = time.perf_counter()
+        deb = b.build(DEBIAN)
+        print(f"# Debian base ready in {time.perf_counter() - t:.1f}s ({disk_usage(b.store.layer_path(deb.layers[0])) >> 20} MB)")
+        scratch = Path(tempfile.mkdtemp(prefix="floor-", dir=b.store.root / "t"))
+
+        # -- fork + first exec vs floor vs docker, interleaved so drift hits all alike --------
+        floor = bare_bwrap(b, deb, scratch)
+        use_docker = docker_available()
+        tag = docker_image(b, deb) if use_docker else ""
+        eng, flo, dok = [], [], []
+        for _ in range(args.n):
+            flo.append(timed(floor))
+            t = time.perf_counter()
+            sb = b.create(deb)
+            sb.exec("true")
+            eng.append(time.perf_counter() - t)
+            sb.close()
+            if use_docker:
+                dok.append(timed(lambda: subprocess.run(
+                    ["docker", "run", "--rm", "--network", "none", tag, "true"], check=True)))
+        shutil.rmtree(scratch, ignore_errors=True)
+        out.update(fork_exec_p50=pct(eng, 50), fork_exec_p95=pct(eng, 95), floor_p50=pct(flo, 50),
+                   floor_p95=pct(flo, 95))
+        row("bare bwrap --overlay ... /bin/true (floor)", f"p50 {ms(pct(flo, 50))}", f"p95 {ms(pct(flo, 95))}")
+        row("engine: create() + first exec('true')", f"p50 {ms(pct(eng, 50))}",
+            f"p95 {ms(pct(eng, 95))}  ratio to floor {pct(eng, 50) / pct(flo, 50):.2f}x (target <= 1.5x)")
+        if use_docker:
+            out["docker_run_p50"] = pct(dok, 50)
+            row("docker run --rm --network none IMAGE true", f"p50 {ms(pct(dok, 50))}",
+                f"p95 {ms(pct(dok, 95))}  engine is {pct(dok, 50) / pct(eng, 50):.1f}x faster")
+        else:
+            row("docker run --rm --network none IMAGE true", "skipped", "(no Docker engine answers here)")
+
+        # -- exec round trip ---------------------------------------------------------------
+        with b.create(deb) as sb:
+            sb.exec("true")
+            ex = [timed(lambda: sb.exec("true")) for _ in range(args.n * 2)]
+        out["exec_p50"] = pct(ex, 50)
+        row("exec('true') round trip", f"p50 {ms(pct(ex, 50))}", f"p95 {ms(pct(ex, 95))}  (target p50 < 5 ms)")
+
+        # -- snapshot of a 1 MB change: small vs large base --------------------------------
+        big = b.build(DEBIAN.run("mkdir /bulk && for i in $(seq 1 2000); do head -c 524288 /dev/urandom"
+                                 " > /bulk/f$i; done"))
+        for label, snap in (("small base (Debian, ~0.3 GB)", deb), ("large base (Debian + 1 GB)", big)):
+            size = sum(disk_usage(b.store.layer_path(x)) for x in snap.layers) >> 20
+            times = []
+            for _ in range(max(10, args.n // 3)):
+                with b.create(snap) as sb:
+                    sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
+                    t = time.perf_counter()
+                    s = sb.snapshot()
+                    times.append(time.perf_counter() - t)
+                b.remove_snapshot(s)
+            out[f"snapshot_1mb_{'large' if snap is big else 'small'}_p50"] = pct(times, 50)
+            row(f"snapshot() of a 1 MB change, {label}", f"p50 {ms(pct(times, 50))}",
+                f"p95 {ms(pct(times, 95))}  base {size} MB (target < 20 ms)")
+
+        # -- 1000 live sandboxes -----------------------------------------------------------
+        before = disk_usage(b.store.root / "r")
+        live = []
+        t = time.perf_counter()
+        for _ in range(args.live):
+            live.append(b.create(deb))
+        elapsed = time.perf_counter() - t
+        for sb in live[:: max(1, args.live // 10)]:
+            sb.exec("true").check()
+        used = disk_usage(b.store.root / "r") - before
+        out["live_disk_mb"] = used / 2**20
+        row(f"disk used by {args.live} live sandboxes", f"{used / 2**20:9.1f} MB",
+            f"({used / args.live / 1024:.1f} KB each; created in {elapsed:.1f}s; target < 100 MB)")
+        for sb in live:
+            sb.close()
+
+        # -- chain depth ---------------------------------------------------------------------
+        snap = deb
+        chain = []
+        for i in range(args.depth):
+            with b.create(snap) as sb:
+                sb.exec(f"echo {i} > /level").check()
+                snap = sb.snapshot()
+                chain.append(snap)
+        d1, dn = chain[0], chain[-1]
+        t1, tn = [], []
+        for _ in range(args.n):
+            for s, acc in ((d1, t1), (dn, tn)):
+                t = time.perf_counter()
+                sb = b.create(s)
+                sb.exec("true")
+                acc.append(time.perf_counter() - t)
+                sb.close()
+        out.update(depth1_p50=pct(t1, 50), depthN_p50=pct(tn, 50))
+        row("fork + exec at chain depth 1", f"p50 {ms(pct(t1, 50))}", f"{len(d1.layers)} layers")
+        row(f"fork + exec at chain depth {args.depth}", f"p50 {ms(pct(tn, 50))}",
+            f"{len(dn.layers)} layers (squashed)  ratio {pct(tn, 50) / pct(t1, 50):.2f}x (target <= 2x)")
+        for s in chain:
+            b.remove_snapshot(s)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if not args.cache and not os.environ.get("PYTEST_SANDBOX_CACHE"):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

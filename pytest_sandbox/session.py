@@ -1,0 +1,224 @@
+"""One test run's use of a backend: snapshots per setup key, forks, kept sandboxes, statistics.
+
+Core module: no pytest import. The pytest plugin wraps one :class:`SessionManager` per process
+(per xdist worker); the run-wide parts (one build per key, one report of a failed build) go
+through the snapshot store's locks and files, so they hold across workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from .api import Backend, Sandbox, Snapshot
+from .backends import open_backend
+from .errors import ConfigError, EngineUnavailableError, SandboxError, SnapshotBuildError
+from .image import Image
+
+__all__ = ["KEEP_CHOICES", "SessionManager", "image_from_ref", "resolve_backend"]
+
+KEEP_CHOICES = ("never", "failed", "always")
+
+
+def image_from_ref(ref: str) -> Image:
+    """A base reference as a marker or option gives it: ``host``, ``debian[:suite]``,
+    ``rootfs:PATH`` (or an absolute path), else a registry reference like ``python:3.12-slim``."""
+    if ref == "host":
+        return Image.host()
+    if ref == "debian" or (ref.startswith("debian:") and "/" not in ref):
+        return Image.debian(ref.partition(":")[2] or "bookworm")
+    if ref.startswith("rootfs:"):
+        return Image.from_rootfs(ref[len("rootfs:") :])
+    if ref.startswith("/"):
+        return Image.from_rootfs(ref)
+    return Image.from_registry(ref)
+
+
+def resolve_backend(name: str) -> str:
+    """``auto``: local where it works, else docker where an engine answers, else daytona where
+    credentials are set; otherwise an error saying what to install."""
+    if name != "auto":
+        return name
+    from .backends.local import preflight
+
+    try:
+        preflight()
+        return "local"
+    except EngineUnavailableError as local_err:
+        reason = str(local_err)
+    if os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock"):
+        return "docker"
+    if os.environ.get("DAYTONA_API_KEY"):
+        return "daytona"
+    raise EngineUnavailableError(
+        f"no sandbox backend works here. The local engine says: {reason} "
+        "Alternatively run a Docker engine (pip install 'pytest-sandbox[docker]') or set "
+        "DAYTONA_API_KEY (pip install 'pytest-sandbox[daytona]')."
+    )
+
+
+@dataclass
+class Stats:
+    """What one process did; merged across xdist workers for the summary line."""
+
+    built: int = 0
+    reused: int = 0
+    forks: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"built": self.built, "reused": self.reused, "forks": self.forks}
+
+    def merge(self, data: Mapping[str, Any]) -> None:
+        self.built += int(data.get("built", 0))
+        self.reused += int(data.get("reused", 0))
+        self.forks.extend(float(x) for x in data.get("forks", ()))
+
+    def summary(self) -> str:
+        med = f", median fork {statistics.median(self.forks) * 1000:.1f} ms" if self.forks else ""
+        return f"sandbox: {self.built} snapshots built, {self.reused} reused, {len(self.forks)} sandboxes forked{med}"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+class SessionManager:
+    """Builds each setup key once per run and forks sandboxes for tests."""
+
+    def __init__(
+        self,
+        *,
+        backend: str = "auto",
+        cache_dir: str | None = None,
+        rebuild: bool = False,
+        run_id: str = "",
+        run_start: float | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.backend_name = backend
+        self.cache_dir = cache_dir
+        self.rebuild = rebuild
+        self.run_id = run_id
+        self.run_start = run_start if run_start is not None else time.time()
+        self.log = log
+        self.stats = Stats()
+        self._backend: Backend | None = None
+        self._snapshots: dict[str, Snapshot] = {}
+        self._failures: dict[str, SnapshotBuildError | str] = {}
+        self._reported: set[str] = set()
+        self.kept: list[tuple[str, Snapshot]] = []
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, opened on first use (a run that needs no sandbox never opens one)."""
+        if self._backend is None:
+            name = resolve_backend(self.backend_name)
+            opts = {"cache_dir": self.cache_dir} if name == "local" else {}
+            self._backend = open_backend(name, **opts)
+        return self._backend
+
+    def _failure_file(self, key: str) -> Path | None:
+        store = getattr(self.backend, "store", None)
+        return None if store is None else Path(store.root) / "k" / f"{key}.failed.json"
+
+    def snapshot(self, image: Image) -> Snapshot:
+        """The snapshot of ``image``: built once per key per run, reused from earlier runs."""
+        if not isinstance(image, Image):
+            raise ConfigError(f"expected a pytest_sandbox.Image, got {type(image).__name__}")
+        key = image.key
+        if key in self._snapshots:
+            return self._snapshots[key]
+        if key in self._failures:
+            raise self._failure(key)
+        marker = self._failure_file(key)
+        # Workers of one run take turns on a key (a lock beside the backend's own build lock), so
+        # that a failed build is tried and reported once per run, not once per worker.
+        guard = filelock.FileLock(str(marker) + ".lock") if marker is not None else contextlib.nullcontext()
+        with guard:
+            return self._snapshot_locked(image, key, marker)
+
+    def _snapshot_locked(self, image: Image, key: str, marker: Path | None) -> Snapshot:
+        if marker is not None and self.run_id:
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(marker.read_text())
+                if data.get("run") == self.run_id:  # another worker of this run already failed it
+                    self._failures[key] = str(data["message"])
+                    self._reported.add(key)
+        if key in self._failures:
+            raise self._failure(key)
+        start = time.perf_counter()
+        steps = len(image.steps)
+        built = [False]
+
+        def on_log(line: str) -> None:
+            if line.startswith("["):  # a step header: "[n/m] DESCRIPTION"
+                built[0] = True
+                self.log(f"sandbox: building {key[:12]} {line} ({time.perf_counter() - start:.1f}s)")
+
+        rebuild: bool | float = self.run_start if self.rebuild else False
+        try:
+            snap = self.backend.build(image, on_log=on_log, rebuild=rebuild)
+        except SnapshotBuildError as exc:
+            self._failures[key] = exc
+            self._reported.add(key)  # this raise shows the output; later ones refer to it
+            if marker is not None and self.run_id:
+                with contextlib.suppress(OSError):
+                    marker.write_text(json.dumps({"run": self.run_id, "message": str(exc)}))
+            raise
+        if built[0]:
+            self.stats.built += 1
+            self.log(f"sandbox: snapshot {key[:12]} built in {time.perf_counter() - start:.1f}s ({steps} steps)")
+        else:
+            self.stats.reused += 1
+            self.log(f"sandbox: snapshot {key[:12]} reused (built {_age(time.time() - snap.created)} ago)")
+        self._snapshots[key] = snap
+        return snap
+
+    def _failure(self, key: str) -> SandboxError:
+        """A build failure, with its full output the first time only."""
+        err = self._failures[key]
+        if key in self._reported:
+            first = str(err).splitlines()[0]
+            return SandboxError(
+                f"snapshot {key[:12]} failed to build earlier in this run: {first} (its output is shown once, above)"
+            )
+        self._reported.add(key)
+        return err if isinstance(err, SandboxError) else SandboxError(err)
+
+    def create(self, what: Snapshot | Image, *, network: bool = False, env: Mapping[str, str] | None = None) -> Sandbox:
+        """Fork a sandbox (timed for the summary line)."""
+        snap = self.snapshot(what) if isinstance(what, Image) else what
+        start = time.perf_counter()
+        sb = self.backend.create(snap, network=network, env=env)
+        self.stats.forks.append(time.perf_counter() - start)
+        return sb
+
+    def keep(self, sandbox: Sandbox, label: str) -> Snapshot:
+        """Freeze a sandbox that should be kept for inspection and remember it for the report."""
+        snap = sandbox.snapshot(name=f"kept:{label}")
+        self.kept.append((label, snap))
+        return snap
+
+    def gc(self) -> int:
+        """Remove what crashed processes (e.g. killed xdist workers) left behind."""
+        if self._backend is None and self.backend_name in ("auto", "local"):
+            from .store import Store
+
+            return Store(self.cache_dir).gc()
+        return self.backend.gc()
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()

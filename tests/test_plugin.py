@@ -1,0 +1,306 @@
+"""The pytest plugin end to end: pytester runs real suites in subprocesses, with and without
+xdist, against the real local engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox.backends.local import LocalBackend
+
+XDIST = [[], ["-n", "2"]]
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, cache_dir: Path):  # type: ignore[no-untyped-def]
+    def go(*args: str) -> pytest.RunResult:
+        return pytester.runpytest_subprocess(f"--sandbox-cache-dir={cache_dir}", "-p", "no:cacheprovider", *args)
+
+    return go
+
+
+CONFTEST = """
+import pytest
+from pytest_sandbox import Image
+
+@pytest.fixture(scope="session")
+def sandbox_image():
+    return Image.host().run("mkdir -p /work && echo default > /work/which").env(WHO="default")
+
+@pytest.fixture(scope="session")
+def sandbox_images():
+    return {"other": Image.host().run("mkdir -p /work && echo other > /work/which")}
+"""
+
+
+@pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
+def test_fixtures_and_marker(pytester: pytest.Pytester, run, xdist: list[str]) -> None:  # type: ignore[no-untyped-def]
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_a="""
+        import pytest
+
+        def test_default(sandbox):
+            assert sandbox.exec("cat /work/which; echo $WHO").stdout == "default\\ndefault\\n"
+            sandbox.exec("echo dirty > /work/which").check()
+
+        def test_fresh_fork_each_test(sandbox):
+            assert sandbox.fs.read_text("/work/which") == "default\\n"
+
+        @pytest.mark.sandbox(image="other", env={"X": 1})
+        def test_marker_picks_named_image(sandbox):
+            assert sandbox.exec("cat /work/which; echo $X").stdout == "other\\n1\\n"
+
+        @pytest.mark.sandbox(image="host")
+        def test_marker_base_reference(sandbox):
+            assert not sandbox.fs.exists("/work/which")
+
+        @pytest.mark.sandbox(network=True)
+        def test_network(sandbox):
+            assert len(sandbox.exec("cat /proc/net/dev").stdout.splitlines()) > 3
+
+        def test_no_network_by_default(sandbox):
+            assert len(sandbox.exec("cat /proc/net/dev").stdout.splitlines()) == 3
+
+        @pytest.mark.sandbox(image="other")
+        class TestClassMarker:
+            def test_in_class(self, sandbox):
+                assert sandbox.fs.read_text("/work/which") == "other\\n"
+
+        def test_worker_sandbox_shared(worker_sandbox):
+            worker_sandbox.exec("echo x >> /work/count").check()
+            assert worker_sandbox.fs.exists("/work/count")
+
+        def test_factory_branches(sandbox, sandbox_factory):
+            sandbox.exec("echo a > /state").check()
+            a, b = sandbox_factory(sandbox.snapshot()), sandbox_factory(sandbox.snapshot())
+            a.exec("echo A > /state").check()
+            assert b.fs.read_text("/state") == "a\\n" and a.fs.read_text("/state") == "A\\n"
+            c = sandbox_factory("other")
+            assert c.fs.read_text("/work/which") == "other\\n"
+            assert sandbox_factory().fs.read_text("/work/which") == "default\\n"
+        """,
+        test_b="""
+        import pytest
+        pytestmark = pytest.mark.sandbox(image="other")
+
+        def test_module_marker(sandbox):
+            assert sandbox.fs.read_text("/work/which") == "other\\n"
+        """,
+    )
+    result = run(*xdist)
+    result.assert_outcomes(passed=10)
+    result.stdout.re_match_lines([r"sandbox: \d+ snapshots built, \d+ reused, 1\d sandboxes forked, median fork .* ms"])
+
+
+def test_fixtures_are_documented(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    pytester.makepyfile("def test_x(): pass")
+    result = run("--fixtures")
+    for name in (
+        "sandbox_backend",
+        "sandbox_image",
+        "sandbox_images",
+        "sandbox_snapshot",
+        "sandbox",
+        "worker_sandbox",
+        "sandbox_factory",
+    ):
+        result.stdout.fnmatch_lines([f"{name}*", "*"])
+    out = result.stdout.str()
+    assert "fresh copy-on-write fork" in out and "one sandbox per xdist worker" in out.lower()
+    help_out = run("--help").stdout.str()
+    assert "--sandbox-keep" in help_out and "sandbox_backend" in help_out
+    markers = run("--markers").stdout.str()
+    assert "sandbox(image=None, network=False, env=None)" in markers
+
+
+@pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
+def test_token_built_once_per_key_across_workers_and_runs(
+    pytester: pytest.Pytester,
+    run,  # type: ignore[no-untyped-def]
+    xdist: list[str],
+) -> None:
+    salt = secrets.token_hex(4)
+    pytester.path.joinpath("data").mkdir()
+    pytester.path.joinpath("data", "f.txt").write_text("v1")
+    pytester.makeconftest(f"""
+        import pytest
+        from pytest_sandbox import Image
+
+        @pytest.fixture(scope="session")
+        def sandbox_image():
+            return (Image.host().copy("data", "/work/data")
+                    .run("echo {salt} >/dev/null; head -c8 /dev/urandom | od -An -tx1 | tr -d ' ' > /work/token"))
+        """)
+    pytester.makepyfile(
+        **{
+            f"test_t{i}": f"""
+        import os
+        def test_token(sandbox):
+            with open(os.path.join({str(pytester.path)!r}, "tokens.txt"), "a") as f:
+                f.write(sandbox.fs.read_text("/work/token"))
+        """
+            for i in range(6)
+        }
+    )
+    tokens = pytester.path / "tokens.txt"
+
+    first = run(*xdist)
+    first.assert_outcomes(passed=6)
+    seen = set(tokens.read_text().split())
+    assert len(seen) == 1 and len(tokens.read_text().split()) == 6
+    first.stdout.re_match_lines([r"sandbox: 1 snapshots built, \d+ reused, 6 sandboxes forked.*"])
+
+    tokens.unlink()
+    second = run(*xdist)
+    second.assert_outcomes(passed=6)
+    assert set(tokens.read_text().split()) == seen
+    second.stdout.re_match_lines([r"sandbox: 0 snapshots built, [12] reused, 6 sandboxes forked.*"])
+    assert "reused (built" in second.stdout.str() + second.stderr.str()
+
+    tokens.unlink()
+    pytester.path.joinpath("data", "f.txt").write_text("v2")
+    third = run(*xdist)
+    third.assert_outcomes(passed=6)
+    new = set(tokens.read_text().split())
+    assert len(new) == 1 and new != seen
+
+    tokens.unlink()
+    fourth = run(*xdist, "--sandbox-rebuild")
+    fourth.assert_outcomes(passed=6)
+    rebuilt = set(tokens.read_text().split())
+    assert len(rebuilt) == 1 and rebuilt != new, "--sandbox-rebuild builds again, once for all workers"
+
+
+@pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
+def test_keep_failed_keeps_exactly_the_failed_tests(
+    pytester: pytest.Pytester,
+    run,
+    cache_dir: Path,  # type: ignore[no-untyped-def]
+    xdist: list[str],
+) -> None:
+    tag = secrets.token_hex(3)
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.parametrize("i", range(4))
+        def test_k(sandbox, i):
+            sandbox.exec("mkdir -p /work && echo {tag}-$0 > /work/state", ).check()
+            sandbox.exec(f"echo {tag}-{{i}} > /work/state").check()
+            assert i not in (1, 3)
+        """)
+    result = run(*xdist, "--sandbox-keep=failed")
+    result.assert_outcomes(passed=2, failed=2)
+    lines = [ln for ln in result.stdout.lines if "pytest-sandbox" in ln and " shell " in ln]
+    assert sorted(ln.split(":")[2].split("]")[0][-1] for ln in lines if "test_k[" in ln) == ["1", "3"], lines
+    with LocalBackend(cache_dir) as b:
+        for line in lines:
+            key = line.rsplit(" ", 1)[1]
+            i = re.search(r"test_k\[(\d)\]", line).group(1)  # type: ignore[union-attr]
+            with b.create(b.get_snapshot(key)) as sb:
+                assert sb.fs.read_text("/work/state") == f"{tag}-{i}\n"
+            b.remove_snapshot(key)
+
+
+@pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
+def test_failing_setup_step_is_reported_once_with_its_output(
+    pytester: pytest.Pytester,
+    run,  # type: ignore[no-untyped-def]
+    xdist: list[str],
+) -> None:
+    marker = secrets.token_hex(4)
+    pytester.makeconftest(f"""
+        import pytest
+        from pytest_sandbox import Image
+        @pytest.fixture(scope="session")
+        def sandbox_image():
+            return Image.host().run("echo fine").run("echo out-$((40+2))-{marker}; exit 9")
+        """)
+    pytester.makepyfile(**{f"test_f{i}": "def test_x(sandbox): pass\ndef test_y(sandbox): pass" for i in range(3)})
+    result = run(*xdist)
+    result.assert_outcomes(errors=6)
+    out = result.stdout.str()
+    assert out.count(f"out-42-{marker}") == 1, out
+    assert "step 2/2" in out and "exit code 9" in out
+    assert "failed to build earlier in this run" in out
+    assert "Traceback" not in out
+
+
+def test_failing_test_report_lists_execs(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    pytester.makepyfile("""
+        def test_fail(sandbox):
+            sandbox.exec("echo hello-from-sandbox; exit 3")
+            sandbox.exec(["true"])
+            assert False
+        """)
+    result = run()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- sandbox -*",
+            "*sandbox * from snapshot * (2 execs)",
+            "$ echo hello-from-sandbox; exit 3",
+            "  -> exit 3 in * ms",
+            "  | hello-from-sandbox",
+            "$ true",
+        ]
+    )
+
+
+def test_bad_marker_and_options_are_usage_errors(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.sandbox(imgae="x")
+        def test_typo(sandbox): pass
+        """)
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*test_bad_marker_and_options_are_usage_errors.py::test_typo*unknown argument(s) imgae*"]
+    )
+    assert run("--sandbox-keep=sometimes").ret == pytest.ExitCode.USAGE_ERROR
+    assert run("--sandbox-backend=vm").ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_unknown_image_name_fails_the_test_clearly(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.sandbox(image="nosuch")
+        def test_x(sandbox): pass
+        """)
+    result = run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*no image named 'nosuch'; sandbox_images defines: none*"])
+
+
+def test_killed_worker_leaves_no_sandbox_behind(pytester: pytest.Pytester, run, cache_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    tag = secrets.token_hex(4)
+    pytester.makepyfile(f"""
+        import os, signal
+        def test_dies(sandbox):
+            sandbox.exec("sleep 1000 {tag} >/dev/null 2>&1 &").check()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def test_ok(sandbox):
+            assert sandbox.exec("true").ok
+        """)
+    result = run("-n", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "crashed" in result.stdout.str() or "node down" in result.stdout.str()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"sleep 1000 {tag}" not in ps
+    with LocalBackend(cache_dir) as b:
+        store = b.store
+        assert not [d for d, m in store.sandboxes() if not store.owner_alive(m.get("owner"))]
+
+
+def test_no_sandbox_fixture_no_backend(pytester: pytest.Pytester) -> None:
+    # A suite that never asks for a sandbox must not need a working engine or a cache.
+    pytester.makepyfile("def test_plain(): assert True")
+    result = pytester.runpytest_subprocess("--sandbox-backend=daytona", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert os.environ.get("PYTEST_SANDBOX_NEVER_SET") is None
