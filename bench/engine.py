@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +29,7 @@ DEBIAN = Image.debian("bookworm", include=["python3", "python3-pip"])
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def ms(x: float) -> str:
@@ -57,9 +55,22 @@ def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], N
         argv = [b._bwrap, "--userns", str(b.userns_fd)]
         for layer in layers:
             argv += ["--overlay-src", layer]
-        argv += ["--overlay", str(up), str(wk), "/", "--proc", "/proc", "--dev", "/dev",
-                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--new-session",
-                 "/bin/true"]
+        argv += [
+            "--overlay",
+            str(up),
+            str(wk),
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-net",
+            "--new-session",
+            "/bin/true",
+        ]
         subprocess.run(argv, check=True, pass_fds=(b.userns_fd,))
 
     return run
@@ -101,7 +112,8 @@ def main() -> None:
         print(f"# pytest-sandbox local engine bench  cache={cache}  rootless={b.rootless}  n={args.n}")
         t = time.perf_counter()
         deb = b.build(DEBIAN)
-        print(f"# Debian base ready in {time.perf_counter() - t:.1f}s ({disk_usage(b.store.layer_path(deb.layers[0])) >> 20} MB)")
+        base_mb = disk_usage(b.store.layer_path(deb.layers[0])) >> 20
+        print(f"# Debian base ready in {time.perf_counter() - t:.1f}s ({base_mb} MB)")
         scratch = Path(tempfile.mkdtemp(prefix="floor-", dir=b.store.root / "t"))
 
         # -- fork + first exec vs floor vs docker, interleaved so drift hits all alike --------
@@ -117,18 +129,28 @@ def main() -> None:
             eng.append(time.perf_counter() - t)
             sb.close()
             if use_docker:
-                dok.append(timed(lambda: subprocess.run(
-                    ["docker", "run", "--rm", "--network", "none", tag, "true"], check=True)))
+                dok.append(
+                    timed(
+                        lambda: subprocess.run(["docker", "run", "--rm", "--network", "none", tag, "true"], check=True)
+                    )
+                )
         shutil.rmtree(scratch, ignore_errors=True)
-        out.update(fork_exec_p50=pct(eng, 50), fork_exec_p95=pct(eng, 95), floor_p50=pct(flo, 50),
-                   floor_p95=pct(flo, 95))
+        out.update(
+            fork_exec_p50=pct(eng, 50), fork_exec_p95=pct(eng, 95), floor_p50=pct(flo, 50), floor_p95=pct(flo, 95)
+        )
         row("bare bwrap --overlay ... /bin/true (floor)", f"p50 {ms(pct(flo, 50))}", f"p95 {ms(pct(flo, 95))}")
-        row("engine: create() + first exec('true')", f"p50 {ms(pct(eng, 50))}",
-            f"p95 {ms(pct(eng, 95))}  ratio to floor {pct(eng, 50) / pct(flo, 50):.2f}x (target <= 1.5x)")
+        row(
+            "engine: create() + first exec('true')",
+            f"p50 {ms(pct(eng, 50))}",
+            f"p95 {ms(pct(eng, 95))}  ratio to floor {pct(eng, 50) / pct(flo, 50):.2f}x (target <= 1.5x)",
+        )
         if use_docker:
             out["docker_run_p50"] = pct(dok, 50)
-            row("docker run --rm --network none IMAGE true", f"p50 {ms(pct(dok, 50))}",
-                f"p95 {ms(pct(dok, 95))}  engine is {pct(dok, 50) / pct(eng, 50):.1f}x faster")
+            row(
+                "docker run --rm --network none IMAGE true",
+                f"p50 {ms(pct(dok, 50))}",
+                f"p95 {ms(pct(dok, 95))}  engine is {pct(dok, 50) / pct(eng, 50):.1f}x faster",
+            )
         else:
             row("docker run --rm --network none IMAGE true", "skipped", "(no Docker engine answers here)")
 
@@ -140,8 +162,9 @@ def main() -> None:
         row("exec('true') round trip", f"p50 {ms(pct(ex, 50))}", f"p95 {ms(pct(ex, 95))}  (target p50 < 5 ms)")
 
         # -- snapshot of a 1 MB change: small vs large base --------------------------------
-        big = b.build(DEBIAN.run("mkdir /bulk && for i in $(seq 1 2000); do head -c 524288 /dev/urandom"
-                                 " > /bulk/f$i; done"))
+        big = b.build(
+            DEBIAN.run("mkdir /bulk && for i in $(seq 1 2000); do head -c 524288 /dev/urandom > /bulk/f$i; done")
+        )
         for label, snap in (("small base (Debian, ~0.3 GB)", deb), ("large base (Debian + 1 GB)", big)):
             size = sum(disk_usage(b.store.layer_path(x)) for x in snap.layers) >> 20
             times = []
@@ -153,8 +176,11 @@ def main() -> None:
                     times.append(time.perf_counter() - t)
                 b.remove_snapshot(s)
             out[f"snapshot_1mb_{'large' if snap is big else 'small'}_p50"] = pct(times, 50)
-            row(f"snapshot() of a 1 MB change, {label}", f"p50 {ms(pct(times, 50))}",
-                f"p95 {ms(pct(times, 95))}  base {size} MB (target < 20 ms)")
+            row(
+                f"snapshot() of a 1 MB change, {label}",
+                f"p50 {ms(pct(times, 50))}",
+                f"p95 {ms(pct(times, 95))}  base {size} MB (target < 20 ms)",
+            )
 
         # -- 1000 live sandboxes -----------------------------------------------------------
         before = disk_usage(b.store.root / "r")
@@ -167,8 +193,11 @@ def main() -> None:
             sb.exec("true").check()
         used = disk_usage(b.store.root / "r") - before
         out["live_disk_mb"] = used / 2**20
-        row(f"disk used by {args.live} live sandboxes", f"{used / 2**20:9.1f} MB",
-            f"({used / args.live / 1024:.1f} KB each; created in {elapsed:.1f}s; target < 100 MB)")
+        row(
+            f"disk used by {args.live} live sandboxes",
+            f"{used / 2**20:9.1f} MB",
+            f"({used / args.live / 1024:.1f} KB each; created in {elapsed:.1f}s; target < 100 MB)",
+        )
         for sb in live:
             sb.close()
 
@@ -181,7 +210,8 @@ def main() -> None:
                 snap = sb.snapshot()
                 chain.append(snap)
         d1, dn = chain[0], chain[-1]
-        t1, tn = [], []
+        t1: list[float] = []
+        tn: list[float] = []
         for _ in range(args.n):
             for s, acc in ((d1, t1), (dn, tn)):
                 t = time.perf_counter()
@@ -191,8 +221,11 @@ def main() -> None:
                 sb.close()
         out.update(depth1_p50=pct(t1, 50), depthN_p50=pct(tn, 50))
         row("fork + exec at chain depth 1", f"p50 {ms(pct(t1, 50))}", f"{len(d1.layers)} layers")
-        row(f"fork + exec at chain depth {args.depth}", f"p50 {ms(pct(tn, 50))}",
-            f"{len(dn.layers)} layers (squashed)  ratio {pct(tn, 50) / pct(t1, 50):.2f}x (target <= 2x)")
+        row(
+            f"fork + exec at chain depth {args.depth}",
+            f"p50 {ms(pct(tn, 50))}",
+            f"{len(dn.layers)} layers (squashed)  ratio {pct(tn, 50) / pct(t1, 50):.2f}x (target <= 2x)",
+        )
         for s in chain:
             b.remove_snapshot(s)
     if args.json:
@@ -202,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,41 @@
+"""The two seed ideas, run as tests: a tree search over real states, and a benchmark fixture
+that scores candidate patches against one frozen repository."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pytest_sandbox import Backend
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_fixture
+import tree_search
+
+
+def test_tree_search_finds_the_target(sandbox_backend: Backend) -> None:
+    root = sandbox_backend.build(tree_search.start_image())
+    result = tree_search.search(sandbox_backend, root, target=12, depth=4, beam=2)
+    try:
+        assert result.best_score == 0, result
+        assert result.best_value == 12
+        assert result.explored >= len(tree_search.ACTIONS)
+        # Every explored state is a real snapshot that can be forked again.
+        with sandbox_backend.create(result.snapshots[0]) as sb:
+            assert sb.fs.read_text("/work/state").strip().lstrip("-").isdigit()
+    finally:
+        for snap in result.snapshots:
+            sandbox_backend.remove_snapshot(snap)
+
+
+def test_benchmark_fixture_scores_candidates(sandbox_backend: Backend, tmp_path: Path) -> None:
+    report = bench_fixture.run_benchmark(sandbox_backend)
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps(report))
+    by_name = {r["candidate"]: r for r in json.loads(out.read_text())["results"]}
+    assert report["best"] == "swap-sign"
+    assert by_name["swap-sign"]["passed"] == 3 and by_name["swap-sign"]["exit_code"] == 0
+    assert by_name["no-change"]["passed"] == 1
+    assert by_name["syntax-error"]["passed"] == 0 and by_name["syntax-error"]["exit_code"] != 0
