@@ -144,6 +144,25 @@ def main() -> None:
             f"p50 {ms(pct(eng, 50))}",
             f"p95 {ms(pct(eng, 95))}  ratio to floor {pct(eng, 50) / pct(flo, 50):.2f}x (target <= 1.5x)",
         )
+        # The same without the warm pool: every create() starts its own bwrap.
+        hot_after = b._pool.HOT_AFTER
+        b._pool.HOT_AFTER = 1 << 30
+        b._pool.close()
+        b._pool._closed = False
+        cold = []
+        for _ in range(args.n):
+            t = time.perf_counter()
+            sb = b.create(deb)
+            sb.exec("true")
+            cold.append(time.perf_counter() - t)
+            sb.close()
+        b._pool.HOT_AFTER = hot_after
+        out["cold_fork_exec_p50"] = pct(cold, 50)
+        row(
+            "engine, warm pool off (a cold bwrap per fork)",
+            f"p50 {ms(pct(cold, 50))}",
+            f"p95 {ms(pct(cold, 95))}  ratio to floor {pct(cold, 50) / pct(flo, 50):.2f}x",
+        )
         if use_docker:
             out["docker_run_p50"] = pct(dok, 50)
             row(

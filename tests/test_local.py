@@ -274,6 +274,17 @@ def test_timeout_kills_whole_tree_and_says_so(backend: LocalBackend, base: Snaps
         assert sb.exec("echo still usable").stdout == "still usable\n"
 
 
+def test_repeated_forks_of_a_hot_snapshot_are_fresh_and_take_their_env(backend: LocalBackend, base: Snapshot) -> None:
+    # From the second fork on, a pre-started sandbox may be handed over: it must be as fresh as a
+    # cold one and honour create()'s arguments.
+    for i in range(4):
+        with backend.create(base, env={"ROUND": str(i)}) as sb:
+            assert sb.exec("cat /tmp/round 2>/dev/null; echo $ROUND").stdout == f"{i}\n"
+            sb.exec("echo dirty > /tmp/round").check()
+    with backend.create(base, network=True) as sb:
+        assert len(sb.exec("cat /proc/net/dev").stdout.splitlines()) > 3
+
+
 # -- isolation ---------------------------------------------------------------------------------
 def test_no_network_beyond_loopback_unless_asked(backend: LocalBackend, base: Snapshot) -> None:
     with backend.create(base) as sb:

@@ -214,6 +214,61 @@ class _UserNamespace:
             os.close(self.fd)
 
 
+class _WarmPool:
+    """Sandboxes started ahead of time for snapshots that are forked again and again.
+
+    A snapshot forked a second time gets one pre-started sandbox (network off, the default)
+    waiting for its next create(), refilled by a background thread: what a test suite sees as
+    fork time is then only the handover. One-off snapshots (a search tree's nodes) never pay
+    for a spare.
+    """
+
+    HOT_AFTER = 2
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._ready: dict[str, LocalSandbox] = {}
+        self._uses: dict[str, int] = {}
+        self._pending: set[str] = set()
+        self._closed = False
+
+    def take(self, snap: Snapshot) -> LocalSandbox | None:
+        with self._lock:
+            self._uses[snap.key] = uses = self._uses.get(snap.key, 0) + 1
+            sb = self._ready.pop(snap.key, None)
+            refill = uses >= self.HOT_AFTER and snap.key not in self._pending and not self._closed
+            if refill:
+                self._pending.add(snap.key)
+        if sb is not None and sb._proc.poll() is not None:  # died while waiting: do not hand it out
+            sb.close()
+            sb = None
+        if refill:
+            threading.Thread(target=self._fill, args=(snap,), daemon=True, name="sandbox-pool").start()
+        return sb
+
+    def _fill(self, snap: Snapshot) -> None:
+        try:
+            sb = LocalSandbox(self._backend, snap, network=False, env={})
+        except Exception:  # the next create() reports the problem itself, in the caller's thread
+            sb = None
+        with self._lock:
+            self._pending.discard(snap.key)
+            if sb is not None and not self._closed and snap.key not in self._ready:
+                self._ready[snap.key] = sb
+                sb = None
+        if sb is not None:
+            sb.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spares = list(self._ready.values())
+            self._ready.clear()
+        for sb in spares:
+            sb.close()
+
+
 class LocalBackend:
     """The embedded engine. ``open_backend("local")`` returns one; close it when done (``with``).
 
@@ -231,6 +286,7 @@ class LocalBackend:
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
         self._closed = False
+        self._pool = _WarmPool(self)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # one pipe per live sandbox: the default 1024 is too few for big suites
             with contextlib.suppress(ValueError, OSError):
@@ -517,8 +573,13 @@ class LocalBackend:
             raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {snapshot!r}")
         if snapshot.backend != self.name:
             raise ConfigError(f"snapshot {snapshot.short} belongs to the {snapshot.backend} backend")
-        sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}))
-        self._live.add(sb)
+        sb = self._pool.take(snapshot) if not network else None
+        if sb is None:
+            sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}))
+        else:
+            sb._set_env(dict(env or {}))
+        with self._lock:
+            self._live.add(sb)
         return sb
 
     def _mount_args(self, snap: Snapshot, run_dir: Path) -> list[str]:
@@ -547,6 +608,7 @@ class LocalBackend:
         if self._closed:
             return
         self._closed = True
+        self._pool.close()
         for sb in list(self._live):
             sb.close()
         if self._ephemeral:
@@ -608,6 +670,10 @@ class LocalSandbox:
             store.discard(self._dir)
             raise
         store.touch(snapshot)
+
+    def _set_env(self, env: dict[str, str]) -> None:
+        self._extra_env = env
+        self._env = {**DEFAULT_ENV, **dict(self.snapshot_of.env), **env}
 
     def _start(self) -> None:
         b = self.backend
@@ -855,7 +921,8 @@ class LocalSandbox:
                 proc.stdin.close()
             proc.wait()
         self.backend.store.discard(self._dir)
-        self.backend._live.discard(self)
+        with self.backend._lock:
+            self.backend._live.discard(self)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
