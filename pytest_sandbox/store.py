@@ -117,6 +117,7 @@ class Store:
         self._owner: str | None = None
         self._owner_fd: int | None = None
         self._lock = threading.Lock()
+        self._pending: list[threading.Thread] = []
 
     # -- ownership ---------------------------------------------------------------------------
     @property
@@ -263,18 +264,37 @@ class Store:
             out.append((d, meta))
         return out
 
-    def discard(self, path: Path) -> None:
-        """Remove a tree without making the caller wait: rename into t/ now, delete in the background.
+    def discard(self, path: Path, wait_for: Any = None) -> None:
+        """Remove a tree without making the caller wait: in a background thread, first wait for
+        ``wait_for`` (a process still using the tree), then rename it into t/ and delete it.
 
-        A crash before the deletion finishes leaves the tree in t/ under our owner token, where the
-        next gc finds it.
+        A crash before the deletion finishes leaves the tree in t/ (or r/) under our owner token,
+        where the next gc finds it. :meth:`flush` waits for every pending removal.
         """
-        trash = self.root / "t" / f"{self.owner}.x{new_id()}"
-        try:
-            os.rename(path, trash)
-        except FileNotFoundError:
-            return
-        threading.Thread(target=rmtree, args=(trash,), daemon=True).start()
+
+        def work() -> None:
+            if wait_for is not None:
+                with contextlib.suppress(Exception):
+                    wait_for.wait()
+            trash = self.root / "t" / f"{self.owner}.x{new_id()}"
+            try:
+                os.rename(path, trash)
+            except FileNotFoundError:
+                return
+            rmtree(trash)
+
+        t = threading.Thread(target=work, daemon=True, name="sandbox-discard")
+        with self._lock:
+            self._pending = [x for x in self._pending if x.is_alive()]
+            self._pending.append(t)
+        t.start()
+
+    def flush(self) -> None:
+        """Wait until every removal started by :meth:`discard` has finished."""
+        with self._lock:
+            pending = list(self._pending)
+        for t in pending:
+            t.join()
 
     # -- garbage collection ------------------------------------------------------------------
     def gc(self) -> int:

@@ -614,6 +614,7 @@ class LocalBackend:
         if self._ephemeral:
             with contextlib.suppress(Exception):
                 self.store.remove(self._ephemeral)
+        self.store.flush()
         if self._userns is not None:
             self._userns.close()
         with contextlib.suppress(Exception):
@@ -919,8 +920,9 @@ class LocalSandbox:
             with contextlib.suppress(Exception):
                 assert proc.stdin is not None
                 proc.stdin.close()
-            proc.wait()
-        self.backend.store.discard(self._dir)
+        # Reaping bwrap and deleting the writable layer happen in the background: the namespace is
+        # already dead, and a test suite should not wait for its teardown.
+        self.backend.store.discard(self._dir, wait_for=proc)
         with self.backend._lock:
             self.backend._live.discard(self)
 
