@@ -20,16 +20,10 @@ from collections.abc import Sequence
 
 from .errors import ConfigError, SandboxError
 from .image import Image
+from .session import format_age as _age
 from .store import disk_usage
 
 __all__ = ["main"]
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 def _size(n: int) -> str:

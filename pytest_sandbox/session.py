@@ -87,10 +87,11 @@ class Stats:
         return f"sandbox: {self.built} snapshots built, {self.reused} reused, {len(self.forks)} sandboxes forked{med}"
 
 
-def _age(seconds: float) -> str:
+def format_age(seconds: float) -> str:
+    """A short age like 45s, 3m, 2h, 5d."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
+            return f"{int(seconds // size)}{unit}"
     return f"{seconds:.0f}s"
 
 
@@ -182,7 +183,7 @@ class SessionManager:
             self.log(f"sandbox: snapshot {key[:12]} built in {time.perf_counter() - start:.1f}s ({steps} steps)")
         else:
             self.stats.reused += 1
-            self.log(f"sandbox: snapshot {key[:12]} reused (built {_age(time.time() - snap.created)} ago)")
+            self.log(f"sandbox: snapshot {key[:12]} reused (built {format_age(time.time() - snap.created)} ago)")
         self._snapshots[key] = snap
         return snap
 
