@@ -44,6 +44,7 @@ from ..errors import (
 from ..image import Image, Step
 from ..store import Store, new_id, rmtree
 from . import _layers, _proc
+from ._build import BUILD_CA_PATH, build_env, host_ca_bundle, mmdebstrap_tar, step_argv
 from ._safefs import SafeFS
 
 __all__ = ["LocalBackend", "LocalSandbox"]
@@ -64,41 +65,6 @@ MAX_LAYER_OPTION_BYTES = 3000
 # every process in its pid namespace: bwrap's init would otherwise wait for orphaned background
 # processes forever.
 _HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
-# Build steps use the host's network, so they also use its trust roots and proxy settings (a
-# TLS-intercepting proxy is common in companies). The CA bundle is bound into bwrap's private /dev
-# tmpfs so that nothing of it lands in the snapshot.
-BUILD_CA_PATH = "/dev/.host-ca-certificates.crt"
-_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-
-
-def _host_ca_bundle() -> str | None:
-    import ssl
-
-    for cand in (
-        os.environ.get("SSL_CERT_FILE"),
-        ssl.get_default_verify_paths().cafile,
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ):
-        if cand and os.path.isfile(cand):
-            return cand
-    return None
-
-
-def build_env() -> dict[str, str]:
-    """Environment for build steps: host proxies and the host CA bundle (see BUILD_CA_PATH)."""
-    env = {k: v for k, v in os.environ.items() if k in _PROXY_VARS}
-    if _host_ca_bundle():
-        env.update(
-            {
-                "SSL_CERT_FILE": BUILD_CA_PATH,
-                "PIP_CERT": BUILD_CA_PATH,
-                "REQUESTS_CA_BUNDLE": BUILD_CA_PATH,
-                "CURL_CA_BUNDLE": BUILD_CA_PATH,
-                "NODE_EXTRA_CA_CERTS": BUILD_CA_PATH,
-            }
-        )
-    return env
 
 
 def _userns_help() -> str:
@@ -443,34 +409,8 @@ class LocalBackend:
         return dirs
 
     def _mmdebstrap(self, b: dict[str, Any], key: str, tmp: Path, nsteps: int, log: LogCallback) -> None:
-        mm = shutil.which("mmdebstrap")
-        desc = f"FROM debian:{b['suite']}"
-        if mm is None:
-            raise EngineUnavailableError(
-                "Image.debian() needs mmdebstrap, which is not installed: run `sudo apt-get install "
-                "mmdebstrap` (Debian/Ubuntu), or use Image.from_rootfs(...) with a rootfs tarball."
-            )
         tar = tmp / "rootfs.tar"
-        argv = [mm, f"--variant={b['variant']}", "--format=tar"]
-        if b.get("include"):
-            argv.append("--include=" + ",".join(b["include"]))
-        argv += [b["suite"], str(tar)]
-        lines: list[str] = []
-
-        def keep(line: str) -> None:
-            lines.append(line)
-            log(line)
-
-        res = _proc.run(argv, on_line=keep, env={**os.environ, "LC_ALL": "C.UTF-8"}, die_with_parent=True)
-        if res.returncode != 0:
-            raise SnapshotBuildError(
-                key=key,
-                step_index=0,
-                step_count=nsteps,
-                step=desc,
-                exit_code=res.returncode,
-                output="\n".join(lines),
-            )
+        mmdebstrap_tar(b, key, tar, nsteps, log)
         self._extract_rootfs(tar, tmp / "root")
         tar.unlink()
 
@@ -543,7 +483,7 @@ class LocalBackend:
                 workdir = step.args[0]
                 sb.fs.mkdir(workdir)
             else:
-                argv = _step_argv(step)
+                argv = step_argv(step)
                 try:
                     res = sb._run(argv, cwd=workdir, env={**build_env(), **dict(step.env)}, on_line=keep)
                 except ExecTimeoutError as exc:
@@ -621,30 +561,6 @@ class LocalBackend:
             atexit.unregister(self.close)
 
 
-def _step_argv(step: Step) -> list[str]:
-    if step.kind == "run":
-        return ["/bin/sh", "-c", step.args[0]] if len(step.args) == 1 else list(step.args)
-    if step.kind == "apt":
-        pkgs = " ".join(shlex.quote(p) for p in step.args)
-        # APT::Sandbox::User=root: rootless sandboxes map a single uid, so apt cannot drop to _apt.
-        return [
-            "/bin/sh",
-            "-c",
-            "export DEBIAN_FRONTEND=noninteractive; "
-            "apt-get -o APT::Sandbox::User=root update -q && "
-            f"apt-get -o APT::Sandbox::User=root install -y -q --no-install-recommends {pkgs} && "
-            "apt-get clean && rm -rf /var/lib/apt/lists/*",
-        ]
-    if step.kind == "pip":
-        return [
-            "/bin/sh",
-            "-c",
-            "PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 "
-            "python3 -m pip install --no-cache-dir " + " ".join(shlex.quote(p) for p in step.args),
-        ]
-    raise AssertionError(step.kind)
-
-
 class LocalSandbox:
     """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
 
@@ -703,7 +619,7 @@ class LocalSandbox:
         if self.network:
             if self.snapshot_of.base.get("kind") != "host":
                 argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-            ca = _host_ca_bundle()
+            ca = host_ca_bundle()
             if ca:
                 argv += ["--ro-bind", ca, BUILD_CA_PATH]
         else:
