@@ -25,8 +25,8 @@ CANDIDATES: dict[str, str] = {
 }
 
 
-def fixture_image() -> Image:
-    return Image.host().copy(PROJECT, "/work/project").workdir("/work/project")
+def fixture_image(base: Image | None = None) -> Image:
+    return (base or Image.host()).copy(PROJECT, "/work/project").workdir("/work/project")
 
 
 def evaluate(backend: Backend, frozen: Snapshot, name: str, calc_source: str) -> dict[str, object]:
@@ -46,8 +46,8 @@ def evaluate(backend: Backend, frozen: Snapshot, name: str, calc_source: str) ->
     }
 
 
-def run_benchmark(backend: Backend) -> dict[str, object]:
-    frozen = backend.build(fixture_image())
+def run_benchmark(backend: Backend, base: Image | None = None) -> dict[str, object]:
+    frozen = backend.build(fixture_image(base))
     start = time.perf_counter()
     results = [evaluate(backend, frozen, name, src) for name, src in CANDIDATES.items()]
     results.sort(key=lambda r: (-int(r["score"]), str(r["candidate"])))  # type: ignore[call-overload]

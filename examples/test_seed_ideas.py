@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pytest_sandbox import Backend
+from pytest_sandbox import Backend, Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -15,8 +15,8 @@ import bench_fixture
 import tree_search
 
 
-def test_tree_search_finds_the_target(sandbox_backend: Backend) -> None:
-    root = sandbox_backend.build(tree_search.start_image())
+def test_tree_search_finds_the_target(sandbox_backend: Backend, example_base: Image) -> None:
+    root = sandbox_backend.build(tree_search.start_image(example_base))
     result = tree_search.search(sandbox_backend, root, target=12, depth=4, beam=2)
     try:
         assert result.best_score == 0, result
@@ -30,8 +30,8 @@ def test_tree_search_finds_the_target(sandbox_backend: Backend) -> None:
             sandbox_backend.remove_snapshot(snap)
 
 
-def test_benchmark_fixture_scores_candidates(sandbox_backend: Backend, tmp_path: Path) -> None:
-    report = bench_fixture.run_benchmark(sandbox_backend)
+def test_benchmark_fixture_scores_candidates(sandbox_backend: Backend, example_base: Image, tmp_path: Path) -> None:
+    report = bench_fixture.run_benchmark(sandbox_backend, example_base)
     out = tmp_path / "results.json"
     out.write_text(json.dumps(report))
     by_name = {r["candidate"]: r for r in json.loads(out.read_text())["results"]}

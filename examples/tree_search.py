@@ -42,8 +42,8 @@ class Result:
     snapshots: list[Snapshot] = field(default_factory=list)
 
 
-def start_image() -> Image:
-    return Image.host().run("mkdir -p /work && echo 1 > /work/state")
+def start_image(base: Image | None = None) -> Image:
+    return (base or Image.host()).run("mkdir -p /work && echo 1 > /work/state")
 
 
 def search(backend: Backend, root: Snapshot, *, target: int, depth: int, beam: int) -> Result:

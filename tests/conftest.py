@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Image, Snapshot
+from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 
 pytest_plugins = ["pytester"]
@@ -54,3 +55,45 @@ def base(request: pytest.FixtureRequest) -> Snapshot:
     snap = request.getfixturevalue(request.param)
     assert isinstance(snap, Snapshot)
     return snap
+
+
+@dataclass(frozen=True)
+class Target:
+    """A backend and a snapshot of it that behavioural tests run against."""
+
+    backend: Backend
+    snapshot: Snapshot
+
+
+@pytest.fixture(scope="session")
+def docker_backend(cache_dir: Path) -> Iterator[Backend]:
+    try:
+        from pytest_sandbox.backends.docker import DockerBackend
+
+        b = DockerBackend(cache_dir)
+    except EngineUnavailableError as exc:
+        pytest.skip(f"docker backend unavailable here: {exc}")
+    with b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def docker_debian(docker_backend: Backend) -> Snapshot:
+    return docker_backend.build(DEBIAN)
+
+
+@pytest.fixture(params=["local-debian", "local-host", "docker-debian"])
+def target(request: pytest.FixtureRequest) -> Target:
+    """Every behavioural test runs on each backend, and on the local engine's two kinds of base."""
+    backend_name, base = request.param.split("-")
+    if backend_name == "local":
+        return Target(request.getfixturevalue("backend"), request.getfixturevalue(base))
+    return Target(request.getfixturevalue("docker_backend"), request.getfixturevalue("docker_debian"))
+
+
+@pytest.fixture(params=["local", "docker"])
+def debian_target(request: pytest.FixtureRequest) -> Target:
+    """The Debian recipe's snapshot on each backend (for tests that need apt or python3)."""
+    if request.param == "local":
+        return Target(request.getfixturevalue("backend"), request.getfixturevalue("debian"))
+    return Target(request.getfixturevalue("docker_backend"), request.getfixturevalue("docker_debian"))

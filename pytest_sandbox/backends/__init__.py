@@ -21,9 +21,13 @@ def open_backend(name: str = "local", **options: Any) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend(**options)
-    if name in ("docker", "daytona"):
+    if name == "docker":
+        from .docker import DockerBackend
+
+        return DockerBackend(**options)
+    if name == "daytona":
         raise EngineUnavailableError(
-            f"the {name} backend is not part of this version of pytest-sandbox yet; "
-            "use the local backend (open_backend('local'))"
+            "the daytona backend is not part of this version of pytest-sandbox yet; "
+            "use open_backend('local') or open_backend('docker')"
         )
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -37,19 +37,12 @@ def host_ca_bundle() -> str | None:
     return None
 
 
-def build_env() -> dict[str, str]:
-    """Environment for build steps: host proxies and the host CA bundle (see BUILD_CA_PATH)."""
+def build_env(ca_path: str = BUILD_CA_PATH) -> dict[str, str]:
+    """Environment for build steps: host proxies, and the host CA bundle found at ``ca_path``."""
     env = {k: v for k, v in os.environ.items() if k in _PROXY_VARS}
     if host_ca_bundle():
-        env.update(
-            {
-                "SSL_CERT_FILE": BUILD_CA_PATH,
-                "PIP_CERT": BUILD_CA_PATH,
-                "REQUESTS_CA_BUNDLE": BUILD_CA_PATH,
-                "CURL_CA_BUNDLE": BUILD_CA_PATH,
-                "NODE_EXTRA_CA_CERTS": BUILD_CA_PATH,
-            }
-        )
+        for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+            env[var] = ca_path
     return env
 
 

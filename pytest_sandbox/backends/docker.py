@@ -1,0 +1,781 @@
+"""The docker backend: the local engine's contract on a Docker engine (local, or remote through
+DOCKER_HOST), through the ``docker`` SDK (``pip install 'pytest-sandbox[docker]'``).
+
+A recipe becomes images tagged ``pytest-sandbox:<key>``, one per step prefix, exactly as the local
+engine keys its layers; a sandbox is a container with no network; ``snapshot()`` commits it.
+Every container carries the owner token of the process that made it; a watchdog process removes
+them as soon as that process dies (also on ``kill -9``, within about two seconds), and ``gc`` (run
+at every start) removes any whose owner is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import io
+import json
+import os
+import posixpath
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ..api import ExecResult, LogCallback, Snapshot
+from ..errors import (
+    ConfigError,
+    EngineUnavailableError,
+    ExecTimeoutError,
+    SandboxClosedError,
+    SandboxError,
+    SandboxFileError,
+    SnapshotBuildError,
+    SnapshotNotFoundError,
+)
+from ..image import Image, Step
+from ..store import Store, new_id, rmtree
+from ._build import build_env, host_ca_bundle, mmdebstrap_tar, step_argv
+
+__all__ = ["DockerBackend", "DockerSandbox"]
+
+REPO = "pytest-sandbox"
+LABEL = "pytest-sandbox"
+_BUILD_CA_NAME = ".psb-host-ca.crt"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_HOLDER = ["/bin/sh", "-c", "exec sleep infinity 2>/dev/null || while :; do sleep 3600; done"]
+# Output goes to files inside the container, printed once the command exits: Docker would
+# otherwise hold an exec open while any background process keeps its stdout.
+_WRAP = (
+    'i=$1; c=$2; shift 2; d=/tmp/.psb-$i; if [ -n "$c" ]; then cd -- "$c" || exit 125; fi; '
+    "echo $$ > $d.pid; if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi; "
+    '"$@" >$d.out 2>$d.err <$in; rc=$?; cat $d.out; cat $d.err >&2; rm -f $d.out $d.err $d.in $d.pid; exit $rc'
+)
+# Kill a process and every descendant, found through /proc (no ps needed in the image).
+_KILL_TREE = (
+    "r=$1; ps=$(for s in /proc/[0-9]*/status; do p=${s#/proc/}; p=${p%/status}; "
+    'pp=$(sed -n "s/^PPid:[[:space:]]*//p" $s 2>/dev/null); echo "$p $pp"; done | '
+    'awk -v r="$r" \'{pp[$1]=$2} END {k[r]=1; do {n=0; for (p in pp) if ((pp[p] in k) && !(p in k)) '
+    "{k[p]=1; n++}} while (n); for (p in k) print p}'); "
+    "for p in $ps; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
+)
+_WATCHDOG = """
+import sys
+sys.stdin.buffer.read()  # EOF: the owner exited or was killed
+import docker
+client = docker.from_env()
+for c in client.containers.list(all=True, filters={"label": "pytest-sandbox.owner=" + sys.argv[1]}):
+    try:
+        c.remove(force=True)
+    except Exception:
+        pass
+"""
+
+
+def _client() -> Any:
+    try:
+        import docker
+    except ImportError as exc:
+        raise EngineUnavailableError(
+            "the docker backend needs the docker SDK: pip install 'pytest-sandbox[docker]'"
+        ) from exc
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:
+        raise EngineUnavailableError(
+            f"no Docker engine answers at {where} ({exc}). Start dockerd (or Docker Desktop), set "
+            "DOCKER_HOST to a running engine, or use --sandbox-backend=local."
+        ) from exc
+    return client
+
+
+def _label_change(key: str, value: str) -> str:
+    return f"LABEL {key}={json.dumps(value)}"
+
+
+class DockerBackend:
+    """Recipes as images, sandboxes as containers. ``open_backend("docker")`` returns one."""
+
+    name = "docker"
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        import docker.errors
+
+        self._errors = docker.errors
+        self.client = _client()
+        self.store = Store(cache_dir)  # build locks and the owner token; images live in the engine
+        self.host = socket.gethostname()
+        self._lock = threading.Lock()
+        self._live: set[DockerSandbox] = set()
+        self._ephemeral: list[str] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self.gc()  # containers of sessions that died are removed at the next start
+        atexit.register(self.close)
+
+    def __enter__(self) -> DockerBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DockerBackend {self.client.api.base_url}>"
+
+    # -- labels and records --------------------------------------------------------------------
+    def labels(self, **extra: str) -> dict[str, str]:
+        """Labels every container and image of this process carries (gc and the watchdog use them)."""
+        return {LABEL: "1", f"{LABEL}.owner": self.store.owner, f"{LABEL}.host": self.host, **extra}
+
+    def _snapshot_of(self, key: str, img: Any) -> Snapshot:
+        cfg = img.attrs.get("Config") or {}
+        labels = cfg.get("Labels") or {}
+        env = tuple(tuple(e.split("=", 1)) for e in cfg.get("Env") or () if "=" in e)
+        return Snapshot(
+            key=key,
+            backend=self.name,
+            layers=(),
+            base={"image": f"{REPO}:{key}"},
+            env=tuple((k, v) for k, v in env if k != "PATH" or v != DEFAULT_PATH),
+            workdir=cfg.get("WorkingDir") or "/",
+            parent=labels.get(f"{LABEL}.parent") or None,
+            created=float(labels.get(f"{LABEL}.created", "0") or 0),
+            description=labels.get(f"{LABEL}.description", ""),
+            name=labels.get(f"{LABEL}.name") or None,
+            owner=labels.get(f"{LABEL}.ephemeral-owner") or None,
+        )
+
+    def _get(self, key: str) -> Snapshot | None:
+        try:
+            return self._snapshot_of(key, self.client.images.get(f"{REPO}:{key}"))
+        except self._errors.ImageNotFound:
+            return None
+
+    def snapshots(self) -> Iterator[Snapshot]:
+        """Every snapshot image in the engine, oldest first."""
+        out = []
+        for img in self.client.images.list(filters={"label": LABEL}):
+            for tag in img.tags:
+                if tag.startswith(f"{REPO}:"):
+                    out.append(self._snapshot_of(tag.split(":", 1)[1], img))
+        return iter(sorted(out, key=lambda s: s.created))
+
+    def get_snapshot(self, key_or_name: str) -> Snapshot:
+        """A snapshot by key, unique key prefix (4+ characters) or name."""
+        exact = self._get(key_or_name) if "/" not in key_or_name and ":" not in key_or_name else None
+        if exact is not None:
+            return exact
+        snaps = list(self.snapshots())
+        named = [s for s in snaps if s.name == key_or_name]
+        if named:
+            return named[-1]
+        matches = [s for s in snaps if len(key_or_name) >= 4 and s.key.startswith(key_or_name)]
+        if len(matches) == 1:
+            return matches[0]
+        raise SnapshotNotFoundError(f"no snapshot {key_or_name!r} in the Docker engine")
+
+    def remove_snapshot(self, snapshot: Snapshot | str) -> None:
+        """Untag and delete a snapshot image (containers running from it keep running)."""
+        key = snapshot.key if isinstance(snapshot, Snapshot) else self.get_snapshot(snapshot).key
+        with contextlib.suppress(self._errors.ImageNotFound):
+            self.client.images.remove(f"{REPO}:{key}", force=True)
+
+    def _commit(
+        self,
+        container: Any,
+        key: str,
+        *,
+        parent: str | None,
+        description: str,
+        name: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        ephemeral: bool = False,
+    ) -> Snapshot:
+        changes = [
+            _label_change(LABEL, "1"),
+            _label_change(f"{LABEL}.parent", parent or ""),
+            _label_change(f"{LABEL}.created", repr(time.time())),
+            _label_change(f"{LABEL}.description", description),
+            _label_change(f"{LABEL}.name", name or ""),
+            _label_change(f"{LABEL}.ephemeral-owner", self.store.owner if ephemeral else ""),
+            _label_change(f"{LABEL}.host", self.host),
+        ]
+        if workdir:
+            changes.append(f"WORKDIR {workdir}")
+        for k, v in (env or {}).items():
+            changes.append(f"ENV {k}={json.dumps(v)}")
+        container.commit(repository=REPO, tag=key, changes=changes)
+        snap = self._get(key)
+        assert snap is not None
+        if ephemeral:
+            self._ephemeral.append(key)
+        return snap
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot:
+        """Build ``image`` once per setup key into tagged images; later calls reuse them.
+
+        ``rebuild`` works as on the local engine: steps are rebuilt, the base is kept.
+        """
+        if not isinstance(image, Image):
+            raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
+        log = on_log or (lambda _line: None)
+        keys = image.prefix_keys()
+        n = len(image.steps)
+
+        def cached(key: str) -> Snapshot | None:
+            snap = self._get(key)
+            if snap is None or rebuild is True:
+                return None
+            if rebuild is not False and snap.created < float(rebuild):
+                return None
+            return snap
+
+        hit = cached(keys[-1])
+        if hit is not None:
+            return hit
+        with self.store.build_lock(keys[0]):
+            current = self._get(keys[0]) or self._build_base(image, keys[0], log)
+        for i, step in enumerate(image.steps, start=1):
+            with self.store.build_lock(keys[i]):
+                hit = cached(keys[i])
+                if hit is not None:
+                    current = hit
+                    continue
+                log(f"[{i}/{n}] {step.describe()}")
+                current = self._build_step(current, step, keys[i], i, n, log)
+        return current
+
+    def _build_base(self, image: Image, key: str, log: LogCallback) -> Snapshot:
+        b = dict(image.base)
+        kind = image.base_kind
+        desc = image.describe().splitlines()[0]
+        if kind == "host":
+            raise EngineUnavailableError(
+                "Image.host() needs the local engine: a container cannot share the host's /usr and /etc. "
+                "Use Image.debian(...), Image.from_rootfs(...) or Image.from_registry(...) on docker."
+            )
+        log(f"[0/{len(image.steps)}] {desc}")
+        tmp = self.store.tmp_dir()
+        try:
+            if kind == "registry":
+                try:
+                    self.client.images.pull(b["ref"])
+                except self._errors.APIError as exc:
+                    raise SnapshotBuildError(
+                        key=key,
+                        step_index=0,
+                        step_count=len(image.steps),
+                        step=desc,
+                        exit_code=None,
+                        output=str(exc),
+                        reason="pull failed",
+                    ) from exc
+                source = b["ref"]
+            else:
+                tar = tmp / "rootfs.tar"
+                if kind == "debian":
+                    mmdebstrap_tar(b, key, tar, len(image.steps), log)
+                else:
+                    src = Path(b["path"])
+                    if src.is_dir():
+                        subprocess.run(["tar", "-C", str(src), "-cf", str(tar), "."], check=True, capture_output=True)
+                    else:
+                        tar = src
+                source = f"{REPO}:import-{key[:12]}"
+                self.client.api.import_image_from_file(
+                    str(tar), repository=REPO, tag=f"import-{key[:12]}", changes=[f"ENV PATH={DEFAULT_PATH}"]
+                )
+            container = self.client.containers.create(source, command=_HOLDER, labels=self.labels())
+            try:
+                return self._commit(container, key, parent=None, description=desc, workdir="/")
+            finally:
+                container.remove(force=True)
+                if kind != "registry":
+                    with contextlib.suppress(self._errors.ImageNotFound):
+                        self.client.images.remove(source)
+        finally:
+            rmtree(tmp)
+
+    def _build_step(self, parent: Snapshot, step: Step, key: str, i: int, n: int, log: LogCallback) -> Snapshot:
+        if step.kind == "env":
+            container = self.client.containers.create(f"{REPO}:{parent.key}", command=_HOLDER, labels=self.labels())
+            try:
+                return self._commit(container, key, parent=parent.key, description=step.describe(), env=dict(step.env))
+            finally:
+                container.remove(force=True)
+        sb = DockerSandbox(self, parent, network=True, env={})
+        output: list[str] = []
+
+        def keep(line: str) -> None:
+            output.append(line)
+            log("    " + line)
+
+        def fail(code: int | None, reason: str = "") -> SnapshotBuildError:
+            return SnapshotBuildError(
+                key=key,
+                step_index=i,
+                step_count=n,
+                step=step.describe(),
+                exit_code=code,
+                output="\n".join(output),
+                reason=reason,
+            )
+
+        try:
+            workdir = parent.workdir
+            if step.kind == "copy":
+                assert step.source is not None
+                try:
+                    sb.fs.upload(step.source, step.args[0])
+                    if step.mode is not None:
+                        sb.exec(["chmod", f"{step.mode:o}", step.args[0]]).check()
+                except (OSError, SandboxError) as exc:
+                    raise fail(None, f"copy failed: {exc}") from exc
+            elif step.kind == "workdir":
+                workdir = step.args[0]
+                sb.fs.mkdir(workdir)
+            else:
+                # The host CA goes in as a file for this step only, removed before the commit.
+                ca = host_ca_bundle()
+                if ca:
+                    sb.container.put_archive("/tmp", _tar_file(_BUILD_CA_NAME, Path(ca).read_bytes(), 0o644))
+                env = {**build_env(f"/tmp/{_BUILD_CA_NAME}"), **dict(step.env)}
+                res = sb._run(step_argv(step), cwd=workdir, env=env, on_line=keep)
+                if ca:
+                    sb._exec_raw(["rm", "-f", f"/tmp/{_BUILD_CA_NAME}"])
+                if res.exit_code != 0:
+                    raise fail(res.exit_code)
+            return self._commit(sb.container, key, parent=parent.key, description=step.describe(), workdir=workdir)
+        finally:
+            sb.close()
+
+    # -- sandboxes -----------------------------------------------------------------------------
+    def create(
+        self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
+    ) -> DockerSandbox:
+        """A new container from a snapshot (an Image is built first); no network unless asked."""
+        if self._closed:
+            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+        if isinstance(snapshot, Image):
+            snapshot = self.build(snapshot)
+        elif isinstance(snapshot, str):
+            snapshot = self.get_snapshot(snapshot)
+        elif not isinstance(snapshot, Snapshot):
+            raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {snapshot!r}")
+        if snapshot.backend != self.name:
+            raise ConfigError(f"snapshot {snapshot.short} belongs to the {snapshot.backend} backend")
+        sb = DockerSandbox(self, snapshot, network=network, env=dict(env or {}))
+        with self._lock:
+            self._live.add(sb)
+        return sb
+
+    def _ensure_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog is None or self._watchdog.poll() is not None:
+                self._watchdog = subprocess.Popen(
+                    [sys.executable, "-c", _WATCHDOG, self.store.owner],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+
+    def gc(self) -> int:
+        """Remove containers and ephemeral snapshots of processes on this host that died."""
+        removed = 0
+        flt = {"label": [f"{LABEL}.host={self.host}"]}
+        for c in self.client.containers.list(all=True, filters=flt):
+            if not self.store.owner_alive(c.labels.get(f"{LABEL}.owner")):
+                with contextlib.suppress(self._errors.NotFound, self._errors.APIError):
+                    c.remove(force=True)
+                    removed += 1
+        for snap in list(self.snapshots()):
+            if snap.owner and not self.store.owner_alive(snap.owner):
+                self.remove_snapshot(snap)
+                removed += 1
+        return removed + self.store.gc()
+
+    def prune(self, older_than: float = 0.0) -> list[str]:
+        """Delete snapshot images created more than ``older_than`` seconds ago."""
+        now = time.time()
+        doomed = [s.key for s in self.snapshots() if now - s.created >= older_than]
+        for key in doomed:
+            self.remove_snapshot(key)
+        return doomed
+
+    def close(self) -> None:
+        """Remove every container this backend made and its ephemeral snapshots."""
+        if self._closed:
+            return
+        self._closed = True
+        for sb in list(self._live):
+            sb.close()
+        for key in self._ephemeral:
+            with contextlib.suppress(Exception):
+                self.remove_snapshot(key)
+        if self._watchdog is not None:
+            with contextlib.suppress(Exception):
+                assert self._watchdog.stdin is not None
+                self._watchdog.stdin.close()
+            self._watchdog.wait()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+class DockerSandbox:
+    """A container of the docker backend. Use it as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self, backend: DockerBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str], build: bool = False
+    ) -> None:
+        self.backend = backend
+        self.snapshot_of = snapshot
+        self.network = network
+        self.id = new_id(6)
+        self.history: list[ExecResult] = []
+        self._extra_env = env
+        self._closed = False
+        self._fs: DockerFS | None = None
+        backend._ensure_watchdog()
+        kwargs: dict[str, Any] = {
+            "command": _HOLDER,
+            "detach": True,
+            "init": True,
+            "labels": backend.labels(**{f"{LABEL}.key": snapshot.key}),
+            "network_mode": "host" if network else "none",
+            "environment": env,
+            "working_dir": snapshot.workdir,
+        }
+        if not network:
+            kwargs["hostname"] = "sandbox"
+        try:
+            self.container = backend.client.containers.run(f"{REPO}:{snapshot.key}", **kwargs)
+        except backend._errors.APIError as exc:
+            raise SandboxError(f"docker could not start a container of {snapshot.short}: {exc}") from exc
+
+    def __enter__(self) -> DockerSandbox:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DockerSandbox {self.id} of {self.snapshot_of.short} container {self.container.short_id}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
+
+    def _exec_raw(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, bytes, bytes]:
+        api = self.backend.client.api
+        eid = api.exec_create(self.container.id, list(argv), environment=dict(env or {}))["Id"]
+        out, err = api.exec_start(eid, demux=True)
+        return int(api.exec_inspect(eid)["ExitCode"]), out or b"", err or b""
+
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        on_line: LogCallback | None = None,
+    ) -> ExecResult:
+        self._check_open()
+        api = self.backend.client.api
+        tag = new_id(6)
+        if isinstance(input, str):
+            input = input.encode()
+        if input:
+            self.container.put_archive("/tmp", _tar_file(f".psb-{tag}.in", input, 0o600))
+        env = {**self._extra_env, **(env or {})}
+        shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
+        start = time.perf_counter()
+        if on_line is not None:  # builds stream their output live
+            eid = api.exec_create(self.container.id, list(argv), environment=env, workdir=cwd or None)["Id"]
+            chunks: list[bytes] = []
+            partial = b""
+            for chunk in api.exec_start(eid, stream=True):
+                chunks.append(chunk)
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
+                    on_line(line.decode("utf-8", errors="replace"))
+            if partial:
+                on_line(partial.decode("utf-8", errors="replace"))
+            code = int(api.exec_inspect(eid)["ExitCode"])
+            out, err = b"".join(chunks), b""
+            timed_out = False
+        else:
+            eid = api.exec_create(
+                self.container.id, ["/bin/sh", "-c", _WRAP, "sh", tag, cwd or "", *argv], environment=env
+            )["Id"]
+            box: dict[str, Any] = {}
+
+            def go() -> None:
+                try:
+                    box["out"] = api.exec_start(eid, demux=True)
+                except Exception as exc:  # surfaced below, in the caller's thread
+                    box["exc"] = exc
+
+            worker = threading.Thread(target=go, daemon=True)
+            worker.start()
+            worker.join(timeout)
+            timed_out = worker.is_alive()
+            if timed_out:
+                _, pid, _ = self._exec_raw(["cat", f"/tmp/.psb-{tag}.pid"])
+                self._exec_raw(["/bin/sh", "-c", _KILL_TREE, "sh", pid.decode().strip() or "0"])
+                worker.join(30)
+                _, out, _ = self._exec_raw(["cat", f"/tmp/.psb-{tag}.out"])
+                _, err, _ = self._exec_raw(["cat", f"/tmp/.psb-{tag}.err"])
+                self._exec_raw(["/bin/sh", "-c", f"rm -f /tmp/.psb-{tag}.*"])
+                code = 137
+            else:
+                if "exc" in box:
+                    raise SandboxError(f"docker exec failed: {box['exc']}") from box["exc"]
+                out, err = box["out"]
+                out, err = out or b"", err or b""
+                code = int(api.exec_inspect(eid)["ExitCode"])
+        result = ExecResult(
+            command=shown,
+            exit_code=code,
+            stdout=out.decode("utf-8", errors="replace"),
+            stderr=err.decode("utf-8", errors="replace"),
+            duration=time.perf_counter() - start,
+            timed_out=timed_out,
+        )
+        self.history.append(result)
+        if timed_out:
+            raise ExecTimeoutError(
+                result,
+                f"`{shown}` timed out after {timeout}s; its whole process tree was "
+                "killed (the sandbox itself is still usable)",
+            )
+        return result
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command in the container; same semantics as the local engine's ``exec``."""
+        if isinstance(command, str):
+            argv = ["/bin/sh", "-c", command]
+        else:
+            argv = list(command)
+            if not argv or not all(isinstance(a, str) for a in argv):
+                raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
+        return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
+
+    @property
+    def fs(self) -> DockerFS:
+        """Files inside the container (the same operations as the local engine's ``fs``)."""
+        if self._fs is None:
+            self._fs = DockerFS(self)
+        return self._fs
+
+    def snapshot(self, name: str | None = None, *, ephemeral: bool = False) -> Snapshot:
+        """Commit the container's files into a new snapshot image; the container keeps running."""
+        self._check_open()
+        key = "x" + new_id(8)
+        return self.backend._commit(
+            self.container,
+            key,
+            parent=self.snapshot_of.key,
+            description=f"snapshot of sandbox {self.id}",
+            name=name,
+            ephemeral=ephemeral,
+        )
+
+    def fork(self) -> DockerSandbox:
+        """A new container from this one's current state (an ephemeral snapshot)."""
+        snap = self.snapshot(ephemeral=True)
+        return self.backend.create(snap, network=self.network, env=self._extra_env)
+
+    def close(self) -> None:
+        """Remove the container and everything running in it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.container.remove(force=True)
+        with self.backend._lock:
+            self.backend._live.discard(self)
+
+
+def _tar_file(name: str, data: bytes, mode: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+        tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _norm(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"sandbox paths are absolute, like '/work/file.txt'; got {path!r}")
+    return posixpath.normpath(path).replace("//", "/")
+
+
+_ERRNO = (
+    ("No such file", errno.ENOENT),
+    ("Not a directory", errno.ENOTDIR),
+    ("Is a directory", errno.EISDIR),
+    ("not empty", errno.ENOTEMPTY),
+    ("File exists", errno.EEXIST),
+)
+
+
+class DockerFS:
+    """:class:`pytest_sandbox.api.SandboxFS` through Docker's archive API (which resolves every path
+    inside the container's root) and small shell commands in the container."""
+
+    def __init__(self, sb: DockerSandbox) -> None:
+        self._sb = sb
+
+    def _sh(self, script: str, *args: str, op: str, path: str) -> bytes:
+        self._sb._check_open()
+        code, out, err = self._sb._exec_raw(["/bin/sh", "-c", script, "sh", *args])
+        if code != 0:
+            text = err.decode(errors="replace").strip()
+            num = next((n for s, n in _ERRNO if s in text), errno.EIO)
+            what = {
+                errno.ENOENT: "no such file or directory",
+                errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
+                errno.ENOTDIR: "not a directory",
+                errno.EISDIR: "is a directory",
+            }.get(num, text)
+            raise SandboxFileError(num, f"{op} {path}: {what}")
+        return out
+
+    def _archive(self, path: str, op: str) -> tarfile.TarFile:
+        self._sb._check_open()
+        errors = self._sb.backend._errors
+        try:
+            stream, _ = self._sb.container.get_archive(path)
+        except errors.NotFound as exc:
+            raise SandboxFileError(errno.ENOENT, f"{op} {path}: no such file or directory") from exc
+        return tarfile.open(fileobj=io.BytesIO(b"".join(stream)))
+
+    def read(self, path: str) -> bytes:
+        """The contents of a file (symlinks followed inside the container)."""
+        path = _norm(path)
+        for _ in range(40):
+            with self._archive(path, "read") as tf:
+                member = tf.next()
+                assert member is not None
+                if member.issym():
+                    path = _norm(posixpath.join(posixpath.dirname(path), member.linkname))
+                    continue
+                if member.isdir():
+                    raise SandboxFileError(errno.EISDIR, f"read {path}: is a directory")
+                f = tf.extractfile(member)
+                return f.read() if f is not None else b""
+        raise SandboxFileError(errno.ELOOP, f"read {path}: too many levels of symbolic links")
+
+    def read_text(self, path: str) -> str:
+        """The contents of a file as UTF-8 text."""
+        return self.read(path).decode("utf-8", errors="replace")
+
+    def exists(self, path: str) -> bool:
+        """True when the path exists (following symlinks inside the container)."""
+        return self._sb._exec_raw(["test", "-e", _norm(path)])[0] == 0
+
+    def is_dir(self, path: str) -> bool:
+        """True when the path is a directory."""
+        return self._sb._exec_raw(["test", "-d", _norm(path)])[0] == 0
+
+    def listdir(self, path: str) -> list[str]:
+        """Names in a directory, sorted."""
+        path = _norm(path)
+        out = self._sh(
+            '[ -d "$1" ] || { ls -d -- "$1" >/dev/null; echo "Not a directory" >&2; exit 1; }; ls -A1 -- "$1"',
+            path,
+            op="listdir",
+            path=path,
+        )
+        return sorted(x for x in out.decode().split("\n") if x)
+
+    def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None:
+        """Create a directory (and its parents unless ``parents=False``); existing ones are fine."""
+        path = _norm(path)
+        flag = "-p" if parents else ""
+        self._sh(f'[ -d "$1" ] || mkdir {flag} -m "$2" -- "$1"', path, f"{mode:o}", op="mkdir", path=path)
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write a file, creating its parent directories; a symlink is written through, inside."""
+        path = _norm(path)
+        if isinstance(data, str):
+            data = data.encode()
+        real = (
+            self._sh(
+                'mkdir -p -- "$(dirname -- "$1")" && readlink -f -- "$1" || echo "$1"', path, op="write", path=path
+            )
+            .decode()
+            .strip()
+            or path
+        )
+        if not self._sb._exec_raw(["test", "-d", posixpath.dirname(real)])[0] == 0:
+            raise SandboxFileError(errno.ENOENT, f"write {path}: no such file or directory")
+        self._sb.container.put_archive(posixpath.dirname(real), _tar_file(posixpath.basename(real), data, mode))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, a symlink, an empty directory, or with ``recursive=True`` a whole tree."""
+        path = _norm(path)
+        rm = 'rm -rf -- "$1"' if recursive else 'rmdir -- "$1"'
+        self._sh(f'if [ -d "$1" ] && [ ! -L "$1" ]; then {rm}; else rm -- "$1"; fi', path, op="remove", path=path)
+
+    def upload(self, local: str | os.PathLike[str], path: str) -> None:
+        """Copy a host file or directory tree to ``path`` in the container (modes and symlinks kept)."""
+        path = _norm(path)
+        src = Path(local)
+        if not os.path.lexists(src):
+            raise ConfigError(f"cannot upload {src}: it does not exist")
+        self.mkdir(posixpath.dirname(path))
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            tf.add(str(src), arcname=posixpath.basename(path), recursive=True)
+        self._sb.container.put_archive(posixpath.dirname(path), buf.getvalue())
+
+    def download(self, path: str, local: str | os.PathLike[str]) -> None:
+        """Copy a container file or tree to the host path ``local``; symlinks are recreated, never
+        followed, and no member can land outside ``local``."""
+        path = _norm(path)
+        dest = Path(local)
+        with self._archive(path, "download") as tf:
+            for member in tf:
+                parts = member.name.split("/")[1:]
+                if any(p in ("..", "") for p in parts) or member.name.startswith("/"):
+                    continue
+                target = dest.joinpath(*parts) if parts else dest
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif member.issym():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if os.path.lexists(target):
+                        target.unlink()
+                    os.symlink(member.linkname, target)
+                elif member.isfile():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if target.is_symlink():
+                        target.unlink()
+                    f = tf.extractfile(member)
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, member.mode & 0o777)
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(f.read() if f is not None else b"")
