@@ -92,6 +92,38 @@ def docker_image(b: LocalBackend, snap: Snapshot) -> str:
     return tag
 
 
+def docker_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None], out: dict[str, float]) -> None:
+    """The docker backend on the same recipe, each figure as a ratio to the local engine's."""
+    from pytest_sandbox.backends.docker import DockerBackend
+
+    with DockerBackend(local.store.cache_dir) as d:
+        t = time.perf_counter()
+        dsnap = d.build(DEBIAN)
+        print(f"# docker: Debian image ready in {time.perf_counter() - t:.1f}s", flush=True)
+        pairs: dict[str, tuple[list[float], list[float]]] = {"create": ([], []), "exec": ([], []), "snap": ([], [])}
+        for _ in range(max(10, n // 2)):
+            for backend, snap, side in ((local, deb, 0), (d, dsnap, 1)):
+                t = time.perf_counter()
+                sb = backend.create(snap)
+                sb.exec("true")
+                pairs["create"][side].append(time.perf_counter() - t)
+                pairs["exec"][side].append(timed(lambda sb=sb: sb.exec("true")))  # type: ignore[misc]
+                sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
+                t = time.perf_counter()
+                s = sb.snapshot()
+                pairs["snap"][side].append(time.perf_counter() - t)
+                sb.close()
+                backend.remove_snapshot(s)
+        for label, key in (
+            ("create + first exec", "create"),
+            ("exec round trip", "exec"),
+            ("snapshot() of a 1 MB change", "snap"),
+        ):
+            lo, dk = pct(pairs[key][0], 50), pct(pairs[key][1], 50)
+            out[f"docker_{key}_p50"] = dk
+            row(f"docker: {label}", f"p50 {ms(dk)}", f"local {ms(lo)}  docker/local {dk / lo:.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50, help="samples per timing row")
@@ -247,6 +279,8 @@ def main() -> None:
         )
         for s in chain:
             b.remove_snapshot(s)
+        if use_docker:
+            docker_rows(b, deb, args.n, row, out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if not args.cache and not os.environ.get("PYTEST_SANDBOX_CACHE"):

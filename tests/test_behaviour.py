@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -251,3 +254,37 @@ def test_snapshot_and_branches_are_independent(target: Target) -> None:
     assert child.parent == base.key and grandchild.parent == child.key
     backend.remove_snapshot(grandchild)
     backend.remove_snapshot(child)
+
+
+def test_racing_processes_build_a_key_exactly_once(debian_target: Target, cache_dir: Path) -> None:
+    name = debian_target.backend.name
+    marker = secrets.token_hex(6)
+    code = f"""
+        import sys
+        from pytest_sandbox import Image
+        from pytest_sandbox import open_backend
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests.conftest import DEBIAN
+        img = DEBIAN.run("echo building-{marker}; sleep 1; head -c16 /dev/urandom | od -An -tx1 > /tok")
+        with open_backend({name!r}, cache_dir={str(cache_dir)!r}) as b:
+            s = b.build(img, on_log=lambda l: print("LOG", l))
+            with b.create(s) as sb:
+                print("TOKEN", sb.fs.read_text("/tok").strip())
+        """
+    env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    logs = "".join(o[0] for o in outs)
+    assert logs.count(f"LOG     building-{marker}") == 1, logs
+    tokens = {line for o in outs for line in o[0].splitlines() if line.startswith("TOKEN")}
+    assert len(tokens) == 1

@@ -92,39 +92,6 @@ def DEB() -> Image:
     return DEBIAN
 
 
-def test_racing_processes_build_a_key_exactly_once(debian: Snapshot, cache_dir: Path) -> None:
-    marker = secrets.token_hex(6)
-    code = f"""
-        import sys
-        from pytest_sandbox import Image
-        from pytest_sandbox.backends.local import LocalBackend
-        sys.path.insert(0, {os.getcwd()!r})
-        from tests.conftest import DEBIAN
-        img = DEBIAN.run("echo building-{marker}; sleep 1; head -c16 /dev/urandom | od -An -tx1 > /tok")
-        with LocalBackend() as b:
-            s = b.build(img, on_log=lambda l: print("LOG", l))
-            with b.create(s) as sb:
-                print("TOKEN", sb.fs.read_text("/tok").strip())
-        """
-    env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(4)
-    ]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    logs = "".join(o[0] for o in outs)
-    assert logs.count(f"LOG     building-{marker}") == 1, logs
-    tokens = {line for o in outs for line in o[0].splitlines() if line.startswith("TOKEN")}
-    assert len(tokens) == 1
-
-
 def test_copy_of_a_single_file_with_mode(backend: LocalBackend, host: Snapshot, tmp_path: Path) -> None:
     f = tmp_path / "tool.sh"
     f.write_text("#!/bin/sh\necho tool\n")

@@ -108,10 +108,10 @@ class DockerBackend:
     name = "docker"
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.client = _client()  # first: a missing SDK must give its own clear error
         import docker.errors
 
         self._errors = docker.errors
-        self.client = _client()
         self.store = Store(cache_dir)  # build locks and the owner token; images live in the engine
         self.host = socket.gethostname()
         self._lock = threading.Lock()

@@ -1,0 +1,103 @@
+"""What only the docker backend has to prove: no container outlives its owner, and the errors a
+missing SDK, a silent engine or a host base give. Needs a Docker engine (CI starts dockerd)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot
+
+
+def owned_containers(backend: Backend, owner: str) -> list[object]:
+    client = backend.client  # type: ignore[attr-defined]
+    return list(client.containers.list(all=True, filters={"label": f"pytest-sandbox.owner={owner}"}))
+
+
+def start_owner(cache_dir: Path, snap: Snapshot) -> tuple[subprocess.Popen[str], str, int]:
+    """A process that opens a docker sandbox, prints its owner token and watchdog pid, then waits."""
+    code = f"""
+        import time
+        from pytest_sandbox.backends.docker import DockerBackend
+        b = DockerBackend({str(cache_dir)!r})
+        sb = b.create(b.get_snapshot({snap.key!r}))
+        sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
+        print(b.store.owner, b._watchdog.pid, flush=True)
+        time.sleep(1000)
+        """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], text=True, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    owner, watchdog = proc.stdout.readline().split()
+    return proc, owner, int(watchdog)
+
+
+def test_kill_9_leaves_no_container_after_two_seconds(
+    docker_backend: Backend, docker_debian: Snapshot, cache_dir: Path
+) -> None:
+    proc, owner, _ = start_owner(cache_dir, docker_debian)
+    assert len(owned_containers(docker_backend, owner)) == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    while owned_containers(docker_backend, owner) and time.monotonic() - killed < 10:
+        time.sleep(0.1)
+    gone_after = time.monotonic() - killed
+    assert not owned_containers(docker_backend, owner)
+    assert gone_after < 5, f"the watchdog took {gone_after:.1f}s (stated: about two seconds)"
+
+
+def test_containers_of_dead_sessions_are_removed_at_next_start(
+    docker_backend: Backend, docker_debian: Snapshot, cache_dir: Path
+) -> None:
+    proc, owner, watchdog = start_owner(cache_dir, docker_debian)
+    os.kill(watchdog, signal.SIGKILL)  # no watchdog left: only the next start can clean up
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert len(owned_containers(docker_backend, owner)) == 1
+    from pytest_sandbox.backends.docker import DockerBackend
+
+    with DockerBackend(cache_dir):  # gc runs at start
+        pass
+    assert not owned_containers(docker_backend, owner)
+
+
+def test_missing_sdk_and_silent_engine_are_clear_errors(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["docker"] = None  # as if the extra were not installed
+        from pytest_sandbox import open_backend
+        try:
+            open_backend("docker")
+        except Exception as e:
+            print(type(e).__name__, e)
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out.startswith("EngineUnavailableError") and "pip install 'pytest-sandbox[docker]'" in out
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    code = (
+        "from pytest_sandbox import open_backend\n"
+        "try:\n open_backend('docker')\nexcept Exception as e:\n print(type(e).__name__, e)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    assert out.startswith("EngineUnavailableError") and "no Docker engine answers" in out and "no-engine.sock" in out
+
+
+def test_host_base_is_a_clear_error(docker_backend: Backend) -> None:
+    with pytest.raises(EngineUnavailableError, match=r"Image\.host\(\) needs the local engine"):
+        docker_backend.build(Image.host().run("true"))
+
+
+def test_snapshots_are_tagged_by_setup_key(docker_backend: Backend, docker_debian: Snapshot) -> None:
+    from tests.conftest import DEBIAN
+
+    client = docker_backend.client  # type: ignore[attr-defined]
+    assert client.images.get(f"pytest-sandbox:{DEBIAN.key}").id
+    assert docker_debian.key == DEBIAN.key
