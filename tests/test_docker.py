@@ -101,3 +101,18 @@ def test_snapshots_are_tagged_by_setup_key(docker_backend: Backend, docker_debia
     client = docker_backend.client  # type: ignore[attr-defined]
     assert client.images.get(f"pytest-sandbox:{DEBIAN.key}").id
     assert docker_debian.key == DEBIAN.key
+
+
+def test_from_rootfs_tarball_is_imported(
+    docker_backend: Backend, backend: Backend, debian: Snapshot, tmp_path: Path
+) -> None:
+    # The local engine's Debian layer, packed as a plain rootfs tarball (what `docker export` gives).
+    tar = tmp_path / "rootfs.tar"
+    layer = backend.store.layer_path(debian.layers[0])  # type: ignore[attr-defined]
+    subprocess.run(
+        ["tar", "-C", str(layer), "-cf", str(tar), "./bin", "./etc", "./lib", "./lib64", "./usr"], check=True
+    )
+    snap = docker_backend.build(Image.from_rootfs(tar).run("echo imported > /marker"))
+    with docker_backend.create(snap) as sb:
+        assert sb.exec("cat /marker; test -f /etc/debian_version && echo debian").stdout == "imported\ndebian\n"
+    docker_backend.remove_snapshot(snap)

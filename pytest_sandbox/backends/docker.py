@@ -54,7 +54,7 @@ _HOLDER = ["/bin/sh", "-c", "exec sleep infinity 2>/dev/null || while :; do slee
 # Output goes to files inside the container, printed once the command exits: Docker would
 # otherwise hold an exec open while any background process keeps its stdout.
 _WRAP = (
-    'i=$1; c=$2; shift 2; d=/tmp/.psb-$i; if [ -n "$c" ]; then cd -- "$c" || exit 125; fi; '
+    'i=$1; c=$2; shift 2; d=/.psb-$i; if [ -n "$c" ]; then cd -- "$c" || exit 125; fi; '
     "echo $$ > $d.pid; if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi; "
     '"$@" >$d.out 2>$d.err <$in; rc=$?; cat $d.out; cat $d.err >&2; rm -f $d.out $d.err $d.in $d.pid; exit $rc'
 )
@@ -349,11 +349,11 @@ class DockerBackend:
                 # The host CA goes in as a file for this step only, removed before the commit.
                 ca = host_ca_bundle()
                 if ca:
-                    sb.container.put_archive("/tmp", _tar_file(_BUILD_CA_NAME, Path(ca).read_bytes(), 0o644))
-                env = {**build_env(f"/tmp/{_BUILD_CA_NAME}"), **dict(step.env)}
+                    sb.container.put_archive("/", _tar_file(_BUILD_CA_NAME, Path(ca).read_bytes(), 0o644))
+                env = {**build_env(f"/{_BUILD_CA_NAME}"), **dict(step.env)}
                 res = sb._run(step_argv(step), cwd=workdir, env=env, on_line=keep)
                 if ca:
-                    sb._exec_raw(["rm", "-f", f"/tmp/{_BUILD_CA_NAME}"])
+                    sb._exec_raw(["rm", "-f", f"/{_BUILD_CA_NAME}"])
                 if res.exit_code != 0:
                     raise fail(res.exit_code)
             return self._commit(sb.container, key, parent=parent.key, description=step.describe(), workdir=workdir)
@@ -499,7 +499,7 @@ class DockerSandbox:
         if isinstance(input, str):
             input = input.encode()
         if input:
-            self.container.put_archive("/tmp", _tar_file(f".psb-{tag}.in", input, 0o600))
+            self.container.put_archive("/", _tar_file(f".psb-{tag}.in", input, 0o600))
         env = {**self._extra_env, **(env or {})}
         shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
         start = time.perf_counter()
@@ -534,12 +534,12 @@ class DockerSandbox:
             worker.join(timeout)
             timed_out = worker.is_alive()
             if timed_out:
-                _, pid, _ = self._exec_raw(["cat", f"/tmp/.psb-{tag}.pid"])
+                _, pid, _ = self._exec_raw(["cat", f"/.psb-{tag}.pid"])
                 self._exec_raw(["/bin/sh", "-c", _KILL_TREE, "sh", pid.decode().strip() or "0"])
                 worker.join(30)
-                _, out, _ = self._exec_raw(["cat", f"/tmp/.psb-{tag}.out"])
-                _, err, _ = self._exec_raw(["cat", f"/tmp/.psb-{tag}.err"])
-                self._exec_raw(["/bin/sh", "-c", f"rm -f /tmp/.psb-{tag}.*"])
+                _, out, _ = self._exec_raw(["cat", f"/.psb-{tag}.out"])
+                _, err, _ = self._exec_raw(["cat", f"/.psb-{tag}.err"])
+                self._exec_raw(["/bin/sh", "-c", f"rm -f /.psb-{tag}.*"])
                 code = 137
             else:
                 if "exc" in box:
