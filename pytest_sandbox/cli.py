@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .api import Backend
 from .errors import ConfigError, SandboxError
 from .image import Image
 from .session import format_age as _age
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pytest-sandbox`` command."""
     parser = argparse.ArgumentParser(prog="pytest-sandbox", description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", help="snapshot cache (default: $PYTEST_SANDBOX_CACHE or XDG cache)")
+    parser.add_argument(
+        "--backend", choices=("local", "docker"), default="local", help="whose snapshots to manage (default: local)"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ls", help="list snapshots")
     b = sub.add_parser("build", help="build an Image named MODULE:ATTR")
@@ -70,35 +74,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("gc", help="remove leftovers of crashed processes")
     args = parser.parse_args(argv)
 
-    from .backends.local import LocalBackend
+    from .backends import open_backend
 
     try:
-        backend = LocalBackend(args.cache_dir)
-        with backend:
+        with open_backend(args.backend, cache_dir=args.cache_dir) as backend:
             return _run(args, backend)
     except SandboxError as exc:
         print(f"pytest-sandbox: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace, backend: object) -> int:
-    from .backends.local import LocalBackend
+SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
 
-    assert isinstance(backend, LocalBackend)
-    store = backend.store
+
+def _run(args: argparse.Namespace, backend: Backend) -> int:
     if args.cmd == "ls":
-        snaps = store.all()
-        print(f"{'KEY':12}  {'OWN':>7}  {'AGE':>4}  {'USED':>4}  {'PARENT':12}  DESCRIPTION")
-        now = time.time()
-        for snap in snaps:
-            own = disk_usage(store.layer_path(snap.layers[-1])) if snap.layers else 0
-            label = (f"[{snap.name}] " if snap.name else "") + snap.description
-            print(
-                f"{snap.short:12}  {_size(own):>7}  {_age(now - snap.created):>4}  "
-                f"{_age(now - store.last_used(snap)):>4}  {(snap.parent or '-')[:12]:12}  {label[:70]}"
-            )
-        print(f"{len(snaps)} snapshots, {_size(disk_usage(store.root / 'l'))} of layers in {store.cache_dir}")
-        return 0
+        return _ls(backend)
     if args.cmd == "build":
         image = _load_image(args.spec)
         start = time.perf_counter()
@@ -106,24 +97,66 @@ def _run(args: argparse.Namespace, backend: object) -> int:
         print(f"snapshot {snap.key} ready in {time.perf_counter() - start:.1f}s")
         return 0
     if args.cmd == "shell":
-        snap = store.find(args.snapshot)
-        with backend.create(snap, network=args.network) as sb:
-            cmd = args.command or ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
-            env = {**sb._env, "TERM": os.environ.get("TERM", "xterm"), "PS1": f"sandbox:{snap.short}# "}
-            return subprocess.call(sb.nsenter_argv(cmd), env=env)
+        return _shell(backend, args.snapshot, args.network, args.command or SHELL)
     if args.cmd == "rm":
         for ref in args.snapshots:
             backend.remove_snapshot(ref)
             print(f"removed {ref}")
         return 0
     if args.cmd == "prune":
-        removed = store.prune(args.older_than * 86400)
+        removed = backend.prune(args.older_than * 86400)
         print(f"removed {len(removed)} snapshots")
         return 0
     if args.cmd == "gc":
         print(f"removed {backend.gc()} leftovers")
         return 0
     raise AssertionError(args.cmd)
+
+
+def _ls(backend: Backend) -> int:
+    from .backends.local import LocalBackend
+
+    store = backend.store if isinstance(backend, LocalBackend) else None
+    snaps = list(backend.snapshots())
+    print(f"{'KEY':12}  {'OWN':>7}  {'AGE':>4}  {'USED':>4}  {'PARENT':12}  DESCRIPTION")
+    now = time.time()
+    for snap in snaps:
+        own = _size(disk_usage(store.layer_path(snap.layers[-1]))) if store and snap.layers else "-"
+        used = _age(now - store.last_used(snap)) if store else "-"
+        label = (f"[{snap.name}] " if snap.name else "") + snap.description
+        print(
+            f"{snap.short:12}  {own:>7}  {_age(now - snap.created):>4}  {used:>4}  "
+            f"{(snap.parent or '-')[:12]:12}  {label[:70]}"
+        )
+    where = f"{_size(disk_usage(store.root / 'l'))} of layers in {store.cache_dir}" if store else "in the Docker engine"
+    print(f"{len(snaps)} snapshots, {where}")
+    return 0
+
+
+def _shell(backend: Backend, ref: str, network: bool, command: list[str]) -> int:
+    from .backends.local import LocalBackend
+
+    snap = backend.get_snapshot(ref)
+    term = {"TERM": os.environ.get("TERM", "xterm"), "PS1": f"sandbox:{snap.short}# "}
+    if isinstance(backend, LocalBackend):
+        with backend.create(snap, network=network) as sb:
+            return subprocess.call(sb.nsenter_argv(command), env={**sb._env, **term})
+    # docker: the CLI gives a real terminal; the container is removed when the shell exits
+    argv = [
+        "docker",
+        "run",
+        "--rm",
+        "-it",
+        "--network",
+        "host" if network else "none",
+        *(f"--env={k}={v}" for k, v in term.items()),
+        f"{snap.base['image']}",
+        *command,
+    ]
+    try:
+        return subprocess.call(argv)
+    except FileNotFoundError as exc:
+        raise SandboxError("`pytest-sandbox --backend docker shell` needs the docker CLI on PATH") from exc
 
 
 if __name__ == "__main__":

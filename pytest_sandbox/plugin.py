@@ -234,6 +234,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if kept:
         terminalreporter.section("kept sandboxes")
         cache = f" --cache-dir {mgr.cache_dir}" if mgr.cache_dir else ""
+        if mgr.resolved_name() != "local":
+            cache += f" --backend {mgr.resolved_name()}"
         for k in kept:
             terminalreporter.write_line(f"{k['test']}: pytest-sandbox{cache} shell {k['key'][:12]}")
 

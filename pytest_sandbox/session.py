@@ -121,6 +121,10 @@ class SessionManager:
         self._reported: set[str] = set()
         self.kept: list[tuple[str, Snapshot]] = []
 
+    def resolved_name(self) -> str:
+        """The backend this run uses (``auto`` resolved), without opening it."""
+        return self._backend.name if self._backend is not None else resolve_backend(self.backend_name)
+
     @property
     def backend(self) -> Backend:
         """The backend, opened on first use (a run that needs no sandbox never opens one)."""
