@@ -4,16 +4,21 @@ missing SDK, a silent engine or a host base give. Needs a Docker engine (CI star
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot
+from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot, SnapshotBuildError
 
 
 def owned_containers(backend: Backend, owner: str) -> list[object]:
@@ -156,3 +161,70 @@ def test_plugin_on_docker_keeps_failed_sandboxes_openable(
     with docker_backend.create(docker_backend.get_snapshot(key)) as sb:
         assert sb.fs.read_text("/state") == "state-1\n"
     docker_backend.remove_snapshot(key)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory, docker_backend: Backend) -> Iterator[str]:
+    """A real registry (Debian's docker-registry, the CNCF distribution) on 127.0.0.1."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    root = tmp_path_factory.mktemp("registry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_registry_base_is_pulled(
+    docker_backend: Backend, docker_debian: Snapshot, backend: Backend, debian: Snapshot, registry: str, tmp_path: Path
+) -> None:
+    # A tiny image (sh and a few coreutils from the Debian layer) pushed to the local registry,
+    # deleted from the engine, then used as a base: the build must pull it.
+    layer = backend.store.layer_path(debian.layers[0])  # type: ignore[attr-defined]
+    files = [
+        "usr/bin/dash",
+        "usr/bin/cat",
+        "usr/bin/rm",
+        "usr/bin/mkdir",
+        "usr/bin/sleep",
+        "usr/bin/readlink",
+        "usr/bin/dirname",
+        "lib/x86_64-linux-gnu/libc.so.6",
+        "lib64/ld-linux-x86-64.so.2",
+    ]
+    root = tmp_path / "tiny"
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(layer / f, root / f, follow_symlinks=True)
+    (root / "bin").mkdir()
+    os.symlink("/usr/bin/dash", root / "bin" / "sh")
+    ref = f"{registry}/psb/tiny:{secrets.token_hex(3)}"
+    tar = subprocess.Popen(["tar", "-C", str(root), "-cf", "-", "."], stdout=subprocess.PIPE)
+    subprocess.run(["docker", "import", "-", ref], stdin=tar.stdout, check=True, capture_output=True)
+    tar.wait()
+    subprocess.run(["docker", "push", "-q", ref], check=True, capture_output=True)
+    subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+    snap = docker_backend.build(Image.from_registry(ref).run("echo pulled > /marker"))
+    with docker_backend.create(snap) as sb:
+        assert sb.fs.read_text("/marker") == "pulled\n"
+        assert sb.exec("cat /marker").stdout == "pulled\n"
+    docker_backend.remove_snapshot(snap)
+    with pytest.raises(SnapshotBuildError, match="pull failed"):
+        docker_backend.build(Image.from_registry(f"{registry}/psb/missing:1"))

@@ -50,7 +50,9 @@ REPO = "pytest-sandbox"
 LABEL = "pytest-sandbox"
 _BUILD_CA_NAME = ".psb-host-ca.crt"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_HOLDER = ["/bin/sh", "-c", "exec sleep infinity 2>/dev/null || while :; do sleep 3600; done"]
+# Keeps the container alive; where an image has no `sleep`, `read` blocks on the stdin Docker holds
+# open for us (stdin_open), never a busy loop. (No `exec sleep`: a failed exec ends a shell.)
+_HOLDER = ["/bin/sh", "-c", "while :; do sleep 3600 2>/dev/null || read _; done"]
 # Output goes to files inside the container, printed once the command exits: Docker would
 # otherwise hold an exec open while any background process keeps its stdout.
 _WRAP = (
@@ -452,6 +454,7 @@ class DockerSandbox:
             "command": _HOLDER,
             "detach": True,
             "init": True,
+            "stdin_open": True,
             "labels": backend.labels(**{f"{LABEL}.key": snapshot.key}),
             "network_mode": "host" if network else "none",
             "environment": env,
