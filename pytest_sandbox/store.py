@@ -36,7 +36,7 @@ from .api import Snapshot
 from .errors import ConfigError, SnapshotNotFoundError
 from .image import ENGINE_FORMAT
 
-__all__ = ["Store", "default_cache_dir"]
+__all__ = ["Store", "default_cache_dir", "match_snapshot"]
 
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -58,6 +58,19 @@ def default_cache_dir() -> Path:
 def new_id(n: int = 5) -> str:
     """A short random id (2n hex characters)."""
     return secrets.token_hex(n)
+
+
+def match_snapshot(ref: str, snaps: list[Snapshot], where: str) -> Snapshot:
+    """The snapshot named ``ref``, else the one whose key starts with it (4+ characters)."""
+    named = [s for s in snaps if s.name == ref]
+    if named:
+        return named[-1]
+    matches = [s for s in snaps if len(ref) >= 4 and s.key.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise SnapshotNotFoundError(f"{ref!r} matches {len(matches)} snapshots; give more characters of the key")
+    raise SnapshotNotFoundError(f"no snapshot {ref!r} in {where}; `pytest-sandbox ls` lists the ones there are")
 
 
 def rmtree(path: Path) -> None:
@@ -231,20 +244,7 @@ class Store:
     def find(self, ref: str) -> Snapshot:
         """A snapshot by key, unique key prefix (4+ characters) or name."""
         exact = self.get(ref) if "/" not in ref else None
-        if exact is not None:
-            return exact
-        snaps = self.all()
-        named = [s for s in snaps if s.name == ref]
-        if named:
-            return named[-1]
-        matches = [s for s in snaps if len(ref) >= 4 and s.key.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise SnapshotNotFoundError(f"{ref!r} matches {len(matches)} snapshots; give more characters of the key")
-        raise SnapshotNotFoundError(
-            f"no snapshot {ref!r} in {self.cache_dir}; `pytest-sandbox ls` lists the ones there are"
-        )
+        return exact or match_snapshot(ref, self.all(), where=str(self.cache_dir))
 
     # -- live sandboxes ----------------------------------------------------------------------
     def register_sandbox(self, sid: str, meta: dict[str, Any]) -> Path:

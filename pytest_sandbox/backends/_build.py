@@ -6,15 +6,27 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from ..api import LogCallback
-from ..errors import EngineUnavailableError, SnapshotBuildError
-from ..image import Step
+from ..api import Backend, LogCallback, Snapshot
+from ..errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxError, SnapshotBuildError
+from ..image import Image, Step
 from . import _proc
 
-__all__ = ["BUILD_CA_PATH", "build_env", "host_ca_bundle", "mmdebstrap_tar", "step_argv"]
+__all__ = [
+    "BUILD_CA_PATH",
+    "build_env",
+    "build_recipe",
+    "exec_argv",
+    "host_ca_bundle",
+    "mmdebstrap_tar",
+    "resolve_snapshot",
+    "run_step",
+    "step_argv",
+]
 
 # Build steps use the host's network, so they also use its trust roots and proxy settings (a
 # TLS-intercepting proxy is common in companies). The CA bundle is bound into bwrap's private /dev
@@ -98,3 +110,118 @@ def mmdebstrap_tar(base: dict[str, Any], key: str, out: Path, nsteps: int, log: 
             exit_code=res.returncode,
             output="\n".join(lines),
         )
+
+
+def build_recipe(
+    image: Image,
+    *,
+    get: Callable[[str], Snapshot | None],
+    lock: Callable[[str], AbstractContextManager[object]],
+    build_base: Callable[[Image, str, LogCallback], Snapshot],
+    build_step: Callable[[Snapshot, Step, str, int, int, LogCallback], Snapshot],
+    on_log: LogCallback | None,
+    rebuild: bool | float,
+) -> Snapshot:
+    """The build loop every backend shares: one snapshot per prefix of the steps, each built under
+    its key's lock by the first process to get there and reused by the others.
+
+    ``rebuild=True`` ignores cached step snapshots; a timestamp ignores those created before it
+    (so parallel workers of one run still build once). The base is always reused when present.
+    """
+    if not isinstance(image, Image):
+        raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
+    log = on_log or (lambda _line: None)
+    keys = image.prefix_keys()
+    n = len(image.steps)
+
+    def cached(key: str) -> Snapshot | None:
+        snap = get(key)
+        if snap is None or rebuild is True:
+            return None
+        if rebuild is not False and snap.created < float(rebuild):
+            return None
+        return snap
+
+    hit = cached(keys[-1])
+    if hit is not None:
+        return hit
+    with lock(keys[0]):
+        current = get(keys[0]) or build_base(image, keys[0], log)
+    for i, step in enumerate(image.steps, start=1):
+        with lock(keys[i]):
+            hit = cached(keys[i])
+            if hit is not None:
+                current = hit
+                continue
+            log(f"[{i}/{n}] {step.describe()}")
+            current = build_step(current, step, keys[i], i, n, log)
+    return current
+
+
+def resolve_snapshot(backend: Backend, what: Snapshot | Image | str) -> Snapshot:
+    """What ``create()`` accepts, as a snapshot of ``backend``: an Image is built, a string looked up."""
+    if isinstance(what, Image):
+        return backend.build(what)
+    if isinstance(what, str):
+        return backend.get_snapshot(what)
+    if not isinstance(what, Snapshot):
+        raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {what!r}")
+    if what.backend != backend.name:
+        raise ConfigError(f"snapshot {what.short} belongs to the {what.backend} backend")
+    return what
+
+
+def exec_argv(command: str | Sequence[str]) -> list[str]:
+    """``exec()``'s command as an argv: a string runs through ``/bin/sh -c``."""
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    argv = list(command)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
+    return argv
+
+
+def run_step(
+    sb: Any, step: Step, *, key: str, index: int, count: int, workdir: str, env: dict[str, str], log: LogCallback
+) -> str:
+    """Run one file-changing step (copy, workdir, run, apt, pip) in a build sandbox of any backend.
+
+    Returns the working directory after the step; a failure becomes a :class:`SnapshotBuildError`
+    carrying the step, its exit code and its output.
+    """
+    output: list[str] = []
+
+    def keep(line: str) -> None:
+        output.append(line)
+        log("    " + line)
+
+    def fail(code: int | None, reason: str = "") -> SnapshotBuildError:
+        return SnapshotBuildError(
+            key=key,
+            step_index=index,
+            step_count=count,
+            step=step.describe(),
+            exit_code=code,
+            output="\n".join(output),
+            reason=reason,
+        )
+
+    if step.kind == "copy":
+        assert step.source is not None
+        try:
+            sb.fs.upload(step.source, step.args[0])
+            if step.mode is not None:
+                sb.exec(["chmod", f"{step.mode:o}", step.args[0]]).check()
+        except (OSError, SandboxError) as exc:
+            raise fail(None, f"copy failed: {exc}") from exc
+        return workdir
+    if step.kind == "workdir":
+        sb.fs.mkdir(step.args[0])
+        return str(step.args[0])
+    try:
+        res = sb._run(step_argv(step), cwd=workdir, env={**env, **dict(step.env)}, on_line=keep)
+    except ExecTimeoutError as exc:
+        raise fail(None, "timed out") from exc
+    if res.exit_code != 0:
+        raise fail(res.exit_code)
+    return workdir

@@ -38,11 +38,10 @@ from ..errors import (
     SandboxError,
     SandboxFileError,
     SnapshotBuildError,
-    SnapshotNotFoundError,
 )
 from ..image import Image, Step
-from ..store import Store, new_id, rmtree
-from ._build import build_env, host_ca_bundle, mmdebstrap_tar, step_argv
+from ..store import Store, match_snapshot, new_id, rmtree
+from ._build import build_env, build_recipe, exec_argv, host_ca_bundle, mmdebstrap_tar, resolve_snapshot, run_step
 
 __all__ = ["DockerBackend", "DockerSandbox"]
 
@@ -174,16 +173,7 @@ class DockerBackend:
     def get_snapshot(self, key_or_name: str) -> Snapshot:
         """A snapshot by key, unique key prefix (4+ characters) or name."""
         exact = self._get(key_or_name) if "/" not in key_or_name and ":" not in key_or_name else None
-        if exact is not None:
-            return exact
-        snaps = list(self.snapshots())
-        named = [s for s in snaps if s.name == key_or_name]
-        if named:
-            return named[-1]
-        matches = [s for s in snaps if len(key_or_name) >= 4 and s.key.startswith(key_or_name)]
-        if len(matches) == 1:
-            return matches[0]
-        raise SnapshotNotFoundError(f"no snapshot {key_or_name!r} in the Docker engine")
+        return exact or match_snapshot(key_or_name, list(self.snapshots()), where="the Docker engine")
 
     def remove_snapshot(self, snapshot: Snapshot | str) -> None:
         """Untag and delete a snapshot image (containers running from it keep running)."""
@@ -229,34 +219,15 @@ class DockerBackend:
 
         ``rebuild`` works as on the local engine: steps are rebuilt, the base is kept.
         """
-        if not isinstance(image, Image):
-            raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
-        log = on_log or (lambda _line: None)
-        keys = image.prefix_keys()
-        n = len(image.steps)
-
-        def cached(key: str) -> Snapshot | None:
-            snap = self._get(key)
-            if snap is None or rebuild is True:
-                return None
-            if rebuild is not False and snap.created < float(rebuild):
-                return None
-            return snap
-
-        hit = cached(keys[-1])
-        if hit is not None:
-            return hit
-        with self.store.build_lock(keys[0]):
-            current = self._get(keys[0]) or self._build_base(image, keys[0], log)
-        for i, step in enumerate(image.steps, start=1):
-            with self.store.build_lock(keys[i]):
-                hit = cached(keys[i])
-                if hit is not None:
-                    current = hit
-                    continue
-                log(f"[{i}/{n}] {step.describe()}")
-                current = self._build_step(current, step, keys[i], i, n, log)
-        return current
+        return build_recipe(
+            image,
+            get=self._get,
+            lock=self.store.build_lock,
+            build_base=self._build_base,
+            build_step=self._build_step,
+            on_log=on_log,
+            rebuild=rebuild,
+        )
 
     def _build_base(self, image: Image, key: str, log: LogCallback) -> Snapshot:
         b = dict(image.base)
@@ -317,47 +288,25 @@ class DockerBackend:
             finally:
                 container.remove(force=True)
         sb = DockerSandbox(self, parent, network=True, env={})
-        output: list[str] = []
-
-        def keep(line: str) -> None:
-            output.append(line)
-            log("    " + line)
-
-        def fail(code: int | None, reason: str = "") -> SnapshotBuildError:
-            return SnapshotBuildError(
-                key=key,
-                step_index=i,
-                step_count=n,
-                step=step.describe(),
-                exit_code=code,
-                output="\n".join(output),
-                reason=reason,
-            )
-
         try:
-            workdir = parent.workdir
-            if step.kind == "copy":
-                assert step.source is not None
-                try:
-                    sb.fs.upload(step.source, step.args[0])
-                    if step.mode is not None:
-                        sb.exec(["chmod", f"{step.mode:o}", step.args[0]]).check()
-                except (OSError, SandboxError) as exc:
-                    raise fail(None, f"copy failed: {exc}") from exc
-            elif step.kind == "workdir":
-                workdir = step.args[0]
-                sb.fs.mkdir(workdir)
-            else:
-                # The host CA goes in as a file for this step only, removed before the commit.
-                ca = host_ca_bundle()
-                if ca:
-                    sb.container.put_archive("/", _tar_file(_BUILD_CA_NAME, Path(ca).read_bytes(), 0o644))
-                env = {**build_env(f"/{_BUILD_CA_NAME}"), **dict(step.env)}
-                res = sb._run(step_argv(step), cwd=workdir, env=env, on_line=keep)
+            # The host CA goes in as a file for this step only, removed before the commit.
+            ca = host_ca_bundle()
+            if ca:
+                sb.container.put_archive("/", _tar_file(_BUILD_CA_NAME, Path(ca).read_bytes(), 0o644))
+            try:
+                workdir = run_step(
+                    sb,
+                    step,
+                    key=key,
+                    index=i,
+                    count=n,
+                    workdir=parent.workdir,
+                    env=build_env(f"/{_BUILD_CA_NAME}"),
+                    log=log,
+                )
+            finally:
                 if ca:
                     sb._exec_raw(["rm", "-f", f"/{_BUILD_CA_NAME}"])
-                if res.exit_code != 0:
-                    raise fail(res.exit_code)
             return self._commit(sb.container, key, parent=parent.key, description=step.describe(), workdir=workdir)
         finally:
             sb.close()
@@ -369,14 +318,7 @@ class DockerBackend:
         """A new container from a snapshot (an Image is built first); no network unless asked."""
         if self._closed:
             raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
-        if isinstance(snapshot, Image):
-            snapshot = self.build(snapshot)
-        elif isinstance(snapshot, str):
-            snapshot = self.get_snapshot(snapshot)
-        elif not isinstance(snapshot, Snapshot):
-            raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {snapshot!r}")
-        if snapshot.backend != self.name:
-            raise ConfigError(f"snapshot {snapshot.short} belongs to the {snapshot.backend} backend")
+        snapshot = resolve_snapshot(self, snapshot)
         sb = DockerSandbox(self, snapshot, network=network, env=dict(env or {}))
         with self._lock:
             self._live.add(sb)
@@ -577,12 +519,7 @@ class DockerSandbox:
         timeout: float | None = None,
     ) -> ExecResult:
         """Run a command in the container; same semantics as the local engine's ``exec``."""
-        if isinstance(command, str):
-            argv = ["/bin/sh", "-c", command]
-        else:
-            argv = list(command)
-            if not argv or not all(isinstance(a, str) for a in argv):
-                raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
+        argv = exec_argv(command)
         return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
 
     @property

@@ -39,12 +39,20 @@ from ..errors import (
     ExecTimeoutError,
     SandboxClosedError,
     SandboxError,
-    SnapshotBuildError,
 )
 from ..image import Image, Step
 from ..store import Store, new_id, rmtree
 from . import _layers, _proc
-from ._build import BUILD_CA_PATH, build_env, host_ca_bundle, mmdebstrap_tar, step_argv
+from ._build import (
+    BUILD_CA_PATH,
+    build_env,
+    build_recipe,
+    exec_argv,
+    host_ca_bundle,
+    mmdebstrap_tar,
+    resolve_snapshot,
+    run_step,
+)
 from ._safefs import SafeFS
 
 __all__ = ["LocalBackend", "LocalSandbox"]
@@ -305,76 +313,54 @@ class LocalBackend:
         those created before it (so parallel workers of one run still build once). The base
         (a Debian rootfs, an unpacked tarball) is kept: ``pytest-sandbox rm`` it to refresh it.
         """
-        if not isinstance(image, Image):
-            raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
-        log = on_log or (lambda _line: None)
-        keys = image.prefix_keys()
-        n = len(image.steps)
+        snap = build_recipe(
+            image,
+            get=self.store.get,
+            lock=self.store.build_lock,
+            build_base=self._build_base,
+            build_step=self._build_step,
+            on_log=on_log,
+            rebuild=rebuild,
+        )
+        self.store.touch(snap)
+        return snap
 
-        def cached(key: str) -> Snapshot | None:
-            snap = self.store.get(key)
-            if snap is None or rebuild is True:
-                return None
-            if rebuild is not False and snap.created < float(rebuild):
-                return None
-            return snap
-
-        hit = cached(keys[-1])
-        if hit is not None:
-            self.store.touch(hit)
-            return hit
-        current = self._build_base(image, keys[0], self.store.get, log)
-        for i, step in enumerate(image.steps, start=1):
-            with self.store.build_lock(keys[i]):
-                hit = cached(keys[i])
-                if hit is not None:
-                    current = hit
-                    continue
-                log(f"[{i}/{n}] {step.describe()}")
-                current = self._build_step(current, step, keys[i], i, n, log)
-        self.store.touch(current)
-        return current
-
-    def _build_base(self, image: Image, key: str, cached: Any, log: LogCallback) -> Snapshot:
-        with self.store.build_lock(key):
-            hit = cached(key)
-            if hit is not None:
-                return hit  # type: ignore[no-any-return]
-            kind = image.base_kind
-            b = dict(image.base)
-            if kind == "registry":
-                raise EngineUnavailableError(
-                    f"Image.from_registry({b['ref']!r}) is not supported by the local engine yet. "
-                    "Use Image.debian(...) or Image.from_rootfs(...) (e.g. a `docker export` tarball), "
-                    "or the docker backend."
+    def _build_base(self, image: Image, key: str, log: LogCallback) -> Snapshot:
+        kind = image.base_kind
+        b = dict(image.base)
+        if kind == "registry":
+            raise EngineUnavailableError(
+                f"Image.from_registry({b['ref']!r}) is not supported by the local engine yet. "
+                "Use Image.debian(...) or Image.from_rootfs(...) (e.g. a `docker export` tarball), "
+                "or the docker backend."
+            )
+        log(f"[0/{len(image.steps)}] {image.describe().splitlines()[0]}")
+        tmp = self.store.tmp_dir()
+        try:
+            if kind == "host":
+                dirs = self._host_skeleton(tmp / "root")
+                base: dict[str, Any] = {"kind": "host", "dirs": dirs}
+            elif kind == "debian":
+                self._mmdebstrap(b, key, tmp, len(image.steps), log)
+                base = {"kind": "rootfs"}
+            else:
+                self._extract_rootfs(Path(b["path"]), tmp / "root")
+                base = {"kind": "rootfs"}
+            with self.store.shared():
+                layer = self.store.publish_layer(tmp / "root")
+                snap = Snapshot(
+                    key=key,
+                    backend=self.name,
+                    layers=(layer,),
+                    base=base,
+                    env=(),
+                    workdir="/",
+                    description=image.describe().splitlines()[0],
                 )
-            log(f"[0/{len(image.steps)}] {image.describe().splitlines()[0]}")
-            tmp = self.store.tmp_dir()
-            try:
-                if kind == "host":
-                    dirs = self._host_skeleton(tmp / "root")
-                    base: dict[str, Any] = {"kind": "host", "dirs": dirs}
-                elif kind == "debian":
-                    self._mmdebstrap(b, key, tmp, len(image.steps), log)
-                    base = {"kind": "rootfs"}
-                else:
-                    self._extract_rootfs(Path(b["path"]), tmp / "root")
-                    base = {"kind": "rootfs"}
-                with self.store.shared():
-                    layer = self.store.publish_layer(tmp / "root")
-                    snap = Snapshot(
-                        key=key,
-                        backend=self.name,
-                        layers=(layer,),
-                        base=base,
-                        env=(),
-                        workdir="/",
-                        description=image.describe().splitlines()[0],
-                    )
-                    self.store.put(snap)
-                return snap
-            finally:
-                rmtree(tmp)
+                self.store.put(snap)
+            return snap
+        finally:
+            rmtree(tmp)
 
     def _host_skeleton(self, root: Path) -> list[str]:
         """The root of a host-based sandbox: mount points for the host's system directories,
@@ -453,43 +439,7 @@ class LocalBackend:
             return snap
         sb = self.create(parent, network=True)
         try:
-            output: list[str] = []
-
-            def keep(line: str) -> None:
-                output.append(line)
-                log("    " + line)
-
-            def fail(code: int | None, reason: str = "") -> SnapshotBuildError:
-                return SnapshotBuildError(
-                    key=key,
-                    step_index=i,
-                    step_count=n,
-                    step=step.describe(),
-                    exit_code=code,
-                    output="\n".join(output),
-                    reason=reason,
-                )
-
-            if step.kind == "copy":
-                assert step.source is not None
-                dest = step.args[0]
-                try:
-                    sb.fs.upload(step.source, dest)
-                    if step.mode is not None:
-                        sb.exec(["chmod", f"{step.mode:o}", dest]).check()
-                except (OSError, SandboxError) as exc:
-                    raise fail(None, f"copy failed: {exc}") from exc
-            elif step.kind == "workdir":
-                workdir = step.args[0]
-                sb.fs.mkdir(workdir)
-            else:
-                argv = step_argv(step)
-                try:
-                    res = sb._run(argv, cwd=workdir, env={**build_env(), **dict(step.env)}, on_line=keep)
-                except ExecTimeoutError as exc:
-                    raise fail(None, "timed out") from exc
-                if res.exit_code != 0:
-                    raise fail(res.exit_code)
+            workdir = run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=build_env(), log=log)
             return sb._freeze(key=key, workdir=workdir, description=step.describe())
         finally:
             sb.close()
@@ -505,14 +455,7 @@ class LocalBackend:
         """
         if self._closed:
             raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
-        if isinstance(snapshot, Image):
-            snapshot = self.build(snapshot)
-        elif isinstance(snapshot, str):
-            snapshot = self.store.find(snapshot)
-        elif not isinstance(snapshot, Snapshot):
-            raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {snapshot!r}")
-        if snapshot.backend != self.name:
-            raise ConfigError(f"snapshot {snapshot.short} belongs to the {snapshot.backend} backend")
+        snapshot = resolve_snapshot(self, snapshot)
         sb = self._pool.take(snapshot) if not network else None
         if sb is None:
             sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}))
@@ -744,12 +687,7 @@ class LocalSandbox:
         background keep running for later commands. On ``timeout`` every process the command
         started is killed and :class:`ExecTimeoutError` is raised with the output so far.
         """
-        if isinstance(command, str):
-            argv = ["/bin/sh", "-c", command]
-        else:
-            argv = list(command)
-            if not argv or not all(isinstance(a, str) for a in argv):
-                raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
+        argv = exec_argv(command)
         return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
 
     @property
