@@ -23,7 +23,9 @@ from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot, Sna
 
 def owned_containers(backend: Backend, owner: str) -> list[object]:
     client = backend.client  # type: ignore[attr-defined]
-    return list(client.containers.list(all=True, filters={"label": f"pytest-sandbox.owner={owner}"}))
+    return list(
+        client.containers.list(all=True, ignore_removed=True, filters={"label": f"pytest-sandbox.owner={owner}"})
+    )
 
 
 def start_owner(cache_dir: Path, snap: Snapshot) -> tuple[subprocess.Popen[str], str, int]:
@@ -37,9 +39,15 @@ def start_owner(cache_dir: Path, snap: Snapshot) -> tuple[subprocess.Popen[str],
         print(b.store.owner, b._watchdog.pid, flush=True)
         time.sleep(1000)
         """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], text=True, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    owner, watchdog = proc.stdout.readline().split()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline().split()
+    if len(line) != 2:
+        proc.wait()
+        raise AssertionError(f"the owner process failed to start: {proc.stderr.read()}")
+    owner, watchdog = line
     return proc, owner, int(watchdog)
 
 

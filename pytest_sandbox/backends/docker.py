@@ -72,7 +72,8 @@ import sys
 sys.stdin.buffer.read()  # EOF: the owner exited or was killed
 import docker
 client = docker.from_env()
-for c in client.containers.list(all=True, filters={"label": "pytest-sandbox.owner=" + sys.argv[1]}):
+for c in client.containers.list(all=True, ignore_removed=True,
+                                filters={"label": "pytest-sandbox.owner=" + sys.argv[1]}):
     try:
         c.remove(force=True)
     except Exception:
@@ -164,7 +165,13 @@ class DockerBackend:
     def snapshots(self) -> Iterator[Snapshot]:
         """Every snapshot image in the engine, oldest first."""
         out = []
-        for img in self.client.images.list(filters={"label": LABEL}):
+        # One listing call, then an inspect per image that tolerates images other processes remove
+        # meanwhile (docker-py's images.list() would raise ImageNotFound for them).
+        for entry in self.client.api.images(filters={"label": LABEL}):
+            try:
+                img = self.client.images.get(entry["Id"])
+            except self._errors.ImageNotFound:
+                continue
             for tag in img.tags:
                 if tag.startswith(f"{REPO}:"):
                     out.append(self._snapshot_of(tag.split(":", 1)[1], img))
@@ -339,7 +346,7 @@ class DockerBackend:
         """Remove containers and ephemeral snapshots of processes on this host that died."""
         removed = 0
         flt = {"label": [f"{LABEL}.host={self.host}"]}
-        for c in self.client.containers.list(all=True, filters=flt):
+        for c in self.client.containers.list(all=True, filters=flt, ignore_removed=True):
             if not self.store.owner_alive(c.labels.get(f"{LABEL}.owner")):
                 with contextlib.suppress(self._errors.NotFound, self._errors.APIError):
                     c.remove(force=True)
