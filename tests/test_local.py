@@ -236,6 +236,7 @@ def test_kill_9_during_build_leaves_nothing_used_and_next_run_cleans_up(
         from tests.conftest import DEBIAN
         from pytest_sandbox.backends.local import LocalBackend
         b = LocalBackend()
+        print("OWNER", b.store.owner, flush=True)
         b.build(DEBIAN.run("echo {marker} > /f; echo started-{marker}; sleep 1000"),
                 on_log=lambda l: print(l, flush=True))
         """
@@ -243,16 +244,20 @@ def test_kill_9_during_build_leaves_nothing_used_and_next_run_cleans_up(
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, stdout=subprocess.PIPE)
     assert proc.stdout is not None
+    owner = proc.stdout.readline().split()[1]
     for line in proc.stdout:
         if f"started-{marker}" in line:
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert backend.store.get(image.key) is None
-    backend.gc()
     store = backend.store
-    assert not [d for d, m in store.sandboxes() if not store.owner_alive(m.get("owner"))]
-    assert not [p for p in (store.root / "t").iterdir() if not store.owner_alive(p.name.split(".")[0])]
+    assert store.get(image.key) is None
+    # Only the killed build's own leftovers are checked, under the store's gc lock: other tests
+    # kill their processes too, and their gc may be removing the same leftovers at this moment.
+    backend.gc()
+    with store.exclusive():
+        assert not [d for d, m in store.sandboxes() if m.get("owner") == owner]
+        assert not [p for p in (store.root / "t").iterdir() if p.name.split(".")[0] == owner]
     # The next build of the same key builds it properly.
     fixed = DEB().run(f"echo {marker} > /f")
     with backend.create(backend.build(fixed)) as sb:

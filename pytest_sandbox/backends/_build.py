@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from ..api import Backend, LogCallback, Snapshot
+from ..api import Backend, ExecResult, LogCallback, Snapshot
 from ..errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxError, SnapshotBuildError
 from ..image import Image, Step
 from . import _proc
@@ -21,6 +21,7 @@ __all__ = [
     "build_env",
     "build_recipe",
     "exec_argv",
+    "exec_result",
     "host_ca_bundle",
     "mmdebstrap_tar",
     "resolve_snapshot",
@@ -225,3 +226,34 @@ def run_step(
     if res.exit_code != 0:
         raise fail(res.exit_code)
     return workdir
+
+
+def exec_result(
+    history: list[ExecResult],
+    argv: Sequence[str],
+    *,
+    exit_code: int,
+    stdout: bytes,
+    stderr: bytes,
+    duration: float,
+    timed_out: bool,
+    timeout: float | None,
+) -> ExecResult:
+    """Record one exec in a sandbox's history; raise :class:`ExecTimeoutError` if it timed out."""
+    shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
+    result = ExecResult(
+        command=shown,
+        exit_code=exit_code,
+        stdout=stdout.decode("utf-8", errors="replace"),
+        stderr=stderr.decode("utf-8", errors="replace"),
+        duration=duration,
+        timed_out=timed_out,
+    )
+    history.append(result)
+    if timed_out:
+        raise ExecTimeoutError(
+            result,
+            f"`{shown}` timed out after {timeout}s; its whole process tree was killed "
+            "(the sandbox itself is still usable)",
+        )
+    return result

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import posixpath
-import shlex
 import socket
 import subprocess
 import sys
@@ -33,7 +32,6 @@ from ..api import ExecResult, LogCallback, Snapshot
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
-    ExecTimeoutError,
     SandboxClosedError,
     SandboxError,
     SandboxFileError,
@@ -41,7 +39,16 @@ from ..errors import (
 )
 from ..image import Image, Step
 from ..store import Store, match_snapshot, new_id, rmtree
-from ._build import build_env, build_recipe, exec_argv, host_ca_bundle, mmdebstrap_tar, resolve_snapshot, run_step
+from ._build import (
+    build_env,
+    build_recipe,
+    exec_argv,
+    exec_result,
+    host_ca_bundle,
+    mmdebstrap_tar,
+    resolve_snapshot,
+    run_step,
+)
 
 __all__ = ["DockerBackend", "DockerSandbox"]
 
@@ -453,7 +460,6 @@ class DockerSandbox:
         if input:
             self.container.put_archive("/", _tar_file(f".psb-{tag}.in", input, 0o600))
         env = {**self._extra_env, **(env or {})}
-        shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
         start = time.perf_counter()
         if on_line is not None:  # builds stream their output live
             eid = api.exec_create(self.container.id, list(argv), environment=env, workdir=cwd or None)["Id"]
@@ -499,22 +505,16 @@ class DockerSandbox:
                 out, err = box["out"]
                 out, err = out or b"", err or b""
                 code = int(api.exec_inspect(eid)["ExitCode"])
-        result = ExecResult(
-            command=shown,
+        return exec_result(
+            self.history,
+            argv,
             exit_code=code,
-            stdout=out.decode("utf-8", errors="replace"),
-            stderr=err.decode("utf-8", errors="replace"),
+            stdout=out,
+            stderr=err,
             duration=time.perf_counter() - start,
             timed_out=timed_out,
+            timeout=timeout,
         )
-        self.history.append(result)
-        if timed_out:
-            raise ExecTimeoutError(
-                result,
-                f"`{shown}` timed out after {timeout}s; its whole process tree was "
-                "killed (the sandbox itself is still usable)",
-            )
-        return result
 
     def exec(
         self,

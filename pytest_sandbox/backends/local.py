@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import select
-import shlex
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from ..api import ExecResult, LogCallback, Snapshot
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
-    ExecTimeoutError,
     SandboxClosedError,
     SandboxError,
 )
@@ -48,6 +46,7 @@ from ._build import (
     build_env,
     build_recipe,
     exec_argv,
+    exec_result,
     host_ca_bundle,
     mmdebstrap_tar,
     resolve_snapshot,
@@ -654,23 +653,16 @@ class LocalSandbox:
             input = input.encode()
         full_env = {**self._env, **(env or {})}
         res = _proc.run(self.nsenter_argv(argv, cwd), env=full_env, input=input, timeout=timeout, on_line=on_line)
-        shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
-        result = ExecResult(
-            command=shown,
+        return exec_result(
+            self.history,
+            argv,
             exit_code=res.returncode,
-            stdout=res.stdout.decode("utf-8", errors="replace"),
-            stderr=res.stderr.decode("utf-8", errors="replace"),
+            stdout=res.stdout,
+            stderr=res.stderr,
             duration=res.duration,
             timed_out=res.timed_out,
+            timeout=timeout,
         )
-        self.history.append(result)
-        if res.timed_out:
-            raise ExecTimeoutError(
-                result,
-                f"`{shown}` timed out after {timeout}s; its whole process "
-                "tree was killed (the sandbox itself is still usable)",
-            )
-        return result
 
     def exec(
         self,
