@@ -36,7 +36,6 @@ used_key = pytest.StashKey[list[tuple[str, Sandbox, int]]]()
 reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 worker_sb_key = pytest.StashKey[Sandbox]()
 kept_key = pytest.StashKey[list[dict[str, str]]]()
-stats_key = pytest.StashKey[dict[str, Any]]()
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -108,7 +107,6 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id, run_start = uuid.uuid4().hex, time.time()
     config.stash[keep_key] = keep
     config.stash[kept_key] = []
-    config.stash[stats_key] = {}
     config.stash[manager_key] = SessionManager(
         backend=backend,
         cache_dir=str(_option(config, "cache_dir") or "") or None,
@@ -210,7 +208,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             {**mgr.stats.to_json(), "kept": config.stash[kept_key]}
         )
     else:
-        config.stash[stats_key] = mgr.stats.to_json()
         # Sweep what crashed workers left (their sandboxes' processes died with them).
         with contextlib.suppress(SandboxError):
             mgr.gc()

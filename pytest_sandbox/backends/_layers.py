@@ -27,10 +27,6 @@ def copy_tree(src: Path, dest: Path) -> None:
         raise SandboxError(f"copying layer {src} failed: {proc.stderr.strip()}")
 
 
-def is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def _is_opaque(path: Path) -> bool:
     try:
         return os.getxattr(path, OPAQUE, follow_symlinks=False) == b"y"

@@ -670,16 +670,13 @@ class DockerFS:
         path = _norm(path)
         if isinstance(data, str):
             data = data.encode()
-        real = (
-            self._sh(
-                'mkdir -p -- "$(dirname -- "$1")" && readlink -f -- "$1" || echo "$1"', path, op="write", path=path
-            )
-            .decode()
-            .strip()
-            or path
+        # One exec (each costs a Docker round trip): make the parent, resolve a symlink inside the
+        # container, and check that the directory it lands in exists.
+        script = (
+            'mkdir -p -- "$(dirname -- "$1")" && r=$(readlink -f -- "$1") || r=$1; '
+            '[ -d "$(dirname -- "$r")" ] || { echo "No such file or directory" >&2; exit 1; }; echo "$r"'
         )
-        if not self._sb._exec_raw(["test", "-d", posixpath.dirname(real)])[0] == 0:
-            raise SandboxFileError(errno.ENOENT, f"write {path}: no such file or directory")
+        real = self._sh(script, path, op="write", path=path).decode().strip() or path
         self._sb.container.put_archive(posixpath.dirname(real), _tar_file(posixpath.basename(real), data, mode))
 
     def remove(self, path: str, recursive: bool = False) -> None:

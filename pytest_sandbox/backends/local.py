@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -776,12 +775,3 @@ class LocalSandbox:
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):
                 self.close()
-
-    def wait_closed(self, timeout: float = 5.0) -> bool:
-        """True once the sandbox's process tree is gone (for tests of cleanup)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not os.path.exists(f"/proc/{self.pid}"):
-                return True
-            time.sleep(0.01)
-        return False
