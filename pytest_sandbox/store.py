@@ -93,6 +93,42 @@ def rmtree(path: Path) -> None:
         pass
 
 
+def _end_processes_using(dirs: list[Path], timeout: float = 5.0) -> None:
+    """SIGKILL processes whose command line names one of ``dirs`` (a sandbox's bwrap names its
+    writable layer there) and wait until they are gone."""
+    if not dirs:
+        return
+    needles = [str(d).encode() for d in dirs]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if any(n in cmdline for n in needles):
+            pids.append(int(entry))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, 9)
+    end = time.monotonic() + timeout
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
+        if pids:
+            time.sleep(0.01)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] == b"Z"
+    except (OSError, ValueError):
+        return True
+
+
 def disk_usage(path: Path) -> int:
     """Bytes allocated below ``path`` (hard links counted once)."""
     seen: set[tuple[int, int]] = set()
@@ -302,10 +338,13 @@ class Store:
         snapshots, and layers nothing references. Returns the number of items removed."""
         removed = 0
         with self.exclusive():
-            for d, meta in self.sandboxes():
-                if not self.owner_alive(meta.get("owner")):
-                    rmtree(d)
-                    removed += 1
+            stale = [d for d, meta in self.sandboxes() if not self.owner_alive(meta.get("owner"))]
+            # A dead owner's sandbox may still be tearing down (its holder only just saw EOF):
+            # end those processes first, or the deletion races the unmount and leaves files.
+            _end_processes_using(stale)
+            for d in stale:
+                rmtree(d)
+                removed += 1
             for p in (self.root / "t").iterdir():
                 if not self.owner_alive(p.name.split(".")[0]):
                     rmtree(p)
