@@ -6,6 +6,7 @@ pytest-sandbox shell SNAPSHOT     an interactive shell in a fresh fork of SNAPSH
 pytest-sandbox rm SNAPSHOT...     delete snapshots
 pytest-sandbox prune [--older-than DAYS]   delete snapshots unused for that long (default: all)
 pytest-sandbox gc                 remove what crashed processes left behind
+pytest-sandbox serve --daytona    a Daytona-compatible API on localhost, backed by the local engine
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
-from .api import Backend
+from .api import Backend, Snapshot
 from .errors import ConfigError, SandboxError
 from .image import Image
 from .session import format_age as _age
@@ -56,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pytest-sandbox", description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", help="snapshot cache (default: $PYTEST_SANDBOX_CACHE or XDG cache)")
     parser.add_argument(
-        "--backend", choices=("local", "docker"), default="local", help="whose snapshots to manage (default: local)"
+        "--backend",
+        choices=("local", "docker", "daytona"),
+        default="local",
+        help="whose snapshots to manage (default: local)",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ls", help="list snapshots")
@@ -72,7 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("prune", help="delete snapshots unused for a while")
     p.add_argument("--older-than", type=float, default=0.0, metavar="DAYS")
     sub.add_parser("gc", help="remove leftovers of crashed processes")
+    sv = sub.add_parser("serve", help="serve an API on localhost, backed by the local engine")
+    sv.add_argument("--daytona", action="store_true", required=True, help="speak Daytona's API (the SDK's)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=3986, help="port (default: 3986; 0 picks a free one)")
+    sv.add_argument("--api-key", help="require this bearer token (default: accept any)")
+    sv.add_argument("--target", action="append", help="the targets (regions) offered (default: local)")
+    sv.add_argument("--rate-limit", type=float, metavar="PER_SECOND", help="answer 429 above this request rate")
+    sv.add_argument("--default-image", default="host", help="base of sandboxes created without a snapshot")
+    sv.add_argument("--until-stdin-closes", action="store_true", help="stop when standard input closes")
     args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        return _serve(args)
 
     from .backends import open_backend
 
@@ -128,7 +144,11 @@ def _ls(backend: Backend) -> int:
             f"{snap.short:12}  {own:>7}  {_age(now - snap.created):>4}  {used:>4}  "
             f"{(snap.parent or '-')[:12]:12}  {label[:70]}"
         )
-    where = f"{_size(disk_usage(store.root / 'l'))} of layers in {store.cache_dir}" if store else "in the Docker engine"
+    where = (
+        f"{_size(disk_usage(store.root / 'l'))} of layers in {store.cache_dir}"
+        if store
+        else f"on {getattr(backend, 'api_url', 'the Docker engine')}"
+    )
     print(f"{len(snaps)} snapshots, {where}")
     return 0
 
@@ -141,6 +161,8 @@ def _shell(backend: Backend, ref: str, network: bool, command: list[str]) -> int
     if isinstance(backend, LocalBackend):
         with backend.create(snap, network=network) as sb:
             return subprocess.call(sb.nsenter_argv(command), env={**sb._env, **term})
+    if backend.name == "daytona":
+        return _line_shell(backend, snap, network, command)
     # docker: the CLI gives a real terminal; the container is removed when the shell exits
     argv = [
         "docker",
@@ -157,6 +179,72 @@ def _shell(backend: Backend, ref: str, network: bool, command: list[str]) -> int
         return subprocess.call(argv)
     except FileNotFoundError as exc:
         raise SandboxError("`pytest-sandbox --backend docker shell` needs the docker CLI on PATH") from exc
+
+
+def _line_shell(backend: Backend, snap: Snapshot, network: bool, command: list[str]) -> int:
+    """Daytona gives no terminal through its SDK: run ``command``, or each line typed, in one sandbox."""
+    with backend.create(snap, network=network) as sb:
+        if command != SHELL:
+            res = sb.exec(command)
+            sys.stdout.write(res.stdout)
+            sys.stderr.write(res.stderr)
+            return res.exit_code
+        print(f"sandbox {sb.id} of {snap.short}: each line runs in it (no terminal); Ctrl-D ends it")
+        code = 0
+        while True:
+            try:
+                line = input(f"sandbox:{snap.short}# ")
+            except EOFError:
+                print()
+                return code
+            if line.strip():
+                res = sb.exec(line)
+                sys.stdout.write(res.stdout)
+                sys.stderr.write(res.stderr)
+                code = res.exit_code
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from .backends.local import LocalBackend
+    from .daytona_server import DaytonaServer
+
+    try:
+        with LocalBackend(cache_dir=args.cache_dir) as backend:
+            server = DaytonaServer(
+                backend,
+                host=args.host,
+                port=args.port,
+                api_key=args.api_key,
+                targets=tuple(args.target or ("local",)),
+                rate_limit=args.rate_limit,
+                default_image=args.default_image,
+            )
+            # SIGTERM ends the server like Ctrl-C does: its sandboxes are deleted on the way out.
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            if args.until_stdin_closes:  # a parent's lifeline: EOF when it exits, even on kill -9
+
+                def lifeline() -> None:
+                    sys.stdin.buffer.read()
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+                threading.Thread(target=lifeline, daemon=True).start()
+            print(f"DAYTONA_API_URL={server.api_url}", flush=True)
+            print(f"export DAYTONA_API_URL={server.api_url} DAYTONA_API_KEY={args.api_key or 'local'}", file=sys.stderr)
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.shutdown()
+    except SandboxError as exc:
+        print(f"pytest-sandbox: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pytest-sandbox: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -130,8 +130,8 @@ class SessionManager:
         """The backend, opened on first use (a run that needs no sandbox never opens one)."""
         if self._backend is None:
             name = resolve_backend(self.backend_name)
-            opts = {"cache_dir": self.cache_dir} if name == "local" else {}
-            self._backend = open_backend(name, **opts)
+            # Every backend keeps its build locks (and the remote ones their records) there.
+            self._backend = open_backend(name, cache_dir=self.cache_dir)
         return self._backend
 
     def _failure_file(self, key: str) -> Path | None:

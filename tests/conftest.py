@@ -8,6 +8,8 @@ between runs while developing.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,18 +84,88 @@ def docker_debian(docker_backend: Backend) -> Snapshot:
     return docker_backend.build(DEBIAN)
 
 
-@pytest.fixture(params=["local-debian", "local-host", "docker-debian"])
+@pytest.fixture(params=["local-debian", "local-host", "docker-debian", "daytona-debian"])
 def target(request: pytest.FixtureRequest) -> Target:
     """Every behavioural test runs on each backend, and on the local engine's two kinds of base."""
     backend_name, base = request.param.split("-")
     if backend_name == "local":
         return Target(request.getfixturevalue("backend"), request.getfixturevalue(base))
-    return Target(request.getfixturevalue("docker_backend"), request.getfixturevalue("docker_debian"))
+    return Target(request.getfixturevalue(f"{backend_name}_backend"), request.getfixturevalue(f"{backend_name}_debian"))
 
 
-@pytest.fixture(params=["local", "docker"])
+@pytest.fixture(params=["local", "docker", "daytona"])
 def debian_target(request: pytest.FixtureRequest) -> Target:
     """The Debian recipe's snapshot on each backend (for tests that need apt or python3)."""
     if request.param == "local":
         return Target(request.getfixturevalue("backend"), request.getfixturevalue("debian"))
-    return Target(request.getfixturevalue("docker_backend"), request.getfixturevalue("docker_debian"))
+    return Target(
+        request.getfixturevalue(f"{request.param}_backend"), request.getfixturevalue(f"{request.param}_debian")
+    )
+
+
+# -- the daytona backend, against the Daytona-compatible endpoint on localhost -----------------
+def _test_cache(config: pytest.Config) -> Path:
+    env = os.environ.get("PYTEST_SANDBOX_TEST_CACHE")
+    if env:
+        return Path(env)
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    return (base.parent if base.name.startswith("popen-gw") else base) / "sandbox-cache"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """One endpoint per run, started by the controller before xdist workers inherit its address.
+
+    A DAYTONA_API_URL set by the caller wins: then the daytona cases run against that Daytona.
+    """
+    if hasattr(config, "workerinput") or os.environ.get("DAYTONA_API_URL"):
+        return
+    try:
+        import daytona_api_client  # noqa: F401
+    except ImportError:
+        return
+    argv = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(_test_cache(config))]
+    argv += ["serve", "--daytona", "--port", "0", "--until-stdin-closes"]
+    log = _test_cache(config) / "daytona-endpoint.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("DAYTONA_API_URL="):
+        proc.kill()
+        return
+    os.environ["DAYTONA_API_URL"] = line.split("=", 1)[1]
+    os.environ["DAYTONA_API_KEY"] = "local-tests"
+    config.stash[_ENDPOINT] = proc
+
+
+_ENDPOINT = pytest.StashKey["subprocess.Popen[str]"]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    proc = config.stash.get(_ENDPOINT, None)
+    if proc is not None:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the endpoint deletes its sandboxes and exits
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for var in ("DAYTONA_API_URL", "DAYTONA_API_KEY"):
+            os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def daytona_backend(cache_dir: Path) -> Iterator[Backend]:
+    if not os.environ.get("DAYTONA_API_URL"):
+        pytest.skip("no Daytona endpoint: pip install 'pytest-sandbox[daytona]' (the tests then start one)")
+    from pytest_sandbox.backends.daytona import DaytonaBackend
+
+    with DaytonaBackend(cache_dir) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def daytona_debian(daytona_backend: Backend) -> Snapshot:
+    return daytona_backend.build(DEBIAN)

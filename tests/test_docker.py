@@ -131,46 +131,6 @@ def test_from_rootfs_tarball_is_imported(
     docker_backend.remove_snapshot(snap)
 
 
-def test_plugin_on_docker_keeps_failed_sandboxes_openable(
-    pytester: pytest.Pytester, docker_debian: Snapshot, docker_backend: Backend, cache_dir: Path
-) -> None:
-    pytester.makeconftest("""
-        import pytest
-        from pytest_sandbox import Image
-
-        @pytest.fixture(scope="session")
-        def sandbox_image():
-            return Image.debian("bookworm", include=["python3", "python3-pip"])
-        """)
-    pytester.makepyfile("""
-        import pytest
-        @pytest.mark.parametrize("i", range(3))
-        def test_k(sandbox, i):
-            sandbox.exec(f"echo state-{i} > /state").check()
-            assert i != 1
-        """)
-    result = pytester.runpytest_subprocess(
-        f"--sandbox-cache-dir={cache_dir}",
-        "-p",
-        "no:cacheprovider",
-        "--sandbox-backend=docker",
-        "--sandbox-keep=failed",
-        "-n",
-        "2",
-    )
-    result.assert_outcomes(passed=2, failed=1)
-    kept = [line for line in result.stdout.lines if " shell " in line]
-    assert len(kept) == 1 and "test_k[1]" in kept[0] and "--backend docker" in kept[0], kept
-    key = kept[0].rsplit(" ", 1)[1]
-    ls = subprocess.run(
-        [sys.executable, "-m", "pytest_sandbox.cli", "--backend", "docker", "ls"], capture_output=True, text=True
-    )
-    assert key in ls.stdout, ls.stdout + ls.stderr
-    with docker_backend.create(docker_backend.get_snapshot(key)) as sb:
-        assert sb.fs.read_text("/state") == "state-1\n"
-    docker_backend.remove_snapshot(key)
-
-
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory, docker_backend: Backend) -> Iterator[str]:
     """A real registry (Debian's docker-registry, the CNCF distribution) on 127.0.0.1."""

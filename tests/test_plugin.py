@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,46 @@ def test_no_sandbox_fixture_no_backend(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--sandbox-backend=daytona", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert os.environ.get("PYTEST_SANDBOX_NEVER_SET") is None
+
+
+@pytest.mark.parametrize("name", ["docker", "daytona"])
+def test_plugin_on_remote_backends_keeps_failed_sandboxes_openable(
+    run,
+    name: str,
+    request: pytest.FixtureRequest,
+    pytester: pytest.Pytester,  # type: ignore[no-untyped-def]
+) -> None:
+    backend = request.getfixturevalue(f"{name}_backend")
+    request.getfixturevalue(f"{name}_debian")  # built once here, reused by the run below
+    pytester.makeconftest("""
+        import pytest
+        from pytest_sandbox import Image
+
+        @pytest.fixture(scope="session")
+        def sandbox_image():
+            return Image.debian("bookworm", include=["python3", "python3-pip"])
+        """)
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.parametrize("i", range(3))
+        def test_k(sandbox, i):
+            sandbox.exec(f"echo state-{i} > /state").check()
+            assert i != 1
+        """)
+    result = run(f"--sandbox-backend={name}", "--sandbox-keep=failed", "-n", "2")
+    result.assert_outcomes(passed=2, failed=1)
+    kept = [line for line in result.stdout.lines if " shell " in line]
+    assert len(kept) == 1 and "test_k[1]" in kept[0] and f"--backend {name}" in kept[0], kept
+    argv = kept[0].split(": ", 1)[1].split()
+    assert argv[0] == "pytest-sandbox"
+    shell = subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox.cli", *argv[1:], "cat", "/state"], capture_output=True, text=True
+    )
+    if name == "daytona":  # docker's shell is `docker run -it`, which needs a terminal
+        assert shell.stdout == "state-1\n", shell.stderr
+    key = argv[-1]
+    ls = subprocess.run([sys.executable, "-m", "pytest_sandbox.cli", *argv[1:-2], "ls"], capture_output=True, text=True)
+    assert key in ls.stdout, ls.stdout + ls.stderr
+    with backend.create(backend.get_snapshot(key)) as sb:
+        assert sb.fs.read_text("/state") == "state-1\n"
+    backend.remove_snapshot(key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..api import Backend
-from ..errors import ConfigError, EngineUnavailableError
+from ..errors import ConfigError
 
 __all__ = ["BACKENDS", "open_backend"]
 
@@ -26,8 +26,7 @@ def open_backend(name: str = "local", **options: Any) -> Backend:
 
         return DockerBackend(**options)
     if name == "daytona":
-        raise EngineUnavailableError(
-            "the daytona backend is not part of this version of pytest-sandbox yet; "
-            "use open_backend('local') or open_backend('docker')"
-        )
+        from .daytona import DaytonaBackend
+
+        return DaytonaBackend(**options)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

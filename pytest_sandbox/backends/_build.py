@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import tarfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,11 +18,13 @@ from ..image import Image, Step
 from . import _proc
 
 __all__ = [
+    "KILL_TREE_SH",
     "BUILD_CA_PATH",
     "build_env",
     "build_recipe",
     "exec_argv",
     "exec_result",
+    "extract_tar",
     "host_ca_bundle",
     "mmdebstrap_tar",
     "resolve_snapshot",
@@ -33,6 +36,14 @@ __all__ = [
 # TLS-intercepting proxy is common in companies). The CA bundle is bound into bwrap's private /dev
 # tmpfs so that nothing of it lands in the snapshot.
 BUILD_CA_PATH = "/dev/.host-ca-certificates.crt"
+# Kill a process and every descendant, found through /proc (no ps needed in the image).
+KILL_TREE_SH = (
+    "r=$1; ps=$(for s in /proc/[0-9]*/status; do p=${s#/proc/}; p=${p%/status}; "
+    'pp=$(sed -n "s/^PPid:[[:space:]]*//p" $s 2>/dev/null); echo "$p $pp"; done | '
+    'awk -v r="$r" \'{pp[$1]=$2} END {k[r]=1; do {n=0; for (p in pp) if ((pp[p] in k) && !(p in k)) '
+    "{k[p]=1; n++}} while (n); for (p in k) print p}'); "
+    "for p in $ps; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
+)
 _PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 
@@ -257,3 +268,28 @@ def exec_result(
             "(the sandbox itself is still usable)",
         )
     return result
+
+
+def extract_tar(tf: tarfile.TarFile, dest: Path) -> None:
+    """Unpack a tar whose first path component is the downloaded item into ``dest``: symlinks are
+    recreated, never followed, and no member can land outside ``dest``."""
+    for member in tf:
+        parts = member.name.split("/")[1:]
+        if any(p in ("..", "") for p in parts) or member.name.startswith("/"):
+            continue
+        target = dest.joinpath(*parts) if parts else dest
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif member.issym():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(target):
+                target.unlink()
+            os.symlink(member.linkname, target)
+        elif member.isfile():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_symlink():
+                target.unlink()
+            f = tf.extractfile(member)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, member.mode & 0o777)
+            with os.fdopen(fd, "wb") as out:
+                out.write(f.read() if f is not None else b"")

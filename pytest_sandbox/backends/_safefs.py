@@ -114,16 +114,24 @@ class SafeFS:
             return False
         return True
 
+    def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:
+        """The file's status (symlinks followed inside the sandbox unless ``follow_symlinks=False``)."""
+        path = _norm(path)
+        try:
+            fd = self._open(path, os.O_PATH | (0 if follow_symlinks else os.O_NOFOLLOW))
+        except OSError as exc:
+            raise self._fail(exc, "stat", path) from exc
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
     def is_dir(self, path: str) -> bool:
         """True when the path is a directory."""
         try:
-            fd = self._open(_norm(path), os.O_PATH)
-        except OSError:
+            return stat.S_ISDIR(self.stat(path).st_mode)
+        except SandboxFileError:
             return False
-        try:
-            return stat.S_ISDIR(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
 
     def listdir(self, path: str) -> list[str]:
         """Names in a directory, sorted."""

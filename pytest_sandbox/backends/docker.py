@@ -40,10 +40,12 @@ from ..errors import (
 from ..image import Image, Step
 from ..store import Store, match_snapshot, new_id, rmtree
 from ._build import (
+    KILL_TREE_SH,
     build_env,
     build_recipe,
     exec_argv,
     exec_result,
+    extract_tar,
     host_ca_bundle,
     mmdebstrap_tar,
     resolve_snapshot,
@@ -65,14 +67,6 @@ _WRAP = (
     'i=$1; c=$2; shift 2; d=/.psb-$i; if [ -n "$c" ]; then cd -- "$c" || exit 125; fi; '
     "echo $$ > $d.pid; if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi; "
     '"$@" >$d.out 2>$d.err <$in; rc=$?; cat $d.out; cat $d.err >&2; rm -f $d.out $d.err $d.in $d.pid; exit $rc'
-)
-# Kill a process and every descendant, found through /proc (no ps needed in the image).
-_KILL_TREE = (
-    "r=$1; ps=$(for s in /proc/[0-9]*/status; do p=${s#/proc/}; p=${p%/status}; "
-    'pp=$(sed -n "s/^PPid:[[:space:]]*//p" $s 2>/dev/null); echo "$p $pp"; done | '
-    'awk -v r="$r" \'{pp[$1]=$2} END {k[r]=1; do {n=0; for (p in pp) if ((pp[p] in k) && !(p in k)) '
-    "{k[p]=1; n++}} while (n); for (p in k) print p}'); "
-    "for p in $ps; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
 )
 _WATCHDOG = """
 import sys
@@ -493,7 +487,7 @@ class DockerSandbox:
             timed_out = worker.is_alive()
             if timed_out:
                 _, pid, _ = self._exec_raw(["cat", f"/.psb-{tag}.pid"])
-                self._exec_raw(["/bin/sh", "-c", _KILL_TREE, "sh", pid.decode().strip() or "0"])
+                self._exec_raw(["/bin/sh", "-c", KILL_TREE_SH, "sh", pid.decode().strip() or "0"])
                 worker.join(30)
                 _, out, _ = self._exec_raw(["cat", f"/.psb-{tag}.out"])
                 _, err, _ = self._exec_raw(["cat", f"/.psb-{tag}.err"])
@@ -701,25 +695,5 @@ class DockerFS:
         """Copy a container file or tree to the host path ``local``; symlinks are recreated, never
         followed, and no member can land outside ``local``."""
         path = _norm(path)
-        dest = Path(local)
         with self._archive(path, "download") as tf:
-            for member in tf:
-                parts = member.name.split("/")[1:]
-                if any(p in ("..", "") for p in parts) or member.name.startswith("/"):
-                    continue
-                target = dest.joinpath(*parts) if parts else dest
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif member.issym():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if os.path.lexists(target):
-                        target.unlink()
-                    os.symlink(member.linkname, target)
-                elif member.isfile():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if target.is_symlink():
-                        target.unlink()
-                    f = tf.extractfile(member)
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, member.mode & 0o777)
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(f.read() if f is not None else b"")
+            extract_tar(tf, Path(local))

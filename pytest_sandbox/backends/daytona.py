@@ -1,0 +1,827 @@
+"""The daytona backend: sandboxes on Daytona, through the ``daytona`` SDK
+(``pip install 'pytest-sandbox[daytona]'``), configured by the SDK's own DAYTONA_API_KEY,
+DAYTONA_API_URL and DAYTONA_TARGET.
+
+A recipe becomes Daytona snapshots named ``pytest-sandbox-<key>``, one per step prefix that
+changes files, so every machine and CI job running the same recipe finds the same snapshots. The
+base is built by Daytona's image builder; each step runs in a sandbox of the previous snapshot,
+which ``create_snapshot`` then freezes. Sandboxes carry labels (session, host, key), have no network
+unless asked, and auto-stop after an idle hour and are deleted when stopped. A watchdog process
+deletes this session's sandboxes when it dies, and ``gc`` (run at every start) deletes those of
+sessions on this host that died.
+
+``pytest-sandbox serve --daytona`` runs a Daytona-compatible API backed by the local engine, for
+offline use and for this backend's tests.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import errno
+import io
+import json
+import os
+import posixpath
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ..api import ExecResult, LogCallback, Snapshot
+from ..errors import (
+    ConfigError,
+    EngineUnavailableError,
+    SandboxClosedError,
+    SandboxError,
+    SandboxFileError,
+    SnapshotBuildError,
+)
+from ..image import Image, Step
+from ..store import Store, match_snapshot, new_id
+from ._build import (
+    KILL_TREE_SH,
+    build_env,
+    build_recipe,
+    exec_argv,
+    exec_result,
+    extract_tar,
+    host_ca_bundle,
+    resolve_snapshot,
+    run_step,
+    step_argv,
+)
+
+__all__ = ["DaytonaBackend", "DaytonaSandbox"]
+
+LABEL = "pytest-sandbox"
+PREFIX = "pytest-sandbox-"
+AUTO_STOP_MINUTES = 60  # the safety net for sandboxes nobody deletes: stopped after an idle hour...
+AUTO_DELETE_MINUTES = 0  # ...and deleted as soon as they stop
+_BUILD_CA = "/tmp/.psb-host-ca.crt"
+_T = TypeVar("_T")
+
+# Daytona's process.exec returns one output stream and no stdin, so a wrapper in the sandbox keeps
+# stdout and stderr apart in files, feeds stdin from an uploaded file, enforces the timeout by
+# killing the command's whole tree (found through /proc), and prints a framed, base64 result.
+_WRAP = r"""
+i=$1; c=$2; t=$3; k=$4; shift 4; d=/tmp/.psb-$i
+if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi
+if [ -n "$c" ] && ! cd -- "$c" 2>$d.err; then rc=125; : >$d.out
+elif [ -z "$t" ]; then "$@" >$d.out 2>$d.err <$in; rc=$?
+else
+  "$@" >$d.out 2>$d.err <$in & p=$!
+  ( sleep "$t"; : >$d.to; sh -c "$k" sh $p ) >/dev/null 2>&1 </dev/null & w=$!
+  wait $p; rc=$?
+  sh -c "$k" sh $w
+fi
+if [ -e $d.to ]; then to=1; else to=0; fi
+printf '\npsb-%s %s %s\n' "$i" "$rc" "$to"
+base64 <$d.out | tr -d '\n'; echo; base64 <$d.err | tr -d '\n'; echo
+rm -f $d.out $d.err $d.in $d.to
+"""
+_WATCHDOG = """
+import sys
+sys.stdin.buffer.read()  # EOF: the owner exited or was killed
+from daytona import Daytona, ListSandboxesQuery
+d = Daytona()
+for sb in list(d.list(ListSandboxesQuery(labels={"pytest-sandbox.session": sys.argv[1]}))):
+    try:
+        sb.delete()
+    except Exception:
+        pass
+"""
+
+
+def _sdk() -> Any:
+    try:
+        import daytona
+    except ImportError as exc:
+        raise EngineUnavailableError(
+            "the daytona backend needs the Daytona SDK: pip install 'pytest-sandbox[daytona]'"
+        ) from exc
+    return daytona
+
+
+def _remote_name(key: str) -> str:
+    return PREFIX + key
+
+
+def _recipe_meta(image: Image) -> list[dict[str, Any]]:
+    """Per prefix of the steps: its env, workdir, description, parent key and the Daytona snapshot
+    holding its files (steps that only set env share their parent's)."""
+    keys = image.prefix_keys()
+    env: dict[str, str] = {}
+    workdir = "/"
+    remote = _remote_name(keys[0])
+    rows: list[dict[str, Any]] = [
+        {
+            "env": {},
+            "workdir": "/",
+            "remote": remote,
+            "parent": None,
+            "description": image.describe().splitlines()[0],
+        }
+    ]
+    for i, step in enumerate(image.steps, start=1):
+        if step.kind == "env":
+            env = {**env, **dict(step.env)}
+        else:
+            remote = _remote_name(keys[i])
+        if step.kind == "workdir":
+            workdir = str(step.args[0])
+        rows.append(
+            {
+                "env": dict(env),
+                "workdir": workdir,
+                "remote": remote,
+                "parent": keys[i - 1],
+                "description": step.describe(),
+            }
+        )
+    return rows
+
+
+class DaytonaBackend:
+    """Recipes as Daytona snapshots, sandboxes as Daytona sandboxes. ``open_backend("daytona")``."""
+
+    name = "daytona"
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        sdk = _sdk()  # first: a missing SDK must give its own clear error
+        self._sdk = sdk
+        if not (os.environ.get("DAYTONA_API_KEY") or os.environ.get("DAYTONA_JWT_TOKEN")):
+            raise ConfigError(
+                "the daytona backend needs credentials: set DAYTONA_API_KEY (and DAYTONA_API_URL for a "
+                "self-hosted Daytona). To use local sandboxes through Daytona's API, run "
+                "`pytest-sandbox serve --daytona` and set DAYTONA_API_URL=http://127.0.0.1:3986/api "
+                "DAYTONA_API_KEY=local."
+            )
+        self.api_url = os.environ.get("DAYTONA_API_URL") or "https://app.daytona.io/api"
+        self.target = os.environ.get("DAYTONA_TARGET") or None
+        try:
+            self.client = sdk.Daytona()
+        except sdk.DaytonaError as exc:
+            raise ConfigError(f"the Daytona SDK refused its configuration: {exc}") from exc
+        self.store = Store(cache_dir)  # build locks, the owner token and snapshot records
+        self._records = self.store.root / "daytona"
+        self._records.mkdir(exist_ok=True)
+        self.host = socket.gethostname()
+        self._lock = threading.Lock()
+        self._live: set[DaytonaSandbox] = set()
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self.gc()  # sandboxes of sessions that died are deleted at the next start
+        atexit.register(self.close)
+
+    def __enter__(self) -> DaytonaBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DaytonaBackend {self.api_url}>"
+
+    # -- calling the SDK -----------------------------------------------------------------------
+    def call(
+        self, what: str, fn: Callable[..., _T], *args: Any, passthrough: tuple[type[Exception], ...] = (), **kwargs: Any
+    ) -> _T:
+        """One SDK call: rate limiting (HTTP 429) backs off and retries; other failures become a
+        :class:`SandboxError` that says what failed and what to do, with the SDK's error chained.
+        SDK errors of the ``passthrough`` types reach the caller unchanged."""
+        sdk = self._sdk
+        delay = 0.25
+        for attempt in range(12):
+            try:
+                return fn(*args, **kwargs)
+            except passthrough:
+                raise
+            except sdk.DaytonaRateLimitError:
+                if attempt == 11:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except sdk.DaytonaAuthenticationError as exc:
+                raise ConfigError(
+                    f"Daytona refused the credentials while trying to {what}: {exc}. "
+                    "Check DAYTONA_API_KEY (and DAYTONA_API_URL)."
+                ) from exc
+            except sdk.DaytonaConnectionError as exc:
+                raise EngineUnavailableError(
+                    f"no Daytona API answers at {self.api_url} ({exc}). Check DAYTONA_API_URL, or start "
+                    "a local one with `pytest-sandbox serve --daytona`."
+                ) from exc
+            except sdk.DaytonaBadRequestError as exc:
+                if self.target and ("target" in str(exc).lower() or "region" in str(exc).lower()):
+                    raise ConfigError(
+                        f"Daytona does not offer the target DAYTONA_TARGET={self.target!r}: {exc}. "
+                        "Unset DAYTONA_TARGET or pick one of your organization's regions."
+                    ) from exc
+                raise SandboxError(f"Daytona could not {what}: {exc}") from exc
+            except sdk.DaytonaError as exc:
+                if _is_connection_error(exc):
+                    raise EngineUnavailableError(
+                        f"no Daytona API answers at {self.api_url}: {exc}. Check DAYTONA_API_URL, or "
+                        "start a local one with `pytest-sandbox serve --daytona`."
+                    ) from exc
+                raise SandboxError(f"Daytona could not {what}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _remote(self, name: str) -> Any | None:
+        """The Daytona snapshot called ``name``, waiting while another machine builds it; None when
+        it does not exist or its build failed (which is then removed, so it can be built again)."""
+        sdk = self._sdk
+        deadline = time.monotonic() + 3600
+        while True:
+            try:
+                snap = self.call(
+                    "look up a snapshot", self.client.snapshot.get, name, passthrough=(sdk.DaytonaNotFoundError,)
+                )
+            except sdk.DaytonaNotFoundError:
+                return None
+            state = str(getattr(snap.state, "value", snap.state))
+            if state == "active":
+                return snap
+            if state in ("error", "build_failed"):
+                with contextlib.suppress(SandboxError):
+                    self.call("remove a failed snapshot", self.client.snapshot.delete, snap)
+                return None
+            if time.monotonic() > deadline:
+                raise SandboxError(f"Daytona snapshot {name} stayed {state} for an hour; remove it and retry")
+            time.sleep(1.0)
+
+    # -- records -------------------------------------------------------------------------------
+    def _record_path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ConfigError(f"snapshot key {key!r} is not valid")
+        return self._records / f"{key}.json"
+
+    def _put(self, snap: Snapshot) -> Snapshot:
+        path = self._record_path(snap.key)
+        tmp = path.with_name(f".{snap.key}.{new_id()}.tmp")
+        tmp.write_text(json.dumps(snap.to_json()))
+        os.replace(tmp, path)
+        return snap
+
+    def _records_all(self) -> list[Snapshot]:
+        out = []
+        for p in self._records.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                out.append(Snapshot.from_json(json.loads(p.read_text())))
+        return out
+
+    def _snapshot(self, key: str, meta: Mapping[str, Any], created: float, **extra: Any) -> Snapshot:
+        return self._put(
+            Snapshot(
+                key=key,
+                backend=self.name,
+                base={"snapshot": meta["remote"]},
+                env=tuple(sorted(meta["env"].items())),
+                workdir=meta["workdir"],
+                parent=meta["parent"],
+                created=created,
+                description=meta["description"],
+                **extra,
+            )
+        )
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def snapshots(self) -> Iterator[Snapshot]:
+        """Snapshots this machine built or took that still exist on Daytona, oldest first."""
+        names = {s.name for s in self._list_remote()}
+        out = []
+        for snap in self._records_all():
+            if snap.base.get("snapshot") in names:
+                out.append(snap)
+            else:
+                self._record_path(snap.key).unlink(missing_ok=True)
+        return iter(sorted(out, key=lambda s: s.created))
+
+    def _list_remote(self) -> list[Any]:
+        out, page = [], 1
+        while True:
+            res = self.call("list snapshots", self.client.snapshot.list, page=page, limit=200)
+            out += [s for s in res.items if s.name.startswith(PREFIX)]
+            if page >= (res.total_pages or 1):
+                return out
+            page += 1
+
+    def get_snapshot(self, key_or_name: str) -> Snapshot:
+        """A snapshot by key, unique key prefix (4+ characters) or name."""
+        with contextlib.suppress(ConfigError, OSError, ValueError):
+            snap = Snapshot.from_json(json.loads(self._record_path(key_or_name).read_text()))
+            if self._remote(snap.base["snapshot"]) is not None:
+                return snap
+        return match_snapshot(key_or_name, list(self.snapshots()), where=f"Daytona at {self.api_url}")
+
+    def remove_snapshot(self, snapshot: Snapshot | str) -> None:
+        """Delete a snapshot from Daytona (sandboxes running from it keep running)."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.get_snapshot(snapshot)
+        name = snap.base.get("snapshot", "")
+        # Env-only steps share their parent's Daytona snapshot: only the owner of the name deletes it.
+        if name == _remote_name(snap.key):
+            remote = self._remote(name)
+            if remote is not None:
+                self.call("delete a snapshot", self.client.snapshot.delete, remote)
+        self._record_path(snap.key).unlink(missing_ok=True)
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot:
+        """Build ``image`` once per setup key into Daytona snapshots; later calls (from any
+        machine) reuse them. A snapshot another machine is building is waited for."""
+        if not isinstance(image, Image):
+            raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
+        keys = image.prefix_keys()
+        metas = dict(zip(keys, _recipe_meta(image), strict=True))
+
+        def get(key: str) -> Snapshot | None:
+            meta = metas[key]
+            remote = self._remote(meta["remote"])
+            if remote is None:
+                return None
+            return self._snapshot(key, meta, _timestamp(remote.created_at))
+
+        def build_base(img: Image, key: str, log: LogCallback) -> Snapshot:
+            return self._build_base(img, key, metas[key], log)
+
+        def build_step(parent: Snapshot, step: Step, key: str, i: int, n: int, log: LogCallback) -> Snapshot:
+            return self._build_step(parent, step, key, metas[key], i, n, log)
+
+        return build_recipe(
+            image,
+            get=get,
+            lock=self.store.build_lock,
+            build_base=build_base,
+            build_step=build_step,
+            on_log=on_log,
+            rebuild=rebuild,
+        )
+
+    def _daytona_image(self, image: Image, key: str) -> Any:
+        b, kind = dict(image.base), image.base_kind
+        if kind == "registry":
+            return b["ref"]
+        if kind == "debian":
+            img = self._sdk.Image.base(f"debian:{b['suite']}")
+            if b.get("include"):
+                img = img.run_commands(step_argv(Step("apt", tuple(b["include"])))[2])
+            return img
+        if kind == "host":
+            raise EngineUnavailableError(
+                "Image.host() needs the local engine: a Daytona sandbox cannot share this machine's /usr "
+                "and /etc. Use Image.debian(...) or Image.from_registry(...) on daytona."
+            )
+        raise EngineUnavailableError(
+            "Image.from_rootfs(...) cannot be sent to Daytona: import the rootfs into a registry image "
+            "(e.g. `docker import`, then push) and use Image.from_registry(...)."
+        )
+
+    def _build_base(self, image: Image, key: str, meta: Mapping[str, Any], log: LogCallback) -> Snapshot:
+        sdk = self._sdk
+        source = self._daytona_image(image, key)
+        desc = meta["description"]
+        log(f"[0/{len(image.steps)}] {desc}")
+        params = sdk.CreateSnapshotParams(name=meta["remote"], image=source)
+        try:
+            snap = self.call(
+                "build a snapshot",
+                self.client.snapshot.create,
+                params,
+                on_logs=log,
+                timeout=0,
+                passthrough=(sdk.DaytonaError,),
+            )
+        except sdk.DaytonaConflictError:
+            snap = self._remote(meta["remote"])  # another machine is building it: wait for theirs
+            if snap is None:
+                raise SandboxError(f"Daytona snapshot {meta['remote']} failed to build elsewhere; retry") from None
+        except sdk.DaytonaError as exc:
+            raise SnapshotBuildError(
+                key=key,
+                step_index=0,
+                step_count=len(image.steps),
+                step=desc,
+                exit_code=None,
+                output=str(exc),
+                reason="Daytona could not build the base",
+            ) from exc
+        return self._snapshot(key, meta, _timestamp(snap.created_at))
+
+    def _build_step(
+        self, parent: Snapshot, step: Step, key: str, meta: Mapping[str, Any], i: int, n: int, log: LogCallback
+    ) -> Snapshot:
+        if step.kind == "env":
+            return self._snapshot(key, meta, time.time())
+        sdk = self._sdk
+        sb = DaytonaSandbox(self, parent, network=True, env={})
+        try:
+            ca = host_ca_bundle()
+            if ca:  # only for this step: removed before the snapshot is taken
+                sb.fs.write(_BUILD_CA, Path(ca).read_bytes())
+            try:
+                run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=build_env(_BUILD_CA), log=log)
+            finally:
+                if ca:
+                    sb.fs.remove(_BUILD_CA)
+            stale = self._remote(meta["remote"])  # a rebuild replaces the old snapshot of this key
+            if stale is not None:
+                self.call("delete a snapshot", self.client.snapshot.delete, stale)
+            try:
+                self.call(
+                    "snapshot a sandbox",
+                    sb.sdk.create_snapshot,
+                    meta["remote"],
+                    timeout=0,
+                    passthrough=(sdk.DaytonaConflictError,),
+                )
+            except sdk.DaytonaConflictError:
+                if self._remote(meta["remote"]) is None:
+                    raise
+        finally:
+            sb.close()
+        return self._snapshot(key, meta, time.time())
+
+    # -- sandboxes -----------------------------------------------------------------------------
+    def create(
+        self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
+    ) -> DaytonaSandbox:
+        """A new Daytona sandbox from a snapshot (an Image is built first); no network unless asked."""
+        if self._closed:
+            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+        snapshot = resolve_snapshot(self, snapshot)
+        return DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}))
+
+    def labels(self, **extra: str) -> dict[str, str]:
+        """Labels every sandbox of this process carries (gc and the watchdog find them by these)."""
+        return {LABEL: "1", f"{LABEL}.session": self.store.owner, f"{LABEL}.host": self.host, **extra}
+
+    def _ensure_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog is None or self._watchdog.poll() is not None:
+                self._watchdog = subprocess.Popen(
+                    [sys.executable, "-c", _WATCHDOG, self.store.owner],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+
+    def gc(self) -> int:
+        """Delete sandboxes of sessions on this host that died, found by their labels."""
+        removed = 0
+        query = self._sdk.ListSandboxesQuery(labels={f"{LABEL}.host": self.host})
+        for remote in self.call("list sandboxes", lambda: list(self.client.list(query))):
+            if not self.store.owner_alive(remote.labels.get(f"{LABEL}.session")):
+                with contextlib.suppress(SandboxError):
+                    self.call("delete a sandbox", remote.delete)
+                    removed += 1
+        return removed + self.store.gc()
+
+    def prune(self, older_than: float = 0.0) -> list[str]:
+        """Delete snapshots created more than ``older_than`` seconds ago."""
+        now = time.time()
+        doomed = [s for s in self.snapshots() if now - s.created >= older_than]
+        for snap in doomed:
+            self.remove_snapshot(snap)
+        return [s.key for s in doomed]
+
+    def close(self) -> None:
+        """Delete every sandbox this backend made."""
+        if self._closed:
+            return
+        self._closed = True
+        for sb in list(self._live):
+            sb.close()
+        if self._watchdog is not None:
+            with contextlib.suppress(Exception):
+                assert self._watchdog.stdin is not None
+                self._watchdog.stdin.close()
+            self._watchdog.wait()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    with contextlib.suppress(TypeError, ValueError):
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return time.time()
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    chain: BaseException | None = exc
+    while chain is not None:
+        if isinstance(chain, (ConnectionError, TimeoutError)) or "NewConnectionError" in type(chain).__name__:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return "Connection refused" in str(exc) or "Max retries exceeded" in str(exc)
+
+
+class DaytonaSandbox:
+    """A Daytona sandbox. Use it as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        backend: DaytonaBackend,
+        snapshot: Snapshot,
+        *,
+        network: bool,
+        env: dict[str, str],
+        sdk_sandbox: Any = None,
+    ) -> None:
+        self.backend = backend
+        self.snapshot_of = snapshot
+        self.network = network
+        self.history: list[ExecResult] = []
+        self._extra_env = env
+        self._closed = False
+        self._fs: DaytonaFS | None = None
+        backend._ensure_watchdog()
+        if sdk_sandbox is None:
+            params = backend._sdk.CreateSandboxFromSnapshotParams(
+                snapshot=snapshot.base["snapshot"],
+                env_vars={**dict(snapshot.env), **env},
+                labels=backend.labels(**{f"{LABEL}.key": snapshot.key}),
+                network_block_all=not network,
+                auto_stop_interval=AUTO_STOP_MINUTES,
+                auto_delete_interval=AUTO_DELETE_MINUTES,
+                os_user="root",
+                target=backend.target,
+            )
+            sdk_sandbox = backend.call(f"create a sandbox of {snapshot.short}", backend.client.create, params)
+        self.sdk = sdk_sandbox
+        self.id = str(self.sdk.id)
+        with backend._lock:
+            backend._live.add(self)
+
+    def __enter__(self) -> DaytonaSandbox:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DaytonaSandbox {self.id} of {self.snapshot_of.short}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
+
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        on_line: LogCallback | None = None,
+    ) -> ExecResult:
+        self._check_open()
+        tag = new_id(6)
+        if isinstance(input, str):
+            input = input.encode()
+        if input:
+            self.fs.write(f"/tmp/.psb-{tag}.in", input, mode=0o600)
+        t = "" if timeout is None else f"{max(timeout, 0.001):.3f}"
+        command = shlex.join(
+            ["/bin/sh", "-c", _WRAP, "sh", tag, cwd or self.snapshot_of.workdir, t, KILL_TREE_SH, *argv]
+        )
+        start = time.perf_counter()
+        res = self.backend.call(
+            "run a command",
+            self.sdk.process.exec,
+            command,
+            env=dict(env) if env else None,
+            timeout=None if timeout is None else int(timeout) + 60,
+        )
+        lines = (res.result or "").split("\n")
+        marker = f"psb-{tag} "
+        at = max((n for n, line in enumerate(lines) if line.startswith(marker)), default=-1)
+        if at < 0:
+            raise SandboxError(
+                f"the command wrapper in sandbox {self.id} gave no result (does the image have sh, base64 "
+                f"and tr?): {res.result!r:.500}"
+            )
+        _, code, timed_out = lines[at].split()
+        out_b64, err_b64 = [*lines[at + 1 : at + 3], "", ""][:2]
+        out, err = base64.b64decode(out_b64), base64.b64decode(err_b64)
+        if on_line is not None:  # build steps: Daytona's exec returns output when the command ends
+            for line in (out + err).decode("utf-8", errors="replace").splitlines():
+                on_line(line)
+        return exec_result(
+            self.history,
+            argv,
+            exit_code=int(code),
+            stdout=out,
+            stderr=err,
+            duration=time.perf_counter() - start,
+            timed_out=timed_out == "1",
+            timeout=timeout,
+        )
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command in the sandbox; same semantics as the local engine's ``exec``."""
+        argv = exec_argv(command)
+        return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
+
+    @property
+    def fs(self) -> DaytonaFS:
+        """Files inside the sandbox (the same operations as the local engine's ``fs``)."""
+        if self._fs is None:
+            self._fs = DaytonaFS(self)
+        return self._fs
+
+    def snapshot(self, name: str | None = None) -> Snapshot:
+        """Freeze the sandbox's files into a new Daytona snapshot; the sandbox keeps running."""
+        self._check_open()
+        key = "x" + new_id(8)
+        parent = self.snapshot_of
+        self.backend.call("snapshot a sandbox", self.sdk.create_snapshot, _remote_name(key), timeout=0)
+        return self.backend._put(
+            Snapshot(
+                key=key,
+                backend=self.backend.name,
+                base={"snapshot": _remote_name(key)},
+                env=parent.env,
+                workdir=parent.workdir,
+                parent=parent.key,
+                description=f"snapshot of sandbox {self.id}",
+                name=name,
+            )
+        )
+
+    def fork(self) -> DaytonaSandbox:
+        """A new sandbox from this one's current state (Daytona's copy-on-write fork)."""
+        self._check_open()
+        b = self.backend
+        child = b.call("fork a sandbox", self.sdk.fork)
+        labels = b.labels(**{f"{LABEL}.key": self.snapshot_of.key})
+        if any(child.labels.get(k) != v for k, v in labels.items()):
+            b.call("label a fork", child.set_labels, {**child.labels, **labels})
+        return DaytonaSandbox(b, self.snapshot_of, network=self.network, env=self._extra_env, sdk_sandbox=child)
+
+    def close(self) -> None:
+        """Delete the sandbox and everything running in it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.backend.call("delete a sandbox", self.sdk.delete)
+        with self.backend._lock:
+            self.backend._live.discard(self)
+
+
+def _norm(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"sandbox paths are absolute, like '/work/file.txt'; got {path!r}")
+    return posixpath.normpath(path).replace("//", "/")
+
+
+_ERRNO = (
+    ("no such file", errno.ENOENT),
+    ("not found", errno.ENOENT),
+    ("not a directory", errno.ENOTDIR),
+    ("is a directory", errno.EISDIR),
+    ("not empty", errno.ENOTEMPTY),
+    ("exists", errno.EEXIST),
+    ("denied", errno.EACCES),
+)
+
+
+class DaytonaFS:
+    """:class:`pytest_sandbox.api.SandboxFS` through Daytona's file API (which works inside the
+    sandbox, so every path resolves there), with ``tar`` in the sandbox for whole trees."""
+
+    def __init__(self, sb: DaytonaSandbox) -> None:
+        self._sb = sb
+
+    def _call(self, op: str, path: str, fn: Callable[..., _T], *args: Any) -> _T:
+        self._sb._check_open()
+        try:
+            return self._sb.backend.call(f"{op} {path}", fn, *args, passthrough=(self._sb.backend._sdk.DaytonaError,))
+        except self._sb.backend._sdk.DaytonaError as exc:
+            text = str(exc).lower()
+            num = next((n for s, n in _ERRNO if s in text), errno.EIO)
+            what = {
+                errno.ENOENT: "no such file or directory",
+                errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
+                errno.ENOTDIR: "not a directory",
+                errno.EISDIR: "is a directory",
+            }.get(num, str(exc))
+            raise SandboxFileError(num, f"{op} {path}: {what}") from exc
+
+    def read(self, path: str) -> bytes:
+        """The contents of a file (symlinks followed inside the sandbox)."""
+        path = _norm(path)
+        data = self._call("read", path, self._sb.sdk.fs.download_file, path)
+        return bytes(data or b"")
+
+    def read_text(self, path: str) -> str:
+        """The contents of a file as UTF-8 text."""
+        return self.read(path).decode("utf-8", errors="replace")
+
+    def _info(self, path: str) -> Any | None:
+        try:
+            return self._call("stat", path, self._sb.sdk.fs.get_file_info, path)
+        except SandboxFileError:
+            return None
+
+    def exists(self, path: str) -> bool:
+        """True when the path exists (following symlinks inside the sandbox)."""
+        return self._info(_norm(path)) is not None
+
+    def is_dir(self, path: str) -> bool:
+        """True when the path is a directory."""
+        info = self._info(_norm(path))
+        return bool(info is not None and info.is_dir)
+
+    def listdir(self, path: str) -> list[str]:
+        """Names in a directory, sorted."""
+        path = _norm(path)
+        return sorted(f.name for f in self._call("listdir", path, self._sb.sdk.fs.list_files, path))
+
+    def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None:
+        """Create a directory (and its parents unless ``parents=False``); existing ones are fine."""
+        path = _norm(path)
+        if not parents and not self.is_dir(posixpath.dirname(path)):
+            raise SandboxFileError(errno.ENOENT, f"mkdir {path}: no such file or directory")
+        self._call("mkdir", path, self._sb.sdk.fs.create_folder, path, f"{mode:o}")
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write a file, creating its parent directories; a symlink is written through, inside."""
+        path = _norm(path)
+        if isinstance(data, str):
+            data = data.encode()
+        self._call("write", path, self._sb.sdk.fs.upload_file, data, path)
+        if mode != 0o644:
+            self._call("chmod", path, self._sb.sdk.fs.set_file_permissions, path, f"{mode:o}")
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, a symlink, an empty directory, or with ``recursive=True`` a whole tree."""
+        path = _norm(path)
+        self._call("remove", path, self._sb.sdk.fs.delete_file, path, recursive)
+
+    def upload(self, local: str | os.PathLike[str], path: str) -> None:
+        """Copy a host file or directory tree to ``path`` in the sandbox (modes and symlinks kept)."""
+        path = _norm(path)
+        src = Path(local)
+        if not os.path.lexists(src):
+            raise ConfigError(f"cannot upload {src}: it does not exist")
+        if src.is_file() and not src.is_symlink():
+            self.write(path, src.read_bytes(), mode=src.stat().st_mode & 0o7777)
+            return
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            tf.add(str(src), arcname=posixpath.basename(path), recursive=True)
+        tmp = f"/tmp/.psb-{new_id(6)}.tar"
+        self.write(tmp, buf.getvalue())
+        parent = posixpath.dirname(path)
+        self._sb._run(
+            ["/bin/sh", "-c", 'mkdir -p -- "$1" && tar -xf "$2" -C "$1"; r=$?; rm -f "$2"; exit $r', "sh", parent, tmp]
+        ).check()
+
+    def download(self, path: str, local: str | os.PathLike[str]) -> None:
+        """Copy a sandbox file or tree to the host path ``local``; symlinks are recreated, never
+        followed, and no member can land outside ``local``."""
+        path = _norm(path)
+        tmp = f"/tmp/.psb-{new_id(6)}.tar"
+        res = self._sb._run(
+            [
+                "/bin/sh",
+                "-c",
+                'tar -cf "$3" -C "$1" -- "$2"',
+                "sh",
+                posixpath.dirname(path) or "/",
+                posixpath.basename(path) or ".",
+                tmp,
+            ]
+        )
+        if not res.ok:
+            self.remove(tmp) if self.exists(tmp) else None
+            raise SandboxFileError(errno.ENOENT, f"download {path}: no such file or directory")
+        try:
+            data = self.read(tmp)
+        finally:
+            self.remove(tmp)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            extract_tar(tf, Path(local))

@@ -1,0 +1,379 @@
+"""The daytona backend and the Daytona-compatible endpoint, through the real, unmodified SDK over HTTP.
+
+The endpoint runs on localhost, backed by the local engine (conftest starts one per test run; CI
+too). The shared behaviour suite (tests/test_behaviour.py) also runs against the daytona backend;
+this file covers what only Daytona has: configuration errors, rate limiting, leaks found by label,
+the safety-net settings, the endpoint's own API surface, and the plain-SDK example.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import Backend, ConfigError, EngineUnavailableError, Image, SandboxError, Snapshot
+
+daytona = pytest.importorskip("daytona", reason="pip install 'pytest-sandbox[daytona]'")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sdk(daytona_backend: Backend) -> object:
+    """The plain SDK client, pointed at the same endpoint as the backend."""
+    return daytona.Daytona()
+
+
+def _python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _serve(cache_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    argv = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(cache_dir), "serve", "--daytona"]
+    proc = subprocess.Popen(
+        [*argv, "--port", "0", "--until-stdin-closes", *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line.startswith("DAYTONA_API_URL="), line
+    return proc, line.split("=", 1)[1]
+
+
+@pytest.fixture
+def endpoint(cache_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A second endpoint with the options a test marks it with (rate limits, keys, targets)."""
+    marker = request.node.get_closest_marker("endpoint_args")
+    proc, url = _serve(cache_dir, *(marker.args if marker else ()))
+    yield url
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+
+
+def test_missing_credentials_say_what_to_set(cache_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAYTONA_")}
+    code = f"""
+        from pytest_sandbox import open_backend
+        try:
+            open_backend("daytona", cache_dir={str(cache_dir)!r})
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+    assert res.stdout.startswith("ConfigError"), res
+    assert "DAYTONA_API_KEY" in res.stdout and "pytest-sandbox serve --daytona" in res.stdout
+
+
+def test_missing_sdk_names_the_extra(cache_dir: Path) -> None:
+    res = _python(
+        f"""
+        import sys
+        sys.modules["daytona"] = None  # as if the extra were not installed
+        from pytest_sandbox import open_backend
+        try:
+            open_backend("daytona", cache_dir={str(cache_dir)!r})
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        """
+    )
+    assert "EngineUnavailableError" in res.stdout and "pytest-sandbox[daytona]" in res.stdout, res
+
+
+def test_unreachable_api_is_a_clear_error_with_the_sdk_error_chained(cache_dir: Path) -> None:
+    from pytest_sandbox.backends.daytona import DaytonaBackend
+
+    os.environ["DAYTONA_API_URL"], saved = "http://127.0.0.1:9/api", os.environ["DAYTONA_API_URL"]
+    try:
+        with pytest.raises(EngineUnavailableError, match=r"no Daytona API answers at http://127\.0\.0\.1:9/") as info:
+            DaytonaBackend(cache_dir)
+    finally:
+        os.environ["DAYTONA_API_URL"] = saved
+    assert isinstance(info.value.__cause__, daytona.DaytonaError)
+    assert "serve --daytona" in str(info.value)
+
+
+@pytest.mark.endpoint_args("--api-key", "s3cret", "--target", "eu")
+def test_wrong_key_and_unknown_target(endpoint: str, cache_dir: Path) -> None:
+    res = _python(
+        f"""
+        from pytest_sandbox import open_backend, Image
+        try:
+            open_backend("daytona", cache_dir={str(cache_dir)!r})
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        """,
+        env={"DAYTONA_API_URL": endpoint, "DAYTONA_API_KEY": "wrong"},
+    )
+    assert res.stdout.startswith("ConfigError") and "refused the credentials" in res.stdout, res
+    res = _python(
+        f"""
+        from pytest_sandbox import open_backend, Image
+        from tests.conftest import DEBIAN
+        with open_backend("daytona", cache_dir={str(cache_dir)!r}) as b:
+            try:
+                b.build(DEBIAN.run("true"))
+            except Exception as exc:
+                print(type(exc).__name__, exc, "| caused by", type(exc.__cause__).__name__)
+        """,
+        env={"DAYTONA_API_URL": endpoint, "DAYTONA_API_KEY": "s3cret", "DAYTONA_TARGET": "mars"},
+        timeout=600,
+    )
+    assert res.stdout.startswith("ConfigError"), res
+    assert "DAYTONA_TARGET='mars'" in res.stdout and "available targets: eu" in res.stdout
+    assert "caused by DaytonaBadRequestError" in res.stdout
+
+
+@pytest.mark.endpoint_args("--rate-limit", "20")
+def test_rate_limiting_backs_off_and_retries(endpoint: str, cache_dir: Path) -> None:
+    # The plain SDK meets the limit...
+    res = _python(
+        """
+        import daytona
+        d = daytona.Daytona()
+        try:
+            for _ in range(200):
+                list(d.snapshot.list().items)
+        except daytona.DaytonaRateLimitError as exc:
+            print("limited:", exc)
+        """,
+        env={"DAYTONA_API_URL": endpoint},
+    )
+    assert "limited:" in res.stdout and "Too Many Requests" in res.stdout, res
+    # ...the backend, doing the same burst of work, backs off and finishes it.
+    res = _python(
+        f"""
+        from pytest_sandbox import open_backend
+        from tests.conftest import DEBIAN
+        with open_backend("daytona", cache_dir={str(cache_dir)!r}) as b:
+            for _ in range(60):
+                list(b.snapshots())
+            print("done")
+        """,
+        env={"DAYTONA_API_URL": endpoint},
+        timeout=300,
+    )
+    assert res.stdout.strip() == "done", res
+
+
+def test_sandboxes_carry_labels_and_the_safety_net(
+    daytona_backend: Backend, daytona_debian: Snapshot, sdk: object
+) -> None:
+    with daytona_backend.create(daytona_debian) as sb:
+        remote = sdk.get(sb.id)  # type: ignore[attr-defined]
+        assert remote.labels["pytest-sandbox.key"] == daytona_debian.key
+        assert remote.labels["pytest-sandbox.session"] == daytona_backend.store.owner  # type: ignore[attr-defined]
+        assert remote.network_block_all is True
+        assert (remote.auto_stop_interval, remote.auto_delete_interval) == (60, 0)
+        assert remote.snapshot == "pytest-sandbox-" + daytona_debian.key
+        fork = sb.fork()
+        assert sdk.get(fork.id).labels["pytest-sandbox.session"] == remote.labels["pytest-sandbox.session"]  # type: ignore[attr-defined]
+        fork.close()
+    with pytest.raises(daytona.DaytonaNotFoundError):
+        sdk.get(sb.id)  # type: ignore[attr-defined]
+
+
+def _sessions_sandboxes(session: str) -> list[object]:
+    return list(daytona.Daytona().list(daytona.ListSandboxesQuery(labels={"pytest-sandbox.session": session})))
+
+
+def _holder(cache_dir: Path) -> subprocess.Popen[str]:
+    code = f"""
+        import time
+        from pytest_sandbox import open_backend
+        from tests.conftest import DEBIAN
+        b = open_backend("daytona", cache_dir={str(cache_dir)!r})
+        sb = b.create(b.build(DEBIAN))
+        print(b.store.owner, b._watchdog.pid, flush=True)
+        time.sleep(600)
+        """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    return proc
+
+
+def test_kill_9_of_a_session_deletes_its_sandboxes(daytona_backend: Backend, cache_dir: Path) -> None:
+    proc = _holder(cache_dir)
+    assert proc.stdout is not None
+    session, _ = proc.stdout.readline().split()
+    assert len(_sessions_sandboxes(session)) == 1
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _sessions_sandboxes(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _sessions_sandboxes(session) == []
+
+
+def test_gc_at_start_deletes_sandboxes_of_dead_sessions(daytona_backend: Backend, cache_dir: Path) -> None:
+    proc = _holder(cache_dir)
+    assert proc.stdout is not None
+    session, watchdog = proc.stdout.readline().split()
+    os.kill(int(watchdog), signal.SIGKILL)  # no watchdog either: only gc can find them now
+    proc.kill()
+    proc.wait()
+    assert len(_sessions_sandboxes(session)) == 1
+    from pytest_sandbox.backends.daytona import DaytonaBackend
+
+    with DaytonaBackend(cache_dir):
+        assert _sessions_sandboxes(session) == []
+
+
+def test_a_snapshot_another_machine_is_building_is_waited_for(daytona_backend: Backend, sdk: object) -> None:
+    # "Another machine" starts building the base of a recipe through the plain SDK...
+    image = Image.from_registry("debian:bookworm").run("echo step > /step")
+    base_name = "pytest-sandbox-" + image.prefix_keys()[0]
+    for key in image.prefix_keys():  # left by an interrupted earlier run
+        with contextlib.suppress(daytona.DaytonaNotFoundError):
+            sdk.snapshot.delete(sdk.snapshot.get("pytest-sandbox-" + key))  # type: ignore[attr-defined]
+    started = time.monotonic()
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import daytona; img = daytona.Image.base('debian:bookworm').run_commands('sleep 3 # ' + '" + os.urandom(4).hex() + "'); "
+            f"daytona.Daytona().snapshot.create(daytona.CreateSnapshotParams(name={base_name!r}, image=img))",
+        ]
+    )
+    try:
+        while time.monotonic() - started < 30:
+            try:
+                sdk.snapshot.get(base_name)  # type: ignore[attr-defined]
+                break
+            except daytona.DaytonaNotFoundError:
+                time.sleep(0.05)
+        assert str(sdk.snapshot.get(base_name).state.value) in ("pending", "building")  # type: ignore[attr-defined]
+        # ...and this backend, asked for the same recipe, waits for it instead of building its own.
+        logs: list[str] = []
+        snap = daytona_backend.build(image, on_log=logs.append)
+    finally:
+        other.wait(timeout=120)
+    assert other.returncode == 0
+    assert not any(line.startswith("[0/1]") for line in logs), logs  # the base was not built here
+    with daytona_backend.create(snap) as sb:
+        assert sb.fs.read_text("/step") == "step\n"
+    daytona_backend.remove_snapshot(snap)
+    daytona_backend.remove_snapshot(image.prefix_keys()[0])
+
+
+def test_plain_sdk_example_script(daytona_backend: Backend) -> None:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "daytona_sdk.py")], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for i in range(3):
+        assert f"sandbox {i}: 42 on sandbox" in out, out
+    assert "from the fork's snapshot: forked state" in out
+    assert "the original is untouched: ['answer.txt']" in out
+
+
+def test_endpoint_covers_what_the_sdk_calls(sdk: object) -> None:
+    d = sdk
+    sb = d.create()  # type: ignore[attr-defined]  # no snapshot: the endpoint's default base
+    try:
+        assert sb.state == "started"
+        sb.fs.create_folder("/w", "750")
+        sb.fs.upload_file(b"abc\x00\xff", "/w/f.bin")
+        info = sb.fs.get_file_info("/w/f.bin")
+        assert (info.size, info.is_dir, info.permissions) == (5, False, "0644")
+        assert sb.fs.get_file_info("/w").permissions == "0750"
+        sb.fs.set_file_permissions("/w/f.bin", mode="600")
+        sb.fs.move_files("/w/f.bin", "/w/g.bin")
+        assert [(f.name, f.permissions) for f in sb.fs.list_files("/w")] == [("g.bin", "0600")]
+        assert sb.fs.download_file("/w/g.bin") == b"abc\x00\xff"
+        with pytest.raises(daytona.DaytonaFileNotFoundError):
+            sb.fs.download_file("/w/f.bin")
+        res = sb.process.exec("echo $A; pwd; echo oops >&2; exit 4", cwd="/w", env={"A": "1"})
+        assert (res.exit_code, res.result) == (4, "1\n/w\noops\n")
+        with pytest.raises(daytona.DaytonaTimeoutError):
+            sb.process.exec("sleep 30", timeout=1)
+        sb.set_labels({"k": "v"})
+        assert [s.id for s in d.list(daytona.ListSandboxesQuery(labels={"k": "v"}))] == [sb.id]  # type: ignore[attr-defined]
+        sb.stop()  # files survive a stop, processes do not
+        assert sb.state == "stopped"
+        sb.start()
+        assert sb.fs.download_file("/w/g.bin") == b"abc\x00\xff"
+        sb.fs.delete_file("/w", recursive=True)
+        assert sb.process.exec("test -e /w || echo gone").result == "gone\n"
+    finally:
+        sb.delete()
+    with pytest.raises(daytona.DaytonaNotFoundError):
+        d.snapshot.get("no-such-snapshot")  # type: ignore[attr-defined]
+    copying = daytona.Image.base("debian:bookworm").dockerfile_commands(["COPY a b"])
+    with pytest.raises(daytona.DaytonaBadRequestError, match="not supported by the local Daytona endpoint"):
+        d.snapshot.create(daytona.CreateSnapshotParams(name="bad-" + os.urandom(4).hex(), image=copying))  # type: ignore[attr-defined]
+
+
+def test_endpoint_snapshots_persist_across_restarts(tmp_path: Path, cache_dir: Path) -> None:
+    first, url = _serve(cache_dir)
+    env = {**os.environ, "DAYTONA_API_URL": url}
+    name = "persist-" + os.urandom(4).hex()
+    code = f"""
+        import daytona
+        d = daytona.Daytona()
+        sb = d.create()
+        sb.process.exec("echo kept > /kept")
+        sb.create_snapshot({name!r})
+        sb.delete()
+        """
+    assert subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, timeout=120).returncode == 0
+    assert first.stdin is not None
+    first.stdin.close()
+    first.wait(timeout=30)
+    second, url = _serve(cache_dir)
+    try:
+        code = f"""
+            import daytona
+            d = daytona.Daytona()
+            sb = d.create(daytona.CreateSandboxFromSnapshotParams(snapshot={name!r}))
+            print(sb.process.exec("cat /kept").result.strip())
+            sb.delete()
+            d.snapshot.delete(d.snapshot.get({name!r}))
+            print(json.dumps([s.name for s in d.snapshot.list().items]))
+            """
+        res = subprocess.run(
+            [sys.executable, "-c", "import json\n" + textwrap.dedent(code)],
+            env={**env, "DAYTONA_API_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.stdout.splitlines()[0] == "kept", res.stderr
+        assert name not in json.loads(res.stdout.splitlines()[1])
+    finally:
+        assert second.stdin is not None
+        second.stdin.close()
+        second.wait(timeout=30)
+
+
+def test_host_and_rootfs_bases_are_refused_with_what_to_use(daytona_backend: Backend, tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailableError, match=r"Image.debian\(...\) or Image.from_registry"):
+        daytona_backend.build(Image.host())
+    (tmp_path / "r").mkdir()
+    with pytest.raises(EngineUnavailableError, match="registry"):
+        daytona_backend.build(Image.from_rootfs(tmp_path / "r"))
+
+
+def test_exec_failures_are_sandbox_errors(daytona_backend: Backend, daytona_debian: Snapshot) -> None:
+    sb = daytona_backend.create(daytona_debian)
+    sb.close()
+    with pytest.raises(SandboxError, match="closed"):
+        sb.exec("true")
+    with daytona_backend.create(daytona_debian) as sb, pytest.raises(ConfigError):
+        sb.exec([])
