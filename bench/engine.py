@@ -4,23 +4,27 @@
 
 Rows: fork + first exec vs the bare-bwrap floor (same layers) vs `docker run` (where a Docker
 engine answers); exec round-trip; snapshot() of a 1 MB change on a small and a large base; disk
-used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200. Targets (issue 2) are printed
-beside the measurements; nothing here asserts, the machines are shared and noisy.
+used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200; then the docker backend and the
+daytona backend (through the SDK, against the local Daytona-compatible endpoint) on the same recipe,
+each as a ratio to the local engine. Targets (issue 2) are printed beside the measurements; nothing
+here asserts, the machines are shared and noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_sandbox import Image, Snapshot
+from pytest_sandbox import Backend, Image, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import disk_usage
 
@@ -92,36 +96,70 @@ def docker_image(b: LocalBackend, snap: Snapshot) -> str:
     return tag
 
 
+def remote_rows(
+    label: str,
+    remote: Backend,
+    local: LocalBackend,
+    deb: Snapshot,
+    n: int,
+    row: Callable[..., None],
+    out: dict[str, float],
+) -> None:
+    """Another backend on the same recipe, each figure as a ratio to the local engine's."""
+    t = time.perf_counter()
+    rsnap = remote.build(DEBIAN)
+    print(f"# {label}: Debian snapshot ready in {time.perf_counter() - t:.1f}s", flush=True)
+    pairs: dict[str, tuple[list[float], list[float]]] = {"create": ([], []), "exec": ([], []), "snap": ([], [])}
+    for _ in range(max(10, n // 2)):
+        for backend, snap, side in ((local, deb, 0), (remote, rsnap, 1)):
+            t = time.perf_counter()
+            sb = backend.create(snap)
+            sb.exec("true")
+            pairs["create"][side].append(time.perf_counter() - t)
+            pairs["exec"][side].append(timed(lambda sb=sb: sb.exec("true")))  # type: ignore[misc]
+            sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
+            t = time.perf_counter()
+            s = sb.snapshot()
+            pairs["snap"][side].append(time.perf_counter() - t)
+            sb.close()
+            backend.remove_snapshot(s)
+    for what, key in (
+        ("create + first exec", "create"),
+        ("exec round trip", "exec"),
+        ("snapshot() of a 1 MB change", "snap"),
+    ):
+        lo, rm = pct(pairs[key][0], 50), pct(pairs[key][1], 50)
+        out[f"{label}_{key}_p50"] = rm
+        row(f"{label}: {what}", f"p50 {ms(rm)}", f"local {ms(lo)}  {label}/local {rm / lo:.1f}x")
+
+
 def docker_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None], out: dict[str, float]) -> None:
-    """The docker backend on the same recipe, each figure as a ratio to the local engine's."""
     from pytest_sandbox.backends.docker import DockerBackend
 
     with DockerBackend(local.store.cache_dir) as d:
-        t = time.perf_counter()
-        dsnap = d.build(DEBIAN)
-        print(f"# docker: Debian image ready in {time.perf_counter() - t:.1f}s", flush=True)
-        pairs: dict[str, tuple[list[float], list[float]]] = {"create": ([], []), "exec": ([], []), "snap": ([], [])}
-        for _ in range(max(10, n // 2)):
-            for backend, snap, side in ((local, deb, 0), (d, dsnap, 1)):
-                t = time.perf_counter()
-                sb = backend.create(snap)
-                sb.exec("true")
-                pairs["create"][side].append(time.perf_counter() - t)
-                pairs["exec"][side].append(timed(lambda sb=sb: sb.exec("true")))  # type: ignore[misc]
-                sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
-                t = time.perf_counter()
-                s = sb.snapshot()
-                pairs["snap"][side].append(time.perf_counter() - t)
-                sb.close()
-                backend.remove_snapshot(s)
-        for label, key in (
-            ("create + first exec", "create"),
-            ("exec round trip", "exec"),
-            ("snapshot() of a 1 MB change", "snap"),
-        ):
-            lo, dk = pct(pairs[key][0], 50), pct(pairs[key][1], 50)
-            out[f"docker_{key}_p50"] = dk
-            row(f"docker: {label}", f"p50 {ms(dk)}", f"local {ms(lo)}  docker/local {dk / lo:.1f}x")
+        remote_rows("docker", d, local, deb, n, row, out)
+
+
+def daytona_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None], out: dict[str, float]) -> None:
+    """The daytona backend through the real SDK, against the local endpoint (HTTP on loopback,
+    backed by the same engine): what the API round trips cost on top of the engine."""
+    from pytest_sandbox.backends.daytona import DaytonaBackend
+
+    argv = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(local.store.cache_dir), "serve"]
+    argv += ["--daytona", "--port", "0", "--until-stdin-closes"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    url = proc.stdout.readline().strip().split("=", 1)[1]
+    saved = {k: os.environ.get(k) for k in ("DAYTONA_API_URL", "DAYTONA_API_KEY")}
+    os.environ.update(DAYTONA_API_URL=url, DAYTONA_API_KEY="bench")
+    try:
+        with DaytonaBackend(local.store.cache_dir) as d:
+            remote_rows("daytona", d, local, deb, n, row, out)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -281,6 +319,10 @@ def main() -> None:
             b.remove_snapshot(s)
         if use_docker:
             docker_rows(b, deb, args.n, row, out)
+        if importlib.util.find_spec("daytona") is not None:
+            daytona_rows(b, deb, args.n, row, out)
+        else:
+            row("daytona rows", "skipped", "(pip install 'pytest-sandbox[daytona]')")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if not args.cache and not os.environ.get("PYTEST_SANDBOX_CACHE"):

@@ -118,6 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     A DAYTONA_API_URL set by the caller wins: then the daytona cases run against that Daytona.
     """
+    config.addinivalue_line("markers", "endpoint_args(*args): options for a test's own Daytona endpoint")
     if hasattr(config, "workerinput") or os.environ.get("DAYTONA_API_URL"):
         return
     try:
