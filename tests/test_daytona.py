@@ -246,7 +246,8 @@ def test_a_snapshot_another_machine_is_building_is_waited_for(daytona_backend: B
         [
             sys.executable,
             "-c",
-            "import daytona; img = daytona.Image.base('debian:bookworm').run_commands('sleep 3 # ' + '" + os.urandom(4).hex() + "'); "
+            "import daytona; img = daytona.Image.base('debian:bookworm')"
+            f".run_commands('sleep 3 # {os.urandom(4).hex()}'); "
             f"daytona.Daytona().snapshot.create(daytona.CreateSnapshotParams(name={base_name!r}, image=img))",
         ]
     )
