@@ -4,7 +4,8 @@
 
 Rows: fork + first exec vs the bare-bwrap floor (same layers) vs `docker run` (where a Docker
 engine answers); exec round-trip; snapshot() of a 1 MB change on a small and a large base; disk
-used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200; then the docker backend and the
+used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200; a registry base pulled cold vs
+reused warm (Debian's docker-registry on 127.0.0.1, skopeo); then the docker backend and the
 daytona backend (through the SDK, against the local Daytona-compatible endpoint) on the same recipe,
 each as a ratio to the local engine. Targets (issue 2) are printed beside the measurements; nothing
 here asserts, the machines are shared and noisy.
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -160,6 +162,52 @@ def daytona_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[..., 
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def registry_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None], out: dict[str, float]) -> None:
+    """A registry base: cold pull-and-build (empty cache) vs warm reuse (tag resolved again, layers
+    and snapshots cached) vs a pinned digest (no network at all). The image is the Debian layer of
+    this bench, pushed with skopeo to Debian's docker-registry on 127.0.0.1."""
+    work = Path(tempfile.mkdtemp(prefix="registry-", dir=local.store.root / "t"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (work / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {work}/data\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    reg = subprocess.Popen(["docker-registry", "serve", str(work / "config.yml")], stderr=subprocess.DEVNULL)
+    try:
+        tar = work / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(local.store.layer_path(deb.layers[0])), "-cf", str(tar), "."], check=True)
+        ref = f"127.0.0.1:{port}/bench/debian:python3"
+        time.sleep(0.5)  # the registry starts while tar runs; skopeo retries nothing
+        subprocess.run(
+            ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"tarball:{tar}", f"docker://{ref}"], check=True
+        )
+        recipe = Image.from_registry(ref).run("python3 -c 'print(1)' > /ok")
+        cold, warm, pinned = [], [], []
+        for _ in range(3):
+            with LocalBackend(Path(tempfile.mkdtemp(prefix="cold-", dir=work))) as fresh:
+                t = time.perf_counter()
+                snap = fresh.build(recipe)
+                cold.append(time.perf_counter() - t)
+                digest = fresh.get_snapshot(snap.parent or "").base["image"].split("@")[1]
+                for _ in range(max(10, n // 2)):
+                    warm.append(timed(lambda fresh=fresh: fresh.build(recipe)))  # type: ignore[misc]
+                    pin = Image.from_registry(f"127.0.0.1:{port}/bench/debian@{digest}").run(
+                        "python3 -c 'print(1)' > /ok"
+                    )
+                    pinned.append(timed(lambda fresh=fresh, pin=pin: fresh.build(pin)))  # type: ignore[misc]
+        mb = tar.stat().st_size >> 20
+        c, w, p = pct(cold, 50), pct(warm, 50), pct(pinned, 50)
+        out.update(registry_cold_p50=c, registry_warm_p50=w, registry_pinned_p50=p)
+        row(f"registry base ({mb} MB): cold pull + build", f"p50 {ms(c)}", "empty cache: manifest, layer, unpack, step")
+        row("registry base: warm reuse (tag resolved)", f"p50 {ms(w)}", f"cold/warm {c / w:.0f}x")
+        row("registry base: warm reuse (pinned digest)", f"p50 {ms(p)}", f"cold/pinned {c / p:.0f}x, no network")
+    finally:
+        reg.kill()
+        reg.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -317,6 +365,10 @@ def main() -> None:
         )
         for s in chain:
             b.remove_snapshot(s)
+        if shutil.which("docker-registry") and shutil.which("skopeo"):
+            registry_rows(b, deb, args.n, row, out)
+        else:
+            row("registry rows", "skipped", "(apt-get install docker-registry skopeo)")
         if use_docker:
             docker_rows(b, deb, args.n, row, out)
         if importlib.util.find_spec("daytona") is not None:

@@ -1,21 +1,25 @@
 """The example suite's environments. Copy this file to start your own.
 
 `sandbox_image` is the default recipe: a base plus the example project copied in. On the local
-engine the base is the host's system directories, read-only (no download, no Docker); a Docker
-engine cannot share those, so there it is a Debian rootfs with python3 (built with mmdebstrap).
-The setup key covers the *contents* of examples/project: edit a file there and the snapshot is
-rebuilt once, then reused again.
+engine the base is a registry image, `debian:bookworm-slim` (or PYTEST_SANDBOX_EXAMPLE_IMAGE) with
+python3 installed by an apt step; when no registry can be reached (and none was asked for by name),
+the examples say so and use the host's system directories instead. The docker and daytona backends
+use a Debian rootfs with python3 built with mmdebstrap. The setup key covers the *contents* of
+examples/project: edit a file there and the snapshot is rebuilt once, then reused again.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Backend, Image
+from pytest_sandbox import Backend, Image, SnapshotBuildError
 
 HERE = Path(__file__).parent
+DEFAULT_IMAGE = "debian:bookworm-slim"
 
 # The example project has its own (deliberately failing) tests; they run inside sandboxes only.
 collect_ignore = ["project"]
@@ -24,9 +28,21 @@ collect_ignore = ["project"]
 @pytest.fixture(scope="session")
 def example_base(sandbox_backend: Backend) -> Image:
     """The base every example recipe starts from, chosen for the backend in use."""
-    if sandbox_backend.name == "local":
+    if sandbox_backend.name != "local":
+        return Image.debian("bookworm", include=["python3"])
+    asked = os.environ.get("PYTEST_SANDBOX_EXAMPLE_IMAGE")
+    image = Image.from_registry(asked or DEFAULT_IMAGE).apt_install("python3")
+    try:
+        sandbox_backend.build(image)
+    except SnapshotBuildError as exc:
+        if asked or "cannot reach the registry" not in str(exc):
+            raise
+        warnings.warn(
+            f"the examples use the host base: {DEFAULT_IMAGE} is out of reach ({exc.reason})",
+            stacklevel=1,
+        )
         return Image.host()
-    return Image.debian("bookworm", include=["python3"])
+    return image
 
 
 @pytest.fixture(scope="session")

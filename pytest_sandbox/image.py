@@ -191,6 +191,13 @@ class Image:
         return cls(base=(("kind", "registry"), ("ref", ref)))
 
     # -- steps -------------------------------------------------------------------------------
+    def pinned(self, digest: str) -> Image:
+        """This recipe with its registry base fixed at ``digest`` (what its tag resolved to): the
+        digest is part of every key, so a moved tag gives new keys."""
+        if self.base_kind != "registry":
+            raise ConfigError("only registry bases are pinned to a digest")
+        return Image(base=(*((k, v) for k, v in self.base if k != "digest"), ("digest", digest)), steps=self.steps)
+
     def _add(self, step: Step) -> Image:
         return replace(self, steps=(*self.steps, step))
 

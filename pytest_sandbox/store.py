@@ -94,21 +94,28 @@ def rmtree(path: Path) -> None:
 
 
 def _end_processes_using(dirs: list[Path], timeout: float = 5.0) -> None:
-    """SIGKILL processes whose command line names one of ``dirs`` (a sandbox's bwrap names its
-    writable layer there) and wait until they are gone."""
+    """SIGKILL processes that still use one of ``dirs`` and wait until they are gone: those whose
+    command line names it (a sandbox's bwrap), and those whose mount namespace has an overlay on
+    it (everything running inside that sandbox)."""
     if not dirs:
         return
     needles = [str(d).encode() for d in dirs]
     pids = []
+    me = os.getpid()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == me:
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if any(n in cmdline for n in needles):
+        found = False
+        for what in ("cmdline", "mountinfo"):
+            try:
+                with open(f"/proc/{entry}/{what}", "rb") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if any(n in text for n in needles):
+                found = True
+                break
+        if found:
             pids.append(int(entry))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -8,8 +8,13 @@ between runs while developing.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +175,40 @@ def daytona_backend(cache_dir: Path) -> Iterator[Backend]:
 @pytest.fixture(scope="session")
 def daytona_debian(daytona_backend: Backend) -> Snapshot:
     return daytona_backend.build(DEBIAN)
+
+
+# -- a real registry on 127.0.0.1 ------------------------------------------------------------
+def start_registry(root: Path, auth: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """Debian's docker-registry (the CNCF distribution registry) serving ``root`` on a free port."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
+    )
+    proc = subprocess.Popen(
+        [binary, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (401 with auth on)
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real registry on 127.0.0.1 for the whole run: its host:port."""
+    proc, addr = start_registry(tmp_path_factory.mktemp("registry"))
+    yield addr
+    proc.kill()
+    proc.wait()

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox import (
-    EngineUnavailableError,
     Image,
     SandboxClosedError,
     Snapshot,
@@ -116,11 +115,6 @@ def test_missing_mmdebstrap_names_the_package(cache_dir: Path) -> None:
         cache_dir,
     )
     assert "apt-get install mmdebstrap" in out.stdout, out.stderr
-
-
-def test_registry_base_is_a_clear_not_yet_error(backend: LocalBackend) -> None:
-    with pytest.raises(EngineUnavailableError, match="not supported by the local engine yet"):
-        backend.build(Image.from_registry("python:3.12-slim"))
 
 
 def test_from_rootfs_directory_and_tarball(backend: LocalBackend, debian: Snapshot, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +37,10 @@ from ..errors import (
     EngineUnavailableError,
     SandboxClosedError,
     SandboxError,
+    SnapshotBuildError,
 )
 from ..image import Image, Step
+from ..registry import Reference, RegistryClient, RegistryError, iter_layers
 from ..store import Store, new_id, rmtree
 from . import _layers, _proc
 from ._build import (
@@ -51,6 +54,7 @@ from ._build import (
     resolve_snapshot,
     run_step,
 )
+from ._oci import layer_id, unpack_layer
 from ._safefs import SafeFS
 
 __all__ = ["LocalBackend", "LocalSandbox"]
@@ -259,6 +263,7 @@ class LocalBackend:
         self._ephemeral: list[str] = []
         self._closed = False
         self._pool = _WarmPool(self)
+        self._registry_client: RegistryClient | None = None
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # one pipe per live sandbox: the default 1024 is too few for big suites
             with contextlib.suppress(ValueError, OSError):
@@ -311,6 +316,7 @@ class LocalBackend:
         those created before it (so parallel workers of one run still build once). The base
         (a Debian rootfs, an unpacked tarball) is kept: ``pytest-sandbox rm`` it to refresh it.
         """
+        image = self._pin(image, on_log or (lambda _line: None))
         snap = build_recipe(
             image,
             get=self.store.get,
@@ -327,11 +333,7 @@ class LocalBackend:
         kind = image.base_kind
         b = dict(image.base)
         if kind == "registry":
-            raise EngineUnavailableError(
-                f"Image.from_registry({b['ref']!r}) is not supported by the local engine yet. "
-                "Use Image.debian(...) or Image.from_rootfs(...) (e.g. a `docker export` tarball), "
-                "or the docker backend."
-            )
+            return self._pull(image, key, log)
         log(f"[0/{len(image.steps)}] {image.describe().splitlines()[0]}")
         tmp = self.store.tmp_dir()
         try:
@@ -357,6 +359,130 @@ class LocalBackend:
                 )
                 self.store.put(snap)
             return snap
+        finally:
+            rmtree(tmp)
+
+    # -- registry bases ----------------------------------------------------------------------
+    def _registry(self) -> RegistryClient:
+        if self._registry_client is None:
+            self._registry_client = RegistryClient(ca_file=host_ca_bundle())
+        return self._registry_client
+
+    def _oci_file(self, kind: str, digest: str) -> Path:
+        d = self.store.root / "oci" / kind
+        d.mkdir(parents=True, exist_ok=True)
+        return d / digest.replace(":", "-")
+
+    def _save_json(self, path: Path, data: Any) -> None:
+        tmp = path.with_name(f".{path.name}.{new_id()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    def _pin(self, image: Image, log: LogCallback) -> Image:
+        """A registry base resolved to the digest of this platform's manifest (pinned references
+        need no network). When the registry cannot be reached, the last resolution of the tag is
+        used and the log says so."""
+        b = dict(image.base)
+        if image.base_kind != "registry" or "digest" in b:
+            return image
+        try:
+            ref = Reference.parse(b["ref"])
+        except ConfigError as exc:
+            raise self._pull_error(image, exc) from exc
+        if ref.digest:
+            return image.pinned(ref.digest)
+        tags = self._oci_file("tags", "resolved.json")
+        try:
+            known: dict[str, Any] = json.loads(tags.read_text())
+        except (OSError, ValueError):
+            known = {}
+        try:
+            digest, manifest = self._registry().resolve(ref)
+        except RegistryError as exc:
+            last = known.get(str(ref))
+            if last is None or not isinstance(exc.__cause__, OSError):
+                raise self._pull_error(image, exc) from exc
+            log(f"{ref}: {exc} -- using {last['digest']}, what the tag was on {time.ctime(last['at'])}")
+            return image.pinned(last["digest"])
+        self._save_json(self._oci_file("manifests", digest), manifest)
+        if known.get(str(ref), {}).get("digest") != digest:
+            with self.store.build_lock("oci-tags"):
+                try:
+                    known = json.loads(tags.read_text())
+                except (OSError, ValueError):
+                    known = {}
+                known[str(ref)] = {"digest": digest, "at": time.time()}
+                self._save_json(tags, known)
+        return image.pinned(digest)
+
+    def _pull_error(self, image: Image, exc: Exception) -> SnapshotBuildError:
+        return SnapshotBuildError(
+            key=image.prefix_keys()[0],
+            step_index=0,
+            step_count=len(image.steps),
+            step=image.describe().splitlines()[0],
+            exit_code=None,
+            output="",
+            reason=str(exc),
+        )
+
+    def _pull(self, image: Image, key: str, log: LogCallback) -> Snapshot:
+        """The base snapshot of a registry image: its layers, each unpacked once per digest."""
+        b = dict(image.base)
+        desc = image.describe().splitlines()[0]
+        log(f"[0/{len(image.steps)}] {desc}")
+        ref = Reference.parse(b["ref"])
+        client = self._registry()
+        tmp = self.store.tmp_dir()
+        try:
+            cached = self._oci_file("manifests", b["digest"])
+            if cached.is_file():
+                manifest = json.loads(cached.read_text())
+            else:
+                digest, manifest = client.resolve(ref.pinned(b["digest"]))
+                self._save_json(self._oci_file("manifests", digest), manifest)
+            config_digest = manifest["config"]["digest"]
+            config_file = self._oci_file("configs", config_digest)
+            if not config_file.is_file():
+                config_file.write_bytes(client.blob(ref, config_digest))
+            config = json.loads(config_file.read_bytes()).get("config") or {}
+            # Held from the first publish to the record: gc never sees these layers unreferenced.
+            with self.store.shared():
+                layers = []
+                for digest, size, _ in iter_layers(manifest):
+                    lid = layer_id(digest)
+                    layers.append(lid)
+                    with self.store.build_lock(lid):  # one download per layer, whoever asks
+                        if self.store.layer_path(lid).is_dir():
+                            continue
+                        mb = f"{size / 1e6:.1f} MB" if size else "size unknown"
+                        log(f"    layer {digest[7:19]}: {mb}")
+                        blob = tmp / "blob"
+                        with blob.open("wb") as out:
+                            client.download(ref, digest, size, out)
+                        skipped = unpack_layer(
+                            blob, tmp / lid, f"layer {digest} of {ref}", keep_owners=not self.rootless
+                        )
+                        if skipped:
+                            log(
+                                f"    layer {digest[7:19]}: {skipped} device nodes skipped (a sandbox has its own /dev)"
+                            )
+                        blob.unlink()
+                        self.store.publish_layer(tmp / lid, lid)
+                env = tuple(tuple(e.split("=", 1)) for e in config.get("Env") or () if "=" in e)
+                snap = Snapshot(
+                    key=key,
+                    backend=self.name,
+                    layers=tuple(layers),
+                    base={"kind": "rootfs", "image": str(ref.pinned(b["digest"]))},
+                    env=env,
+                    workdir=config.get("WorkingDir") or "/",
+                    description=desc,
+                )
+                self.store.put(snap)
+            return snap
+        except RegistryError as exc:
+            raise self._pull_error(image, exc) from exc
         finally:
             rmtree(tmp)
 

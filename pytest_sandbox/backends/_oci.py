@@ -1,0 +1,220 @@
+"""OCI image layers as engine layers.
+
+Each layer tar becomes a directory in the layer store, named after its digest and shared by every
+image that has it. OCI whiteouts (``.wh.NAME``) become overlayfs whiteouts (0/0 character devices,
+which unprivileged users may create), opaque markers (``.wh..wh..opq``) become the
+``user.overlay.opaque`` xattr the engine's overlays read. Nothing in a layer may land outside its
+directory: absolute or ``..`` paths, writes through a symlink and hard links that point out are
+refused, and every path is walked without following symlinks. Ownership is kept when running as
+root; rootless, everything belongs to the caller (root inside the sandbox).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import os
+import shutil
+import stat
+import tarfile
+from pathlib import Path
+from typing import IO
+
+from ..errors import SandboxError
+from ..registry import RegistryError
+from ._layers import OPAQUE
+from ._safefs import _rmtree_at
+
+__all__ = ["LayerError", "layer_id", "unpack_layer"]
+
+WHITEOUT = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+
+class LayerError(RegistryError):
+    """A layer that cannot be unpacked safely (it tries to write outside its root, or is not a tar)."""
+
+
+def layer_id(digest: str) -> str:
+    """The layer store's name for an OCI layer (digests are unique; 128 bits of it are plenty)."""
+    return "oci-" + digest.split(":", 1)[1][:32]
+
+
+def _open_stream(blob: IO[bytes], what: str) -> IO[bytes]:
+    magic = blob.read(4)
+    blob.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=blob)  # type: ignore[return-value]
+    if magic == b"\x28\xb5\x2f\xfd":
+        try:
+            from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+        except ImportError:
+            raise LayerError(f"{what} is zstd-compressed, which needs Python 3.14 or newer here") from None
+        return zstd.ZstdFile(blob)  # type: ignore[no-any-return]
+    return blob
+
+
+class _Unpacker:
+    def __init__(self, dest: Path, what: str, keep_owners: bool) -> None:
+        dest.mkdir()
+        self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.what = what
+        self.keep_owners = keep_owners
+        self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
+        self.skipped = 0
+
+    def close(self) -> None:
+        os.close(self.root)
+
+    def _parts(self, name: str, member: str) -> tuple[str, ...]:
+        if name.startswith("/"):
+            raise LayerError(f"{self.what}: {member!r} has an absolute path; refusing the layer")
+        parts = tuple(p for p in name.split("/") if p not in ("", "."))
+        if ".." in parts:
+            raise LayerError(f"{self.what}: {member!r} climbs out of the image root with '..'; refusing the layer")
+        return parts
+
+    def _dir(self, parts: tuple[str, ...], create: bool = True) -> int:
+        """An fd of the directory ``parts`` below the root, walked without following symlinks."""
+        fd = os.dup(self.root)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = "/".join(parts[: i + 1])
+                        raise LayerError(
+                            f"{self.what}: writing below {where!r}, which is a symlink or a file in this layer; "
+                            "refusing the layer"
+                        ) from exc
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _clear(self, pfd: int, name: str, keep_dir: bool) -> None:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return
+            _rmtree_at(pfd, name)
+        else:
+            os.unlink(name, dir_fd=pfd)
+
+    def _owner(self, m: tarfile.TarInfo, name: str | int, pfd: int | None) -> None:
+        if self.keep_owners:
+            if isinstance(name, int):
+                os.fchown(name, m.uid, m.gid)
+            else:
+                os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+
+    def add(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        parts = self._parts(m.name, m.name)
+        if not parts:
+            self.dirs[()] = m
+            return
+        pfd = self._dir(parts[:-1])
+        name = parts[-1]
+        try:
+            if name == OPAQUE_MARKER:
+                os.setxattr(pfd, OPAQUE, b"y")
+            elif name.startswith(WHITEOUT):
+                hidden = name[len(WHITEOUT) :]
+                self._clear(pfd, hidden, keep_dir=False)
+                os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
+            elif m.isdir():
+                self._clear(pfd, name, keep_dir=True)
+                with contextlib.suppress(FileExistsError):  # an earlier entry of this layer made it
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+                self.dirs[parts] = m
+            elif m.isreg():
+                self._clear(pfd, name, keep_dir=False)
+                fd = os.open(
+                    name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+                )
+                try:
+                    data = tf.extractfile(m)
+                    if data is not None:
+                        with os.fdopen(os.dup(fd), "wb") as out:
+                            shutil.copyfileobj(data, out, 1 << 20)
+                    self._owner(m, fd, None)
+                    os.fchmod(fd, m.mode & 0o7777)
+                    os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
+                finally:
+                    os.close(fd)
+            elif m.issym():
+                self._clear(pfd, name, keep_dir=False)
+                os.symlink(m.linkname, name, dir_fd=pfd)
+                self._owner(m, name, pfd)
+                os.utime(name, ns=(int(m.mtime * 1e9),) * 2, dir_fd=pfd, follow_symlinks=False)
+            elif m.islnk():
+                src = self._parts(m.linkname, f"{m.name} -> {m.linkname}")
+                if not src:
+                    raise LayerError(f"{self.what}: hard link {m.name!r} points at the root; refusing the layer")
+                sfd = self._dir(src[:-1], create=False)
+                try:
+                    self._clear(pfd, name, keep_dir=False)
+                    os.link(src[-1], name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError as exc:
+                    raise LayerError(
+                        f"{self.what}: hard link {m.name!r} points at {m.linkname!r}, which is not in this layer"
+                    ) from exc
+                finally:
+                    os.close(sfd)
+            elif m.isfifo():
+                self._clear(pfd, name, keep_dir=False)
+                os.mkfifo(name, m.mode & 0o777, dir_fd=pfd)
+            else:
+                self.skipped += 1  # device nodes: a sandbox gets its own /dev
+        finally:
+            os.close(pfd)
+
+    def finish(self) -> None:
+        # Directory modes last, deepest first: a read-only directory must not stop its own filling.
+        for parts in sorted(self.dirs, key=len, reverse=True):
+            m = self.dirs[parts]
+            fd = self._dir(parts, create=False)
+            try:
+                self._owner(m, fd, None)
+                os.fchmod(fd, m.mode & 0o7777)
+                os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
+            finally:
+                os.close(fd)
+
+
+def unpack_layer(blob: Path, dest: Path, what: str, *, keep_owners: bool) -> int:
+    """Unpack the layer tarball ``blob`` (plain, gzip or zstd) into the new directory ``dest``.
+
+    Returns the number of entries skipped (device nodes). Raises :class:`LayerError` for a layer
+    that tries to escape its root or is not a tar archive.
+    """
+    unpacker = _Unpacker(dest, what, keep_owners)
+    try:
+        with blob.open("rb") as raw:
+            try:
+                with tarfile.open(fileobj=_open_stream(raw, what), mode="r|") as tf:
+                    for member in tf:
+                        unpacker.add(tf, member)
+            except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
+                raise LayerError(f"{what} is not a valid (compressed) tar archive: {exc}") from exc
+        unpacker.finish()
+    except OSError as exc:
+        if isinstance(exc, SandboxError):
+            raise
+        raise LayerError(f"{what}: unpacking failed: {exc}") from exc
+    finally:
+        unpacker.close()
+    return unpacker.skipped
