@@ -175,7 +175,9 @@ def registry_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[...,
     (work / "config.yml").write_text(
         f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {work}/data\nhttp:\n  addr: 127.0.0.1:{port}\n"
     )
-    reg = subprocess.Popen(["docker-registry", "serve", str(work / "config.yml")], stderr=subprocess.DEVNULL)
+    reg = subprocess.Popen(
+        ["docker-registry", "serve", str(work / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         tar = work / "rootfs.tar"
         subprocess.run(["tar", "-C", str(local.store.layer_path(deb.layers[0])), "-cf", str(tar), "."], check=True)
