@@ -6,8 +6,9 @@ local engine turns what it fetches into layers (``backends/_oci.py``).
 
 Configuration, as Docker and the containers tools read it:
 
-- credentials: ``REGISTRY_AUTH_FILE``, ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``
-  (``auths`` entries, and ``credHelpers``/``credsStore`` helpers);
+- credentials: ``DOCKER_AUTH_CONFIG`` (a config.json's contents, as CI runners pass them), then
+  ``REGISTRY_AUTH_FILE``, ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json`` (``auths``
+  entries, and ``credHelpers``/``credsStore`` helpers); anonymous token flow otherwise;
 - mirrors: ``PYTEST_SANDBOX_REGISTRY_MIRRORS`` (comma-separated; ``URL`` mirrors Docker Hub,
   ``REGISTRY=URL`` another registry), plus ``registry-mirrors`` in ``/etc/docker/daemon.json``;
 - plain HTTP: registries on loopback (127.0.0.0/8, ``localhost``, ``::1``) always, as Docker does;
@@ -177,16 +178,26 @@ class RegistryConfig:
         scheme = "http" if _is_loopback(host) or registry in self.insecure else "https"
         return [*self.mirrors.get(registry, []), f"{scheme}://{host}"]
 
+    def _auth_documents(self) -> Iterator[dict[str, Any]]:
+        # DOCKER_AUTH_CONFIG holds a config.json's contents (the convention of CI runners).
+        texts = [os.environ.get("DOCKER_AUTH_CONFIG", "")]
+        for path in self.auth_files:
+            with contextlib.suppress(OSError):
+                texts.append(path.read_text())
+        for text in texts:
+            try:
+                doc = json.loads(text) if text else None
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                yield doc
+
     def credentials(self, registry: str) -> tuple[str, str] | None:
         """(user, secret) for ``registry`` from the first auth file that has them."""
         keys = {registry, f"https://{registry}", f"http://{registry}"}
         if registry == DOCKER_HUB:
             keys |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
-        for path in self.auth_files:
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+        for data in self._auth_documents():
             for key, entry in (data.get("auths") or {}).items():
                 if key.rstrip("/") in keys or key in keys:
                     if entry.get("auth"):

@@ -10,11 +10,16 @@ layers that try to write outside their root.
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import os
 import secrets
 import shutil
 import subprocess
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,3 +317,89 @@ def test_loopback_registries_are_plain_http_others_https(monkeypatch: pytest.Mon
     assert cfg.endpoints("build.internal:5000") == ["http://build.internal:5000"]
     assert cfg.endpoints("ghcr.io") == ["https://ghcr.io"]
     assert cfg.endpoints("docker.io") == ["https://registry-1.docker.io"]
+
+
+class _TokenFront(http.server.ThreadingHTTPServer):
+    """Bearer-token authentication in front of the real registry, as Docker Hub and ghcr.io do it:
+    /v2/ answers 401 with a challenge, /token issues a token (for anyone, or only with Basic
+    credentials when ``password`` is set), and requests with the token are passed through."""
+
+    def __init__(self, upstream: str, password: str | None) -> None:
+        self.upstream, self.password = upstream, password
+        self.tokens: set[str] = set()
+        self.scopes: list[str] = []
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/token":
+                    query = dict(urllib.parse.parse_qsl(url.query))
+                    expected = "Basic " + base64.b64encode(f"psb:{front.password}".encode()).decode()
+                    if front.password and self.headers.get("Authorization") != expected:
+                        self.send_response(401)
+                        self.end_headers()
+                        return
+                    front.scopes.append(query.get("scope", ""))
+                    token = secrets.token_hex(8)
+                    front.tokens.add(token)
+                    return self._reply(200, json.dumps({"token": token}).encode(), {})
+                if self.headers.get("Authorization", "").removeprefix("Bearer ") not in front.tokens:
+                    name = url.path.split("/")[2:4]
+                    realm = f"http://{self.headers['Host']}/token"
+                    challenge = f'Bearer realm="{realm}",service="psb-test",scope="repository:{"/".join(name)}:pull"'
+                    return self._reply(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge})
+                req = urllib.request.Request(f"http://{front.upstream}{self.path}", headers=dict(self.headers))
+                try:
+                    with urllib.request.urlopen(req) as resp:
+                        self._reply(resp.status, resp.read(), dict(resp.headers))
+                except urllib.error.HTTPError as err:
+                    self._reply(err.code, err.read(), dict(err.headers))
+
+            def _reply(self, code: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(code)
+                for k, v in headers.items():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.mark.parametrize("password", [None, "t0ken-pw"], ids=["anonymous", "with-credentials"])
+def test_bearer_token_flow(
+    backend: LocalBackend, registry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str | None
+) -> None:
+    layout = Layout(tmp_path / "layout")
+    tag = secrets.token_hex(3)
+    layout.tag(tag, _tiny(layout, f"behind a token {tag}"))
+    push(layout, tag, f"{registry}/psb/tokened:{tag}")
+    front = _TokenFront(registry, password)
+    monkeypatch.delenv("DOCKER_AUTH_CONFIG", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    backend._registry_client = None
+    try:
+        ref = f"{front.address}/psb/tokened:{tag}"
+        if password:
+            with pytest.raises(SnapshotBuildError, match="requires credentials for psb/tokened"):
+                backend.build(Image.from_registry(ref))
+            auth = base64.b64encode(f"psb:{password}".encode()).decode()
+            monkeypatch.setenv("DOCKER_AUTH_CONFIG", json.dumps({"auths": {front.address: {"auth": auth}}}))
+            backend._registry_client = None
+        snap = backend.build(Image.from_registry(ref))
+        assert backend.store.layer_path(snap.layers[0]).joinpath("which").read_text() == f"behind a token {tag}"
+        assert "repository:psb/tokened:pull" in front.scopes
+    finally:
+        backend._registry_client = None
+        front.shutdown()
+        front.server_close()
