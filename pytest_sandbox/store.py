@@ -153,6 +153,27 @@ def disk_usage(path: Path) -> int:
     return total
 
 
+def owner_alive_in(root: Path, token: str | None) -> bool:
+    """True while the process holding owner ``token`` of the store at ``root`` runs. A store that
+    is gone has no live owners; one this user may not read is taken as alive (not ours to judge)."""
+    if token is None:
+        return False
+    path = root / "o" / f"{token}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class Store:
     """Snapshot records and layers under one cache directory, safe for many processes at once."""
 
@@ -190,22 +211,9 @@ class Store:
 
     def owner_alive(self, token: str | None) -> bool:
         """True while the process that holds ``token`` is running (or the token is ours)."""
-        if token is None:
-            return False
-        if token == self._owner:
+        if token is not None and token == self._owner:
             return True
-        path = self.root / "o" / f"{token}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return owner_alive_in(self.root, token)
 
     # -- locks -------------------------------------------------------------------------------
     def build_lock(self, key: str) -> filelock.FileLock:

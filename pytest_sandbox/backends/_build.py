@@ -3,32 +3,46 @@ steps get, and the mmdebstrap call that makes a Debian rootfs tarball."""
 
 from __future__ import annotations
 
+import errno
 import os
+import posixpath
 import shlex
 import shutil
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 from ..api import Backend, ExecResult, LogCallback, Snapshot
-from ..errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxError, SnapshotBuildError
+from ..errors import (
+    ConfigError,
+    EngineUnavailableError,
+    ExecTimeoutError,
+    SandboxClosedError,
+    SandboxError,
+    SandboxFileError,
+    SnapshotBuildError,
+)
 from ..image import Image, Step
 from . import _proc
 
 __all__ = [
+    "SandboxBase",
     "KILL_TREE_SH",
     "BUILD_CA_PATH",
     "build_env",
     "build_recipe",
     "exec_argv",
     "exec_result",
+    "file_error",
     "extract_tar",
     "host_ca_bundle",
     "mmdebstrap_tar",
     "resolve_snapshot",
     "run_step",
+    "sandbox_path",
     "step_argv",
 ]
 
@@ -293,3 +307,86 @@ def extract_tar(tf: tarfile.TarFile, dest: Path) -> None:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, member.mode & 0o777)
             with os.fdopen(fd, "wb") as out:
                 out.write(f.read() if f is not None else b"")
+
+
+def sandbox_path(path: str) -> str:
+    """A sandbox path, normalised; relative paths are refused (they would depend on a cwd)."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"sandbox paths are absolute, like '/work/file.txt'; got {path!r}")
+    return posixpath.normpath(path).replace("//", "/")
+
+
+_ERRNO = (
+    ("no such file", errno.ENOENT),
+    ("not found", errno.ENOENT),
+    ("not a directory", errno.ENOTDIR),
+    ("is a directory", errno.EISDIR),
+    ("not empty", errno.ENOTEMPTY),
+    ("exists", errno.EEXIST),
+    ("denied", errno.EACCES),
+)
+
+
+def file_error(text: str, op: str, path: str) -> SandboxFileError:
+    """The :class:`SandboxFileError` for a failure a remote sandbox described in words."""
+    num = next((n for s, n in _ERRNO if s in text.lower()), errno.EIO)
+    what = {
+        errno.ENOENT: "no such file or directory",
+        errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
+        errno.ENOTDIR: "not a directory",
+        errno.EISDIR: "is a directory",
+    }.get(num, text.strip())
+    return SandboxFileError(num, f"{op} {path}: {what}")
+
+
+_S = TypeVar("_S", bound="SandboxBase")
+
+
+class SandboxBase:
+    """What every backend's Sandbox shares: ``with`` support, the closed check, and ``exec`` turning
+    its command into an argv for the backend's ``_run``."""
+
+    id: str
+    _closed: bool
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
+
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        on_line: LogCallback | None = None,
+    ) -> ExecResult:
+        raise NotImplementedError
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command in the sandbox and wait for it.
+
+        A string runs through ``/bin/sh -c``; a list is an argv. Processes it leaves in the
+        background keep running for later commands. On ``timeout`` every process the command
+        started is killed and :class:`ExecTimeoutError` is raised with the output so far.
+        """
+        return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout)

@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from ..api import ExecResult, LogCallback, Snapshot
@@ -47,17 +46,19 @@ from ..errors import (
     SnapshotBuildError,
 )
 from ..image import Image, Step
-from ..store import Store, match_snapshot, new_id
+from ..store import Store, match_snapshot, new_id, owner_alive_in
 from ._build import (
     KILL_TREE_SH,
+    SandboxBase,
     build_env,
     build_recipe,
-    exec_argv,
     exec_result,
     extract_tar,
+    file_error,
     host_ca_bundle,
     resolve_snapshot,
     run_step,
+    sandbox_path,
     step_argv,
 )
 
@@ -463,7 +464,13 @@ class DaytonaBackend:
 
     def labels(self, **extra: str) -> dict[str, str]:
         """Labels every sandbox of this process carries (gc and the watchdog find them by these)."""
-        return {LABEL: "1", f"{LABEL}.session": self.store.owner, f"{LABEL}.host": self.host, **extra}
+        return {
+            LABEL: "1",
+            f"{LABEL}.session": self.store.owner,
+            f"{LABEL}.host": self.host,
+            f"{LABEL}.store": str(self.store.root),
+            **extra,
+        }
 
     def _ensure_watchdog(self) -> None:
         with self._lock:
@@ -481,7 +488,16 @@ class DaytonaBackend:
         removed = 0
         query = self._sdk.ListSandboxesQuery(labels={f"{LABEL}.host": self.host})
         for remote in self.call("list sandboxes", lambda: list(self.client.list(query))):
-            if not self.store.owner_alive(remote.labels.get(f"{LABEL}.session")):
+            # Sessions are judged in the store that made them (other cache directories on this host
+            # have their own live processes).
+            store = remote.labels.get(f"{LABEL}.store") or str(self.store.root)
+            session = remote.labels.get(f"{LABEL}.session")
+            alive = (
+                self.store.owner_alive(session)
+                if store == str(self.store.root)
+                else owner_alive_in(Path(store), session)
+            )
+            if not alive:
                 with contextlib.suppress(SandboxError):
                     self.call("delete a sandbox", remote.delete)
                     removed += 1
@@ -528,7 +544,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     return "Connection refused" in str(exc) or "Max retries exceeded" in str(exc)
 
 
-class DaytonaSandbox:
+class DaytonaSandbox(SandboxBase):
     """A Daytona sandbox. Use it as a context manager, or call :meth:`close`."""
 
     def __init__(
@@ -565,18 +581,8 @@ class DaytonaSandbox:
         with backend._lock:
             backend._live.add(self)
 
-    def __enter__(self) -> DaytonaSandbox:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<DaytonaSandbox {self.id} of {self.snapshot_of.short}>"
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
 
     def _run(
         self,
@@ -631,19 +637,6 @@ class DaytonaSandbox:
             timeout=timeout,
         )
 
-    def exec(
-        self,
-        command: str | Sequence[str],
-        *,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        input: bytes | str | None = None,
-        timeout: float | None = None,
-    ) -> ExecResult:
-        """Run a command in the sandbox; same semantics as the local engine's ``exec``."""
-        argv = exec_argv(command)
-        return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
-
     @property
     def fs(self) -> DaytonaFS:
         """Files inside the sandbox (the same operations as the local engine's ``fs``)."""
@@ -691,23 +684,6 @@ class DaytonaSandbox:
             self.backend._live.discard(self)
 
 
-def _norm(path: str) -> str:
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ConfigError(f"sandbox paths are absolute, like '/work/file.txt'; got {path!r}")
-    return posixpath.normpath(path).replace("//", "/")
-
-
-_ERRNO = (
-    ("no such file", errno.ENOENT),
-    ("not found", errno.ENOENT),
-    ("not a directory", errno.ENOTDIR),
-    ("is a directory", errno.EISDIR),
-    ("not empty", errno.ENOTEMPTY),
-    ("exists", errno.EEXIST),
-    ("denied", errno.EACCES),
-)
-
-
 class DaytonaFS:
     """:class:`pytest_sandbox.api.SandboxFS` through Daytona's file API (which works inside the
     sandbox, so every path resolves there), with ``tar`` in the sandbox for whole trees."""
@@ -720,19 +696,11 @@ class DaytonaFS:
         try:
             return self._sb.backend.call(f"{op} {path}", fn, *args, passthrough=(self._sb.backend._sdk.DaytonaError,))
         except self._sb.backend._sdk.DaytonaError as exc:
-            text = str(exc).lower()
-            num = next((n for s, n in _ERRNO if s in text), errno.EIO)
-            what = {
-                errno.ENOENT: "no such file or directory",
-                errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
-                errno.ENOTDIR: "not a directory",
-                errno.EISDIR: "is a directory",
-            }.get(num, str(exc))
-            raise SandboxFileError(num, f"{op} {path}: {what}") from exc
+            raise file_error(str(exc), op, path) from exc
 
     def read(self, path: str) -> bytes:
         """The contents of a file (symlinks followed inside the sandbox)."""
-        path = _norm(path)
+        path = sandbox_path(path)
         data = self._call("read", path, self._sb.sdk.fs.download_file, path)
         return bytes(data or b"")
 
@@ -748,28 +716,28 @@ class DaytonaFS:
 
     def exists(self, path: str) -> bool:
         """True when the path exists (following symlinks inside the sandbox)."""
-        return self._info(_norm(path)) is not None
+        return self._info(sandbox_path(path)) is not None
 
     def is_dir(self, path: str) -> bool:
         """True when the path is a directory."""
-        info = self._info(_norm(path))
+        info = self._info(sandbox_path(path))
         return bool(info is not None and info.is_dir)
 
     def listdir(self, path: str) -> list[str]:
         """Names in a directory, sorted."""
-        path = _norm(path)
+        path = sandbox_path(path)
         return sorted(f.name for f in self._call("listdir", path, self._sb.sdk.fs.list_files, path))
 
     def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None:
         """Create a directory (and its parents unless ``parents=False``); existing ones are fine."""
-        path = _norm(path)
+        path = sandbox_path(path)
         if not parents and not self.is_dir(posixpath.dirname(path)):
             raise SandboxFileError(errno.ENOENT, f"mkdir {path}: no such file or directory")
         self._call("mkdir", path, self._sb.sdk.fs.create_folder, path, f"{mode:o}")
 
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         """Write a file, creating its parent directories; a symlink is written through, inside."""
-        path = _norm(path)
+        path = sandbox_path(path)
         if isinstance(data, str):
             data = data.encode()
         self._call("write", path, self._sb.sdk.fs.upload_file, data, path)
@@ -778,12 +746,12 @@ class DaytonaFS:
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Remove a file, a symlink, an empty directory, or with ``recursive=True`` a whole tree."""
-        path = _norm(path)
+        path = sandbox_path(path)
         self._call("remove", path, self._sb.sdk.fs.delete_file, path, recursive)
 
     def upload(self, local: str | os.PathLike[str], path: str) -> None:
         """Copy a host file or directory tree to ``path`` in the sandbox (modes and symlinks kept)."""
-        path = _norm(path)
+        path = sandbox_path(path)
         src = Path(local)
         if not os.path.lexists(src):
             raise ConfigError(f"cannot upload {src}: it does not exist")
@@ -803,7 +771,7 @@ class DaytonaFS:
     def download(self, path: str, local: str | os.PathLike[str]) -> None:
         """Copy a sandbox file or tree to the host path ``local``; symlinks are recreated, never
         followed, and no member can land outside ``local``."""
-        path = _norm(path)
+        path = sandbox_path(path)
         tmp = f"/tmp/.psb-{new_id(6)}.tar"
         res = self._sb._run(
             [

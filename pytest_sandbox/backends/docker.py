@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ..api import ExecResult, LogCallback, Snapshot
@@ -38,18 +37,20 @@ from ..errors import (
     SnapshotBuildError,
 )
 from ..image import Image, Step
-from ..store import Store, match_snapshot, new_id, rmtree
+from ..store import Store, match_snapshot, new_id, owner_alive_in, rmtree
 from ._build import (
     KILL_TREE_SH,
+    SandboxBase,
     build_env,
     build_recipe,
-    exec_argv,
     exec_result,
     extract_tar,
+    file_error,
     host_ca_bundle,
     mmdebstrap_tar,
     resolve_snapshot,
     run_step,
+    sandbox_path,
 )
 
 __all__ = ["DockerBackend", "DockerSandbox"]
@@ -137,7 +138,21 @@ class DockerBackend:
     # -- labels and records --------------------------------------------------------------------
     def labels(self, **extra: str) -> dict[str, str]:
         """Labels every container and image of this process carries (gc and the watchdog use them)."""
-        return {LABEL: "1", f"{LABEL}.owner": self.store.owner, f"{LABEL}.host": self.host, **extra}
+        return {
+            LABEL: "1",
+            f"{LABEL}.owner": self.store.owner,
+            f"{LABEL}.host": self.host,
+            f"{LABEL}.store": str(self.store.root),
+            **extra,
+        }
+
+    def _alive(self, labels: Mapping[str, str], owner_label: str) -> bool:
+        # Owners are judged in the store that made them: other cache directories on this host (other
+        # users, other projects) have their own live processes.
+        store = labels.get(f"{LABEL}.store")
+        if not store or store == str(self.store.root):
+            return self.store.owner_alive(labels.get(owner_label))
+        return owner_alive_in(Path(store), labels.get(owner_label))
 
     def _snapshot_of(self, key: str, img: Any) -> Snapshot:
         cfg = img.attrs.get("Config") or {}
@@ -147,7 +162,7 @@ class DockerBackend:
             key=key,
             backend=self.name,
             layers=(),
-            base={"image": f"{REPO}:{key}"},
+            base={"image": f"{REPO}:{key}", "store": labels.get(f"{LABEL}.store", "")},
             env=tuple((k, v) for k, v in env if k != "PATH" or v != DEFAULT_PATH),
             workdir=cfg.get("WorkingDir") or "/",
             parent=labels.get(f"{LABEL}.parent") or None,
@@ -209,6 +224,7 @@ class DockerBackend:
             _label_change(f"{LABEL}.name", name or ""),
             _label_change(f"{LABEL}.ephemeral-owner", self.store.owner if ephemeral else ""),
             _label_change(f"{LABEL}.host", self.host),
+            _label_change(f"{LABEL}.store", str(self.store.root)),
         ]
         if workdir:
             changes.append(f"WORKDIR {workdir}")
@@ -348,12 +364,13 @@ class DockerBackend:
         removed = 0
         flt = {"label": [f"{LABEL}.host={self.host}"]}
         for c in self.client.containers.list(all=True, filters=flt, ignore_removed=True):
-            if not self.store.owner_alive(c.labels.get(f"{LABEL}.owner")):
+            if not self._alive(c.labels, f"{LABEL}.owner"):
                 with contextlib.suppress(self._errors.NotFound, self._errors.APIError):
                     c.remove(force=True)
                     removed += 1
         for snap in list(self.snapshots()):
-            if snap.owner and not self.store.owner_alive(snap.owner):
+            labels = {f"{LABEL}.store": snap.base.get("store", ""), f"{LABEL}.ephemeral-owner": snap.owner or ""}
+            if snap.owner and not self._alive(labels, f"{LABEL}.ephemeral-owner"):
                 self.remove_snapshot(snap)
                 removed += 1
         return removed + self.store.gc()
@@ -385,7 +402,7 @@ class DockerBackend:
             atexit.unregister(self.close)
 
 
-class DockerSandbox:
+class DockerSandbox(SandboxBase):
     """A container of the docker backend. Use it as a context manager, or call :meth:`close`."""
 
     def __init__(
@@ -417,18 +434,8 @@ class DockerSandbox:
         except backend._errors.APIError as exc:
             raise SandboxError(f"docker could not start a container of {snapshot.short}: {exc}") from exc
 
-    def __enter__(self) -> DockerSandbox:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<DockerSandbox {self.id} of {self.snapshot_of.short} container {self.container.short_id}>"
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
 
     def _exec_raw(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, bytes, bytes]:
         api = self.backend.client.api
@@ -510,19 +517,6 @@ class DockerSandbox:
             timeout=timeout,
         )
 
-    def exec(
-        self,
-        command: str | Sequence[str],
-        *,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        input: bytes | str | None = None,
-        timeout: float | None = None,
-    ) -> ExecResult:
-        """Run a command in the container; same semantics as the local engine's ``exec``."""
-        argv = exec_argv(command)
-        return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
-
     @property
     def fs(self) -> DockerFS:
         """Files inside the container (the same operations as the local engine's ``fs``)."""
@@ -568,21 +562,6 @@ def _tar_file(name: str, data: bytes, mode: int) -> bytes:
     return buf.getvalue()
 
 
-def _norm(path: str) -> str:
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ConfigError(f"sandbox paths are absolute, like '/work/file.txt'; got {path!r}")
-    return posixpath.normpath(path).replace("//", "/")
-
-
-_ERRNO = (
-    ("No such file", errno.ENOENT),
-    ("Not a directory", errno.ENOTDIR),
-    ("Is a directory", errno.EISDIR),
-    ("not empty", errno.ENOTEMPTY),
-    ("File exists", errno.EEXIST),
-)
-
-
 class DockerFS:
     """:class:`pytest_sandbox.api.SandboxFS` through Docker's archive API (which resolves every path
     inside the container's root) and small shell commands in the container."""
@@ -594,15 +573,7 @@ class DockerFS:
         self._sb._check_open()
         code, out, err = self._sb._exec_raw(["/bin/sh", "-c", script, "sh", *args])
         if code != 0:
-            text = err.decode(errors="replace").strip()
-            num = next((n for s, n in _ERRNO if s in text), errno.EIO)
-            what = {
-                errno.ENOENT: "no such file or directory",
-                errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
-                errno.ENOTDIR: "not a directory",
-                errno.EISDIR: "is a directory",
-            }.get(num, text)
-            raise SandboxFileError(num, f"{op} {path}: {what}")
+            raise file_error(err.decode(errors="replace"), op, path)
         return out
 
     def _archive(self, path: str, op: str) -> tarfile.TarFile:
@@ -616,13 +587,13 @@ class DockerFS:
 
     def read(self, path: str) -> bytes:
         """The contents of a file (symlinks followed inside the container)."""
-        path = _norm(path)
+        path = sandbox_path(path)
         for _ in range(40):
             with self._archive(path, "read") as tf:
                 member = tf.next()
                 assert member is not None
                 if member.issym():
-                    path = _norm(posixpath.join(posixpath.dirname(path), member.linkname))
+                    path = sandbox_path(posixpath.join(posixpath.dirname(path), member.linkname))
                     continue
                 if member.isdir():
                     raise SandboxFileError(errno.EISDIR, f"read {path}: is a directory")
@@ -636,15 +607,15 @@ class DockerFS:
 
     def exists(self, path: str) -> bool:
         """True when the path exists (following symlinks inside the container)."""
-        return self._sb._exec_raw(["test", "-e", _norm(path)])[0] == 0
+        return self._sb._exec_raw(["test", "-e", sandbox_path(path)])[0] == 0
 
     def is_dir(self, path: str) -> bool:
         """True when the path is a directory."""
-        return self._sb._exec_raw(["test", "-d", _norm(path)])[0] == 0
+        return self._sb._exec_raw(["test", "-d", sandbox_path(path)])[0] == 0
 
     def listdir(self, path: str) -> list[str]:
         """Names in a directory, sorted."""
-        path = _norm(path)
+        path = sandbox_path(path)
         out = self._sh(
             '[ -d "$1" ] || { ls -d -- "$1" >/dev/null; echo "Not a directory" >&2; exit 1; }; ls -A1 -- "$1"',
             path,
@@ -655,13 +626,13 @@ class DockerFS:
 
     def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None:
         """Create a directory (and its parents unless ``parents=False``); existing ones are fine."""
-        path = _norm(path)
+        path = sandbox_path(path)
         flag = "-p" if parents else ""
         self._sh(f'[ -d "$1" ] || mkdir {flag} -m "$2" -- "$1"', path, f"{mode:o}", op="mkdir", path=path)
 
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         """Write a file, creating its parent directories; a symlink is written through, inside."""
-        path = _norm(path)
+        path = sandbox_path(path)
         if isinstance(data, str):
             data = data.encode()
         # One exec (each costs a Docker round trip): make the parent, resolve a symlink inside the
@@ -675,13 +646,13 @@ class DockerFS:
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Remove a file, a symlink, an empty directory, or with ``recursive=True`` a whole tree."""
-        path = _norm(path)
+        path = sandbox_path(path)
         rm = 'rm -rf -- "$1"' if recursive else 'rmdir -- "$1"'
         self._sh(f'if [ -d "$1" ] && [ ! -L "$1" ]; then {rm}; else rm -- "$1"; fi', path, op="remove", path=path)
 
     def upload(self, local: str | os.PathLike[str], path: str) -> None:
         """Copy a host file or directory tree to ``path`` in the container (modes and symlinks kept)."""
-        path = _norm(path)
+        path = sandbox_path(path)
         src = Path(local)
         if not os.path.lexists(src):
             raise ConfigError(f"cannot upload {src}: it does not exist")
@@ -694,6 +665,6 @@ class DockerFS:
     def download(self, path: str, local: str | os.PathLike[str]) -> None:
         """Copy a container file or tree to the host path ``local``; symlinks are recreated, never
         followed, and no member can land outside ``local``."""
-        path = _norm(path)
+        path = sandbox_path(path)
         with self._archive(path, "download") as tf:
             extract_tar(tf, Path(local))

@@ -28,7 +28,6 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ..api import ExecResult, LogCallback, Snapshot
@@ -45,9 +44,9 @@ from ..store import Store, new_id, rmtree
 from . import _layers, _proc
 from ._build import (
     BUILD_CA_PATH,
+    SandboxBase,
     build_env,
     build_recipe,
-    exec_argv,
     exec_result,
     host_ca_bundle,
     mmdebstrap_tar,
@@ -628,7 +627,7 @@ class LocalBackend:
             atexit.unregister(self.close)
 
 
-class LocalSandbox:
+class LocalSandbox(SandboxBase):
     """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
 
     def __init__(self, backend: LocalBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str]) -> None:
@@ -732,11 +731,6 @@ class LocalSandbox:
             os.close(err)
 
     # -- context -----------------------------------------------------------------------------
-    def __enter__(self) -> LocalSandbox:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"pid {self.pid}"
@@ -788,24 +782,6 @@ class LocalSandbox:
             timed_out=res.timed_out,
             timeout=timeout,
         )
-
-    def exec(
-        self,
-        command: str | Sequence[str],
-        *,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        input: bytes | str | None = None,
-        timeout: float | None = None,
-    ) -> ExecResult:
-        """Run a command in the sandbox and wait for it.
-
-        A string runs through ``/bin/sh -c``; a list is an argv. Processes it leaves in the
-        background keep running for later commands. On ``timeout`` every process the command
-        started is killed and :class:`ExecTimeoutError` is raised with the output so far.
-        """
-        argv = exec_argv(command)
-        return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
 
     @property
     def fs(self) -> SafeFS:
