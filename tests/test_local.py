@@ -215,8 +215,7 @@ def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
             "sleep 1000" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout or not ROOT
         )
     )
-    assert Path(run_dir).exists()
-    backend.gc()
+    backend.gc()  # (another worker's gc may have been first: either way the files must be gone)
     assert not Path(run_dir).exists()
 
 

@@ -684,6 +684,14 @@ class DaytonaSandbox(SandboxBase):
             self.backend._live.discard(self)
 
 
+def _as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    # Uploaded files belong to root in the sandbox, as on the other backends; the host's ids may not
+    # even exist there (a rootless sandbox maps only root).
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
 class DaytonaFS:
     """:class:`pytest_sandbox.api.SandboxFS` through Daytona's file API (which works inside the
     sandbox, so every path resolves there), with ``tar`` in the sandbox for whole trees."""
@@ -760,7 +768,7 @@ class DaytonaFS:
             return
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
-            tf.add(str(src), arcname=posixpath.basename(path), recursive=True)
+            tf.add(str(src), arcname=posixpath.basename(path), recursive=True, filter=_as_root)
         tmp = f"/tmp/.psb-{new_id(6)}.tar"
         self.write(tmp, buf.getvalue())
         parent = posixpath.dirname(path)
