@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import shlex
+import stat as st
 import threading
 import time
 import urllib.parse
@@ -641,9 +643,6 @@ class DaytonaServer:
         return _HTTPError(400, str(exc), None, DAEMON)
 
     def _info(self, sb: LocalSandbox, path: str, name: str, follow: bool = True) -> dict[str, Any]:
-        import os
-        import stat as st
-
         s = sb.fs.stat(path, follow_symlinks=follow)
         # Host ids as the sandbox sees them: rootless, the caller's own id is root inside.
         uid = 0 if s.st_uid == os.getuid() else s.st_uid

@@ -168,10 +168,23 @@ def owner_alive_in(root: Path, token: str | None) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        # Held: by the owner, or for a moment by a child it forked just before it died (between
+        # fork and exec a child shares the lock). The pid the owner wrote settles it.
+        with contextlib.suppress(OSError, ValueError):
+            pid, _, ns = os.pread(fd, 200, 0).decode().strip().partition(" ")
+            if ns == _pid_namespace() and not os.path.exists(f"/proc/{int(pid)}"):
+                return False
         return True
     finally:
         os.close(fd)
     return False
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
 
 
 class Store:
@@ -205,7 +218,7 @@ class Store:
                 token = new_id(4)
                 fd = os.open(self.root / "o" / f"{token}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                os.write(fd, f"{os.getpid()} {_pid_namespace()}\n".encode())
                 self._owner, self._owner_fd = token, fd
             return self._owner
 

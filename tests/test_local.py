@@ -23,6 +23,7 @@ from pytest_sandbox import (
     Snapshot,
 )
 from pytest_sandbox.backends.local import LocalBackend
+from pytest_sandbox.store import Store
 
 ROOT = os.geteuid() == 0
 
@@ -297,3 +298,33 @@ def test_user_namespaces_refused_by_the_kernel_is_a_clear_error(tmp_path: Path) 
 def test_snapshot_records_round_trip(backend: LocalBackend, host: Snapshot) -> None:
     data = json.loads(json.dumps(host.to_json()))
     assert Snapshot.from_json(data) == host
+
+
+def test_an_owner_dies_with_its_process_even_while_a_forked_child_shares_its_lock(cache_dir: Path) -> None:
+    # Between fork and exec a child holds every lock of its parent: if the parent is killed in that
+    # window, its owner token must still read as dead, or gc would skip what the parent left.
+    code = """
+        import os, sys, time
+        from pytest_sandbox.store import Store
+        token = Store(sys.argv[1]).owner
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(token, child, flush=True)
+        time.sleep(60)
+        """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(cache_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    token, child = proc.stdout.readline().split()
+    store = Store(cache_dir)
+    try:
+        assert store.owner_alive(token)  # the owner runs
+        proc.kill()
+        proc.wait()
+        assert alive(int(child))  # its child still holds the lock...
+        assert not store.owner_alive(token)  # ...and the owner is dead all the same
+    finally:
+        os.kill(int(child), signal.SIGKILL)
