@@ -81,7 +81,7 @@ if [ -n "$c" ] && ! cd -- "$c" 2>$d.err; then rc=125; : >$d.out
 elif [ -z "$t" ]; then "$@" >$d.out 2>$d.err <$in; rc=$?
 else
   "$@" >$d.out 2>$d.err <$in & p=$!
-  ( sleep "$t"; : >$d.to; sh -c "$k" sh $p ) >/dev/null 2>&1 </dev/null & w=$!
+  ( sleep "$t" && kill -0 $p && : >$d.to && sh -c "$k" sh $p ) >/dev/null 2>&1 </dev/null & w=$!
   wait $p; rc=$?
   sh -c "$k" sh $w
 fi
