@@ -92,8 +92,8 @@ rm -f $d.out $d.err $d.in $d.to
 """
 _WATCHDOG = """
 import sys
+from daytona import Daytona, ListSandboxesQuery  # imported first: the SDK takes a second to load
 sys.stdin.buffer.read()  # EOF: the owner exited or was killed
-from daytona import Daytona, ListSandboxesQuery
 d = Daytona()
 for sb in list(d.list(ListSandboxesQuery(labels={"pytest-sandbox.session": sys.argv[1]}))):
     try:
