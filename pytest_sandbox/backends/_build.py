@@ -3,12 +3,16 @@ steps get, and the mmdebstrap call that makes a Debian rootfs tarball."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
 import shlex
 import shutil
+import subprocess
+import sys
 import tarfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -29,6 +33,7 @@ from ..image import Image, Step
 from . import _proc
 
 __all__ = [
+    "Watchdog",
     "SandboxBase",
     "KILL_TREE_SH",
     "BUILD_CA_PATH",
@@ -390,3 +395,37 @@ class SandboxBase:
         started is killed and :class:`ExecTimeoutError` is raised with the output so far.
         """
         return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout)
+
+
+class Watchdog:
+    """A process that runs ``script`` once this one is gone: it waits for EOF on a pipe only we hold,
+    so it fires on a clean exit and on ``kill -9`` alike. Started on first need."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self._argv = [sys.executable, "-c", script, *args]
+        self._lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def ensure(self) -> None:
+        """Start the watchdog unless it runs."""
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    self._argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+
+    def fire(self) -> None:
+        """Let it run its script now (we are closing) and wait for it."""
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            self.proc.wait()

@@ -26,8 +26,6 @@ import os
 import posixpath
 import shlex
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -50,6 +48,7 @@ from ..store import Store, match_snapshot, new_id, owner_alive_in
 from ._build import (
     KILL_TREE_SH,
     SandboxBase,
+    Watchdog,
     build_env,
     build_recipe,
     exec_result,
@@ -179,7 +178,7 @@ class DaytonaBackend:
         self.host = socket.gethostname()
         self._lock = threading.Lock()
         self._live: set[DaytonaSandbox] = set()
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = Watchdog(_WATCHDOG, self.store.owner)
         self._closed = False
         self.gc()  # sandboxes of sessions that died are deleted at the next start
         atexit.register(self.close)
@@ -472,17 +471,6 @@ class DaytonaBackend:
             **extra,
         }
 
-    def _ensure_watchdog(self) -> None:
-        with self._lock:
-            if self._watchdog is None or self._watchdog.poll() is not None:
-                self._watchdog = subprocess.Popen(
-                    [sys.executable, "-c", _WATCHDOG, self.store.owner],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-
     def gc(self) -> int:
         """Delete sandboxes of sessions on this host that died, found by their labels."""
         removed = 0
@@ -518,11 +506,7 @@ class DaytonaBackend:
         self._closed = True
         for sb in list(self._live):
             sb.close()
-        if self._watchdog is not None:
-            with contextlib.suppress(Exception):
-                assert self._watchdog.stdin is not None
-                self._watchdog.stdin.close()
-            self._watchdog.wait()
+        self._watchdog.fire()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
@@ -563,7 +547,7 @@ class DaytonaSandbox(SandboxBase):
         self._extra_env = env
         self._closed = False
         self._fs: DaytonaFS | None = None
-        backend._ensure_watchdog()
+        backend._watchdog.ensure()
         if sdk_sandbox is None:
             params = backend._sdk.CreateSandboxFromSnapshotParams(
                 snapshot=snapshot.base["snapshot"],

@@ -19,7 +19,6 @@ import os
 import posixpath
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -41,6 +40,7 @@ from ..store import Store, match_snapshot, new_id, owner_alive_in, rmtree
 from ._build import (
     KILL_TREE_SH,
     SandboxBase,
+    Watchdog,
     build_env,
     build_recipe,
     exec_result,
@@ -121,7 +121,7 @@ class DockerBackend:
         self._lock = threading.Lock()
         self._live: set[DockerSandbox] = set()
         self._ephemeral: list[str] = []
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = Watchdog(_WATCHDOG, self.store.owner)
         self._closed = False
         self.gc()  # containers of sessions that died are removed at the next start
         atexit.register(self.close)
@@ -348,17 +348,6 @@ class DockerBackend:
             self._live.add(sb)
         return sb
 
-    def _ensure_watchdog(self) -> None:
-        with self._lock:
-            if self._watchdog is None or self._watchdog.poll() is not None:
-                self._watchdog = subprocess.Popen(
-                    [sys.executable, "-c", _WATCHDOG, self.store.owner],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-
     def gc(self) -> int:
         """Remove containers and ephemeral snapshots of processes on this host that died."""
         removed = 0
@@ -393,11 +382,7 @@ class DockerBackend:
         for key in self._ephemeral:
             with contextlib.suppress(Exception):
                 self.remove_snapshot(key)
-        if self._watchdog is not None:
-            with contextlib.suppress(Exception):
-                assert self._watchdog.stdin is not None
-                self._watchdog.stdin.close()
-            self._watchdog.wait()
+        self._watchdog.fire()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
@@ -416,7 +401,7 @@ class DockerSandbox(SandboxBase):
         self._extra_env = env
         self._closed = False
         self._fs: DockerFS | None = None
-        backend._ensure_watchdog()
+        backend._watchdog.ensure()
         kwargs: dict[str, Any] = {
             "command": _HOLDER,
             "detach": True,
