@@ -46,6 +46,7 @@ from .backends.local import LocalBackend, LocalSandbox
 from .errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxError, SandboxFileError
 from .image import Image
 from .session import image_from_ref
+from .store import write_atomic
 
 __all__ = ["DaytonaServer", "dockerfile_image"]
 
@@ -252,9 +253,7 @@ class DaytonaServer:
         with filelock.FileLock(str(self._state_file) + ".lock"), self._lock:
             rows = {rid: r for rid, r in self._load().items() if rid not in self._deleted}
             rows.update({rid: r for rid, r in self._snaps.items() if r.state == "active"})
-            tmp = self._state_file.with_name(f".snapshots.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(json.dumps([r.to_json() for r in rows.values()], indent=1))
-            tmp.replace(self._state_file)
+            write_atomic(self._state_file, json.dumps([r.to_json() for r in rows.values()], indent=1))
 
     # -- models ------------------------------------------------------------------------------
     def _snap_json(self, rec: _SnapRec) -> dict[str, Any]:

@@ -153,6 +153,14 @@ def disk_usage(path: Path) -> int:
     return total
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file by renaming a finished temporary over it: readers see the old content or the
+    new one, never half."""
+    tmp = path.with_name(f".{path.name}.{new_id()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def owner_alive_in(root: Path, token: str | None) -> bool:
     """True while the process holding owner ``token`` of the store at ``root`` runs. A store that
     is gone has no live owners; one this user may not read is taken as alive (not ours to judge)."""
@@ -222,8 +230,14 @@ class Store:
                 self._owner, self._owner_fd = token, fd
             return self._owner
 
-    def owner_alive(self, token: str | None) -> bool:
-        """True while the process that holds ``token`` is running (or the token is ours)."""
+    def owner_alive(self, token: str | None, store: str | None = None) -> bool:
+        """True while the process that holds ``token`` is running (or the token is ours).
+
+        ``store`` is the root of the store that made the token, when it may be another cache
+        directory on this host (remote sandboxes carry it as a label): owners are judged there.
+        """
+        if store and store != str(self.root):
+            return owner_alive_in(Path(store), token)
         if token is not None and token == self._owner:
             return True
         return owner_alive_in(self.root, token)
@@ -288,10 +302,7 @@ class Store:
 
     def put(self, snap: Snapshot) -> None:
         """Write a record atomically: readers see the old record or the new one, never half."""
-        path = self._record(snap.key)
-        tmp = path.with_name(f".{snap.key}.{new_id()}.tmp")
-        tmp.write_text(json.dumps(snap.to_json(), indent=1))
-        os.rename(tmp, path)
+        write_atomic(self._record(snap.key), json.dumps(snap.to_json(), indent=1))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

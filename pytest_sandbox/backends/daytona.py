@@ -44,7 +44,7 @@ from ..errors import (
     SnapshotBuildError,
 )
 from ..image import Image, Step
-from ..store import Store, match_snapshot, new_id, owner_alive_in
+from ..store import Store, match_snapshot, new_id, write_atomic
 from ._build import (
     KILL_TREE_SH,
     SandboxBase,
@@ -267,10 +267,7 @@ class DaytonaBackend:
         return self._records / f"{key}.json"
 
     def _put(self, snap: Snapshot) -> Snapshot:
-        path = self._record_path(snap.key)
-        tmp = path.with_name(f".{snap.key}.{new_id()}.tmp")
-        tmp.write_text(json.dumps(snap.to_json()))
-        os.replace(tmp, path)
+        write_atomic(self._record_path(snap.key), json.dumps(snap.to_json()))
         return snap
 
     def _records_all(self) -> list[Snapshot]:
@@ -478,13 +475,7 @@ class DaytonaBackend:
         for remote in self.call("list sandboxes", lambda: list(self.client.list(query))):
             # Sessions are judged in the store that made them (other cache directories on this host
             # have their own live processes).
-            store = remote.labels.get(f"{LABEL}.store") or str(self.store.root)
-            session = remote.labels.get(f"{LABEL}.session")
-            alive = (
-                self.store.owner_alive(session)
-                if store == str(self.store.root)
-                else owner_alive_in(Path(store), session)
-            )
+            alive = self.store.owner_alive(remote.labels.get(f"{LABEL}.session"), remote.labels.get(f"{LABEL}.store"))
             if not alive:
                 with contextlib.suppress(SandboxError):
                     self.call("delete a sandbox", remote.delete)

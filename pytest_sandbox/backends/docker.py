@@ -36,7 +36,7 @@ from ..errors import (
     SnapshotBuildError,
 )
 from ..image import Image, Step
-from ..store import Store, match_snapshot, new_id, owner_alive_in, rmtree
+from ..store import Store, match_snapshot, new_id, rmtree
 from ._build import (
     KILL_TREE_SH,
     SandboxBase,
@@ -145,14 +145,6 @@ class DockerBackend:
             f"{LABEL}.store": str(self.store.root),
             **extra,
         }
-
-    def _alive(self, labels: Mapping[str, str], owner_label: str) -> bool:
-        # Owners are judged in the store that made them: other cache directories on this host (other
-        # users, other projects) have their own live processes.
-        store = labels.get(f"{LABEL}.store")
-        if not store or store == str(self.store.root):
-            return self.store.owner_alive(labels.get(owner_label))
-        return owner_alive_in(Path(store), labels.get(owner_label))
 
     def _snapshot_of(self, key: str, img: Any) -> Snapshot:
         cfg = img.attrs.get("Config") or {}
@@ -353,13 +345,14 @@ class DockerBackend:
         removed = 0
         flt = {"label": [f"{LABEL}.host={self.host}"]}
         for c in self.client.containers.list(all=True, filters=flt, ignore_removed=True):
-            if not self._alive(c.labels, f"{LABEL}.owner"):
+            # Owners are judged in the store that made them: other cache directories on this host
+            # (other users, other projects) have their own live processes.
+            if not self.store.owner_alive(c.labels.get(f"{LABEL}.owner"), c.labels.get(f"{LABEL}.store")):
                 with contextlib.suppress(self._errors.NotFound, self._errors.APIError):
                     c.remove(force=True)
                     removed += 1
         for snap in list(self.snapshots()):
-            labels = {f"{LABEL}.store": snap.base.get("store", ""), f"{LABEL}.ephemeral-owner": snap.owner or ""}
-            if snap.owner and not self._alive(labels, f"{LABEL}.ephemeral-owner"):
+            if snap.owner and not self.store.owner_alive(snap.owner, snap.base.get("store")):
                 self.remove_snapshot(snap)
                 removed += 1
         return removed + self.store.gc()

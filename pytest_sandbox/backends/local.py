@@ -40,7 +40,7 @@ from ..errors import (
 )
 from ..image import Image, Step
 from ..registry import Reference, RegistryClient, RegistryError, iter_layers
-from ..store import Store, new_id, rmtree
+from ..store import Store, new_id, rmtree, write_atomic
 from . import _layers, _proc
 from ._build import (
     BUILD_CA_PATH,
@@ -372,11 +372,6 @@ class LocalBackend:
         d.mkdir(parents=True, exist_ok=True)
         return d / digest.replace(":", "-")
 
-    def _save_json(self, path: Path, data: Any) -> None:
-        tmp = path.with_name(f".{path.name}.{new_id()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-
     def _pin(self, image: Image, log: LogCallback) -> Image:
         """A registry base resolved to the digest of this platform's manifest (pinned references
         need no network). When the registry cannot be reached, the last resolution of the tag is
@@ -403,7 +398,7 @@ class LocalBackend:
                 raise self._pull_error(image, exc) from exc
             log(f"{ref}: {exc} -- using {last['digest']}, what the tag was on {time.ctime(last['at'])}")
             return image.pinned(last["digest"])
-        self._save_json(self._oci_file("manifests", digest), manifest)
+        write_atomic(self._oci_file("manifests", digest), json.dumps(manifest))
         if known.get(str(ref), {}).get("digest") != digest:
             with self.store.build_lock("oci-tags"):
                 try:
@@ -411,7 +406,7 @@ class LocalBackend:
                 except (OSError, ValueError):
                     known = {}
                 known[str(ref)] = {"digest": digest, "at": time.time()}
-                self._save_json(tags, known)
+                write_atomic(tags, json.dumps(known))
         return image.pinned(digest)
 
     def _pull_error(self, image: Image, exc: Exception) -> SnapshotBuildError:
@@ -439,7 +434,7 @@ class LocalBackend:
                 manifest = json.loads(cached.read_text())
             else:
                 digest, manifest = client.resolve(ref.pinned(b["digest"]))
-                self._save_json(self._oci_file("manifests", digest), manifest)
+                write_atomic(self._oci_file("manifests", digest), json.dumps(manifest))
             config_digest = manifest["config"]["digest"]
             config_file = self._oci_file("configs", config_digest)
             if not config_file.is_file():
