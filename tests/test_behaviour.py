@@ -25,6 +25,7 @@ from pytest_sandbox import (
     Snapshot,
     SnapshotBuildError,
     SnapshotNotFoundError,
+    open_backend,
 )
 from tests.conftest import DEBIAN, Target
 
@@ -288,3 +289,12 @@ def test_racing_processes_build_a_key_exactly_once(debian_target: Target, cache_
     assert logs.count(f"LOG     building-{marker}") == 1, logs
     tokens = {line for o in outs for line in o[0].splitlines() if line.startswith("TOKEN")}
     assert len(tokens) == 1
+
+
+def test_gc_leaves_sandboxes_of_other_cache_directories_alone(debian_target: Target, tmp_path: Path) -> None:
+    # Another cache directory on this host (another user, another project) has its own live owners.
+    backend, debian = debian_target.backend, debian_target.snapshot
+    with backend.create(debian) as sb:
+        with open_backend(backend.name, cache_dir=tmp_path / "another-cache") as other:  # gc runs at start
+            other.gc()
+        assert sb.exec("echo alive").stdout == "alive\n"

@@ -378,14 +378,3 @@ def test_exec_failures_are_sandbox_errors(daytona_backend: Backend, daytona_debi
         sb.exec("true")
     with daytona_backend.create(daytona_debian) as sb, pytest.raises(ConfigError):
         sb.exec([])
-
-
-def test_gc_leaves_sandboxes_of_other_cache_directories_alone(
-    daytona_backend: Backend, daytona_debian: Snapshot, tmp_path: Path
-) -> None:
-    from pytest_sandbox.backends.daytona import DaytonaBackend
-
-    with daytona_backend.create(daytona_debian) as sb:
-        with DaytonaBackend(tmp_path / "another-cache") as other:  # its gc runs at start
-            other.gc()
-        assert sb.exec("echo alive").stdout == "alive\n"
