@@ -49,22 +49,32 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], None]:
-    """The floor: one bwrap on the same layers running /bin/true, nothing else."""
-    layers = [str(b.store.layer_path(x)) for x in snap.layers]
+    """The floor: one bwrap on the same layers running /bin/true, nothing else (launched the way
+    the engine launches it: as root, as sandbox root from the helper's mount namespace)."""
+    layers = [b.launch_path(b.store.layer_path(x)) for x in snap.layers]
     counter = [0]
+    ns = b.userns
+    fds: tuple[int, ...]
+    if b.ids is None:
+        prefix, fds = [b._bwrap, "--userns", str(ns.fd)], (ns.fd,)
+    else:
+        prefix, fds = [b._nsenter, "-t", str(ns.pid), "-U", "-m", "--", b._bwrap_launch], ()
 
     def run() -> None:
         counter[0] += 1
         up, wk = scratch / f"u{counter[0]}", scratch / f"w{counter[0]}"
         up.mkdir()
         wk.mkdir()
-        argv = [b._bwrap, "--userns", str(b.userns_fd)]
+        if b.ids is not None:
+            os.chown(up, *b.ids.root)
+            os.chown(wk, *b.ids.root)
+        argv = list(prefix)
         for layer in layers:
             argv += ["--overlay-src", layer]
         argv += [
             "--overlay",
-            str(up),
-            str(wk),
+            b.launch_path(up),
+            b.launch_path(wk),
             "/",
             "--proc",
             "/proc",
@@ -77,7 +87,7 @@ def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], N
             "--new-session",
             "/bin/true",
         ]
-        subprocess.run(argv, check=True, pass_fds=(b.userns_fd,))
+        subprocess.run(argv, check=True, pass_fds=fds)
 
     return run
 
@@ -148,7 +158,7 @@ def daytona_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[..., 
     from pytest_sandbox.backends.daytona import DaytonaBackend
 
     argv = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(local.store.cache_dir), "serve"]
-    argv += ["--daytona", "--port", "0", "--until-stdin-closes"]
+    argv += ["--daytona", "--port", "0", "--until-stdin-closes", "--api-key", "bench"]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None and proc.stdin is not None
     url = proc.stdout.readline().strip().split("=", 1)[1]
@@ -234,7 +244,8 @@ def main() -> None:
         deb = b.build(DEBIAN)
         base_mb = disk_usage(b.store.layer_path(deb.layers[0])) >> 20
         print(f"# Debian base ready in {time.perf_counter() - t:.1f}s ({base_mb} MB)")
-        scratch = Path(tempfile.mkdtemp(prefix="floor-", dir=b.store.root / "t"))
+        scratch = Path(tempfile.mkdtemp(prefix="floor-", dir=b.store.root / "r"))
+        os.chmod(scratch, 0o755)
 
         # -- fork + first exec vs floor vs docker, interleaved so drift hits all alike --------
         floor = bare_bwrap(b, deb, scratch)

@@ -37,6 +37,8 @@ class ExecResult:
     stderr: str
     duration: float
     timed_out: bool = False
+    truncated: bool = False
+    """True when the output was longer than ``max_output`` and the middle of it was left out."""
 
     @property
     def ok(self) -> bool:
@@ -152,6 +154,7 @@ class Sandbox(Protocol):
         env: Mapping[str, str] | None = None,
         input: bytes | str | None = None,
         timeout: float | None = None,
+        max_output: int | None = None,
     ) -> ExecResult: ...
 
     def snapshot(self, name: str | None = None) -> Snapshot: ...

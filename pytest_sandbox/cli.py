@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -77,11 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("prune", help="delete snapshots unused for a while")
     p.add_argument("--older-than", type=float, default=0.0, metavar="DAYS")
     sub.add_parser("gc", help="remove leftovers of crashed processes")
+    sub.add_parser("verify", help="check every layer of the cache in full; damaged ones get rebuilt")
     sv = sub.add_parser("serve", help="serve an API on localhost, backed by the local engine")
     sv.add_argument("--daytona", action="store_true", required=True, help="speak Daytona's API (the SDK's)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=3986, help="port (default: 3986; 0 picks a free one)")
-    sv.add_argument("--api-key", help="require this bearer token (default: accept any)")
+    sv.add_argument("--api-key", help="the bearer token clients must send (default: a random one, printed at start)")
     sv.add_argument("--target", action="append", help="the targets (regions) offered (default: local)")
     sv.add_argument("--rate-limit", type=float, metavar="PER_SECOND", help="answer 429 above this request rate")
     sv.add_argument("--default-image", default="host", help="base of sandboxes created without a snapshot")
@@ -126,6 +128,19 @@ def _run(args: argparse.Namespace, backend: Backend) -> int:
     if args.cmd == "gc":
         print(f"removed {backend.gc()} leftovers")
         return 0
+    if args.cmd == "verify":
+        verify = getattr(backend, "verify", None)
+        if verify is None:
+            print(
+                f"pytest-sandbox: error: verify checks the local engine's layers, not {backend.name}'s", file=sys.stderr
+            )
+            return 2
+        damaged = verify()
+        for layer, keys in damaged.items():
+            used = ", ".join(k[:12] for k in keys) or "no snapshot"
+            print(f"damaged layer {layer} (used by {used}): marked absent, the next build rebuilds it")
+        print(f"{'damaged layers found' if damaged else 'every layer is intact'}")
+        return 1 if damaged else 0
     raise AssertionError(args.cmd)
 
 
@@ -211,12 +226,14 @@ def _serve(args: argparse.Namespace) -> int:
     from .daytona_server import DaytonaServer
 
     try:
+        # Always a key: code in a networked sandbox reaches this port on loopback too.
+        api_key = args.api_key or secrets.token_urlsafe(24)
         with LocalBackend(cache_dir=args.cache_dir) as backend:
             server = DaytonaServer(
                 backend,
                 host=args.host,
                 port=args.port,
-                api_key=args.api_key,
+                api_key=api_key,
                 targets=tuple(args.target or ("local",)),
                 rate_limit=args.rate_limit,
                 default_image=args.default_image,
@@ -230,8 +247,8 @@ def _serve(args: argparse.Namespace) -> int:
                     os.kill(os.getpid(), signal.SIGTERM)
 
                 threading.Thread(target=lifeline, daemon=True).start()
-            print(f"DAYTONA_API_URL={server.api_url}", flush=True)
-            print(f"export DAYTONA_API_URL={server.api_url} DAYTONA_API_KEY={args.api_key or 'local'}", file=sys.stderr)
+            print(f"DAYTONA_API_URL={server.api_url}\nDAYTONA_API_KEY={api_key}", flush=True)
+            print(f"export DAYTONA_API_URL={server.api_url} DAYTONA_API_KEY={api_key}", file=sys.stderr)
             try:
                 server.serve_forever()
             except KeyboardInterrupt:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import json
 import os
 import re
+import secrets
 import shlex
 import stat as st
 import threading
@@ -159,7 +161,8 @@ class _Box:
 class DaytonaServer:
     """The Daytona-compatible endpoint. ``serve_forever()`` answers until ``shutdown()``.
 
-    ``api_key``: when set, requests must carry it as a bearer token (else any token is accepted).
+    ``api_key``: the bearer token every request must carry (a random one when not given): sandboxes
+    with a network reach this port on loopback, and must not drive other sandboxes through it.
     ``rate_limit``: requests per second the REST API allows before answering 429, to exercise
     clients' back-off as Daytona's limits would.
     """
@@ -184,7 +187,7 @@ class DaytonaServer:
             ) from exc
         self.m, self.t = models, tmodels
         self.backend = backend
-        self.api_key = api_key
+        self.api_key = api_key or secrets.token_urlsafe(24)
         self.targets = targets
         self.default_image = default_image
         self._rate = rate_limit
@@ -195,7 +198,7 @@ class DaytonaServer:
         self._state_file = backend.store.cache_dir / "daytona-endpoint" / "snapshots.json"
         self._deleted: set[str] = set()
         self._snaps: dict[str, _SnapRec] = self._load()
-        _ = backend.userns_fd  # made once, before concurrent requests race to make it
+        _ = backend.userns  # made once, before concurrent requests race to make it
         app = self
 
         class Handler(_Handler):
@@ -791,7 +794,7 @@ class DaytonaServer:
     def handle(self, method: str, target: str, headers: Any, body: bytes) -> tuple[int, Any]:
         url = urllib.parse.urlsplit(target)
         query = dict(urllib.parse.parse_qsl(url.query))
-        if self.api_key and headers.get("Authorization", "") != f"Bearer {self.api_key}":
+        if not hmac.compare_digest(headers.get("Authorization", "").encode(), f"Bearer {self.api_key}".encode()):
             raise _HTTPError(401, "Unauthorized: set DAYTONA_API_KEY to this endpoint's key")
         if url.path.startswith("/api/") and not self._rate_ok():
             raise _HTTPError(429, "ThrottlerException: Too Many Requests")

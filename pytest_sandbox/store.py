@@ -4,13 +4,15 @@ Layout under the cache directory (short names on purpose: overlayfs takes every 
 one mount option string limited to a page, so deep snapshot chains need short paths)::
 
     CACHEDIR.TAG
-    v1/l/<id>/          immutable layer trees
-    v1/s/<key>.json     snapshot records (layers, env, workdir, parent)
-    v1/t/<owner>.<id>   work in progress; published with an atomic rename
-    v1/r/<id>/          live sandboxes: writable layer, overlay work dir, meta.json
-    v1/k/<key>.lock     one build lock per setup key (filelock; never deleted, see filelock #574)
-    v1/o/<owner>.lock   held by each live process; a free one means its owner died
-    v1/gc.lock          shared by writers, exclusive for garbage collection
+    v2/                 private to its owner (no access for other users; see the security model)
+    v2/l/<id>/          immutable layer trees
+    v2/i/<id>.json      what each layer held when it was published (written last; checked on use)
+    v2/s/<key>.json     snapshot records (layers, env, workdir, parent)
+    v2/t/<owner>.<id>   work in progress; published with an atomic rename
+    v2/r/<id>/          live sandboxes: writable layer, overlay work dir, meta.json
+    v2/k/<key>.lock     one build lock per setup key (filelock; never deleted, see filelock #574)
+    v2/o/<owner>.lock   held by each live process; a free one means its owner died
+    v2/gc.lock          shared by writers, exclusive for garbage collection
 
 Core module: no pytest import.
 """
@@ -27,6 +29,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,11 @@ import filelock
 
 from .api import Snapshot
 from .errors import ConfigError, SnapshotNotFoundError
-from .image import ENGINE_FORMAT
 
-__all__ = ["Store", "default_cache_dir", "match_snapshot"]
+__all__ = ["STORE_FORMAT", "LayerCheck", "Store", "default_cache_dir", "match_snapshot"]
+
+STORE_FORMAT = 2
+"""The on-disk layout's version: 2 made the store private and layers owned by the sandbox id range."""
 
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -195,15 +200,57 @@ def _pid_namespace() -> str:
         return "?"
 
 
+@dataclass(frozen=True)
+class LayerCheck:
+    """What a layer holds, in brief: its top-level names, how many entries and bytes below."""
+
+    top: tuple[str, ...]
+    entries: int
+    size: int
+
+    @staticmethod
+    def top_of(path: Path) -> tuple[str, ...]:
+        return tuple(sorted(os.listdir(path)))
+
+    @classmethod
+    def of(cls, path: Path) -> LayerCheck:
+        entries = size = 0
+        for dirpath, dirnames, filenames in os.walk(path):
+            entries += len(dirnames) + len(filenames)
+            for name in filenames:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(dirpath, name))
+                    if stat.S_ISREG(st.st_mode):
+                        size += st.st_size
+        return cls(cls.top_of(path), entries, size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"top": list(self.top), "entries": self.entries, "size": self.size}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerCheck:
+        return cls(tuple(data["top"]), int(data["entries"]), int(data["size"]))
+
+
 class Store:
     """Snapshot records and layers under one cache directory, safe for many processes at once."""
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.root = self.cache_dir / f"v{ENGINE_FORMAT}"
+        self.root = self.cache_dir / f"v{STORE_FORMAT}"
         try:
-            for sub in ("l", "s", "t", "r", "k", "o"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.root.mkdir(exist_ok=True, mode=0o700)
+            st = self.root.stat()
+            if st.st_uid != os.geteuid():
+                raise ConfigError(
+                    f"cache directory {self.root} is not owned by the current user (uid {os.geteuid()}); "
+                    "use a cache directory of your own (PYTEST_SANDBOX_CACHE or --sandbox-cache-dir)"
+                )
+            if st.st_mode & 0o007:  # other users must never reach a sandbox's files (setuid ones included)
+                os.chmod(self.root, stat.S_IMODE(st.st_mode) & ~0o077)
+            for sub in ("l", "i", "s", "t", "r", "k", "o"):
+                (self.root / sub).mkdir(exist_ok=True, mode=0o700)
             tag = self.cache_dir / "CACHEDIR.TAG"
             if not tag.exists():
                 tag.write_text(CACHEDIR_TAG)
@@ -280,8 +327,36 @@ class Store:
         Call with :meth:`shared` held, together with the :meth:`put` that references it.
         """
         layer = layer or new_id()
+        check = LayerCheck.of(tmp)
         os.rename(tmp, self.layer_path(layer))
+        write_atomic(self._manifest(layer), json.dumps(check.to_json()))
         return layer
+
+    def _manifest(self, layer: str) -> Path:
+        return self.root / "i" / f"{layer}.json"
+
+    def layer_ok(self, layer: str, full: bool = False) -> bool:
+        """True when ``layer`` holds what it held when published.
+
+        The quick check (every use) needs the record written after the publish, and the same
+        top-level entries; ``full=True`` counts every file and byte (``pytest-sandbox verify``).
+        """
+        try:
+            want = LayerCheck.from_json(json.loads(self._manifest(layer).read_text()))
+            if full:
+                return LayerCheck.of(self.layer_path(layer)) == want
+            return want.top == LayerCheck.top_of(self.layer_path(layer))
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def forget_layer(self, layer: str) -> None:
+        """Mark a damaged layer as absent (its record goes; gc deletes the tree once unused)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._manifest(layer).unlink()
+
+    def layers(self) -> list[str]:
+        """Every layer id in the store."""
+        return sorted(p.name for p in (self.root / "l").iterdir())
 
     # -- records -----------------------------------------------------------------------------
     def _record(self, key: str) -> Path:
@@ -295,8 +370,9 @@ class Store:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         snap = Snapshot.from_json(data)
-        # A record whose layers vanished (hand-edited cache) is treated as absent, never used.
-        if not all(self.layer_path(layer).is_dir() for layer in snap.layers):
+        # A record whose layers vanished or were damaged (an interrupted copy, a clean-up by hand)
+        # is treated as absent, so the recipe is built again: never used silently.
+        if not all(self.layer_ok(layer) for layer in snap.layers):
             return None
         return snap
 
@@ -410,7 +486,12 @@ class Store:
         for p in (self.root / "l").iterdir():
             if p.name not in used:
                 rmtree(p)
+                with contextlib.suppress(FileNotFoundError):
+                    self._manifest(p.name).unlink()
                 removed += 1
+        for p in (self.root / "i").glob("*.json"):
+            if not self.layer_path(p.stem).exists():
+                p.unlink()
         return removed
 
     def remove(self, keys: list[str]) -> int:

@@ -131,7 +131,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ImportError:
         return
     argv = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(_test_cache(config))]
-    argv += ["serve", "--daytona", "--port", "0", "--until-stdin-closes"]
+    argv += ["serve", "--daytona", "--port", "0", "--until-stdin-closes", "--api-key", "local-tests"]
     log = _test_cache(config) / "daytona-endpoint.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as err:

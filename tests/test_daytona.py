@@ -47,7 +47,17 @@ def _python(code: str, env: dict[str, str] | None = None, timeout: float = 120) 
 def _serve(cache_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     argv = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(cache_dir), "serve", "--daytona"]
     proc = subprocess.Popen(
-        [*argv, "--port", "0", "--until-stdin-closes", *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [
+            *argv,
+            "--port",
+            "0",
+            "--until-stdin-closes",
+            *(() if "--api-key" in extra else ("--api-key", "local-tests")),
+            *extra,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()

@@ -4,6 +4,7 @@ steps get, and the mmdebstrap call that makes a Debian rootfs tarball."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import posixpath
@@ -31,6 +32,8 @@ from ..errors import (
 )
 from ..image import Image, Step
 from . import _proc
+
+_HISTORY_TAIL = 4096  # characters of each stream a sandbox's history keeps (the failure report shows less)
 
 __all__ = [
     "Watchdog",
@@ -268,8 +271,18 @@ def exec_result(
     duration: float,
     timed_out: bool,
     timeout: float | None,
+    truncated: bool = False,
+    max_output: int | None = None,
 ) -> ExecResult:
-    """Record one exec in a sandbox's history; raise :class:`ExecTimeoutError` if it timed out."""
+    """Record one exec in a sandbox's history; raise :class:`ExecTimeoutError` if it timed out.
+
+    Output longer than ``max_output`` (default :data:`DEFAULT_MAX_OUTPUT`) per stream is cut
+    in the middle with a marker. The history keeps each command's output tail only: a sandbox
+    running thousands of commands must not hold all their output.
+    """
+    limit = _proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output
+    stdout, cut_out = _proc.clip(stdout, limit)
+    stderr, cut_err = _proc.clip(stderr, limit)
     shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
     result = ExecResult(
         command=shown,
@@ -278,8 +291,11 @@ def exec_result(
         stderr=stderr.decode("utf-8", errors="replace"),
         duration=duration,
         timed_out=timed_out,
+        truncated=truncated or cut_out or cut_err,
     )
-    history.append(result)
+    history.append(
+        dataclasses.replace(result, stdout=result.stdout[-_HISTORY_TAIL:], stderr=result.stderr[-_HISTORY_TAIL:])
+    )
     if timed_out:
         raise ExecTimeoutError(
             result,
@@ -376,6 +392,7 @@ class SandboxBase:
         input: bytes | str | None = None,
         timeout: float | None = None,
         on_line: LogCallback | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         raise NotImplementedError
 
@@ -387,14 +404,17 @@ class SandboxBase:
         env: Mapping[str, str] | None = None,
         input: bytes | str | None = None,
         timeout: float | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         """Run a command in the sandbox and wait for it.
 
         A string runs through ``/bin/sh -c``; a list is an argv. Processes it leaves in the
         background keep running for later commands. On ``timeout`` every process the command
         started is killed and :class:`ExecTimeoutError` is raised with the output so far.
+        At most ``max_output`` bytes (default 16 MiB) of stdout, and of stderr, are kept: the
+        first and last halves, with a marker between them, and ``truncated`` set.
         """
-        return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout)
+        return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)
 
 
 class Watchdog:

@@ -8,9 +8,9 @@ xattr (bwrap always mounts with ``userxattr``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 from ..errors import SandboxError
@@ -19,12 +19,117 @@ OPAQUE = "user.overlay.opaque"
 _SKIP_XATTRS = ("user.overlay.origin", "user.overlay.impure", "user.overlay.nlink")
 
 
-def copy_tree(src: Path, dest: Path) -> None:
-    """Copy a layer tree with modes, owners, xattrs and whiteouts (``cp -a``, reflinks if cheap)."""
+def copy_tree(src: Path, dest: Path, top_only: bool = False) -> None:
+    """Copy a writable layer out with modes, owners, xattrs, hard links and whiteouts.
+
+    ``src`` is written by sandbox code, so nothing in it is trusted: every entry is opened
+    relative to its parent's fd with ``O_NOFOLLOW`` (a symlink is copied as a link, never
+    followed on the host), only regular files are read, and a directory swapped for a link
+    mid-walk is refused rather than entered. Device nodes other than whiteouts, and sockets, are
+    left out (a sandbox cannot make the first, and the second mean nothing in a snapshot).
+    ``top_only`` copies only the attributes of ``src`` itself onto ``dest``.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{dest}/"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SandboxError(f"copying layer {src} failed: {proc.stderr.strip()}")
+    sfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not top_only:
+            _copy_dir(sfd, dfd, dfd, "", {})
+        _copy_meta_fd(sfd, dfd, os.fstat(sfd))
+    except OSError as exc:
+        raise SandboxError(f"copying layer {src} failed: {exc}") from exc
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_meta_fd(sfd: int, dfd: int, st: os.stat_result) -> None:
+    with contextlib.suppress(PermissionError):
+        os.fchown(dfd, st.st_uid, st.st_gid)
+    os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):
+        for name in os.listxattr(sfd):
+            if name not in _SKIP_XATTRS:
+                os.setxattr(dfd, name, os.getxattr(sfd, name))
+    os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_dir(sfd: int, dfd: int, root: int, rel: str, links: dict[tuple[int, int], str]) -> None:
+    """Copy the directory ``sfd`` into ``dfd`` (at ``rel`` below the copy's root fd ``root``)."""
+    for name in os.listdir(sfd):
+        try:
+            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dfd)
+            csfd = os.open(name, _DIR_FLAGS, dir_fd=sfd)
+            cdfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                _copy_dir(csfd, cdfd, root, f"{rel}{name}/", links)
+                _copy_meta_fd(csfd, cdfd, os.fstat(csfd))
+            finally:
+                os.close(csfd)
+                os.close(cdfd)
+            continue
+        if st.st_nlink > 1 and (st.st_dev, st.st_ino) in links:
+            # The first copy's path runs through directories this copy made itself: no links.
+            with contextlib.suppress(OSError):
+                os.link(links[(st.st_dev, st.st_ino)], name, src_dir_fd=root, dst_dir_fd=dfd, follow_symlinks=False)
+                continue
+        if stat.S_ISREG(mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=sfd)
+            try:
+                fst = os.fstat(fd)
+                if not stat.S_ISREG(fst.st_mode):
+                    continue
+                out = os.open(
+                    name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+                )
+                try:
+                    _copy_data(fd, out, fst.st_size)
+                    _copy_meta_fd(fd, out, fst)
+                finally:
+                    os.close(out)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+            with contextlib.suppress(PermissionError):
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        elif stat.S_ISCHR(mode) and st.st_rdev == 0:  # an overlay whiteout
+            os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dfd)
+            with contextlib.suppress(PermissionError):
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(name, stat.S_IMODE(mode), dir_fd=dfd)
+            with contextlib.suppress(PermissionError):
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+        else:
+            continue
+        if st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = rel + name
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """copy_file_range (a reflink where the filesystem shares extents), else read and write."""
+    try:
+        while os.copy_file_range(src, dst, 1 << 30):
+            pass
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    os.lseek(src, 0, os.SEEK_SET)
+    os.lseek(dst, 0, os.SEEK_SET)
+    os.ftruncate(dst, 0)
+    while chunk := os.read(src, 1 << 20):
+        os.write(dst, chunk)
 
 
 def _is_opaque(path: Path) -> bool:

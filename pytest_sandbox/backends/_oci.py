@@ -23,6 +23,7 @@ from typing import IO
 
 from ..errors import SandboxError
 from ..registry import RegistryError
+from ._ids import IdMap
 from ._layers import OPAQUE
 from ._safefs import _rmtree_at
 
@@ -56,11 +57,11 @@ def _open_stream(blob: IO[bytes], what: str) -> IO[bytes]:
 
 
 class _Unpacker:
-    def __init__(self, dest: Path, what: str, keep_owners: bool) -> None:
+    def __init__(self, dest: Path, what: str, ids: IdMap | None) -> None:
         dest.mkdir()
         self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.what = what
-        self.keep_owners = keep_owners
+        self.ids = ids
         self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
         self.skipped = 0
 
@@ -115,11 +116,12 @@ class _Unpacker:
             os.unlink(name, dir_fd=pfd)
 
     def _owner(self, m: tarfile.TarInfo, name: str | int, pfd: int | None) -> None:
-        if self.keep_owners:
+        if self.ids is not None:
+            uid, gid = self.ids.uid(m.uid), self.ids.gid(m.gid)
             if isinstance(name, int):
-                os.fchown(name, m.uid, m.gid)
+                os.fchown(name, uid, gid)
             else:
-                os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
 
     def add(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         parts = self._parts(m.name, m.name)
@@ -183,6 +185,8 @@ class _Unpacker:
             os.close(pfd)
 
     def finish(self) -> None:
+        if self.ids is not None and () not in self.dirs:
+            os.fchown(self.root, *self.ids.root)  # the layer's top is / inside: root's
         # Directory modes last, deepest first: a read-only directory must not stop its own filling.
         for parts in sorted(self.dirs, key=len, reverse=True):
             m = self.dirs[parts]
@@ -195,13 +199,13 @@ class _Unpacker:
                 os.close(fd)
 
 
-def unpack_layer(blob: Path, dest: Path, what: str, *, keep_owners: bool) -> int:
+def unpack_layer(blob: Path, dest: Path, what: str, *, ids: IdMap | None) -> int:
     """Unpack the layer tarball ``blob`` (plain, gzip or zstd) into the new directory ``dest``.
 
     Returns the number of entries skipped (device nodes). Raises :class:`LayerError` for a layer
     that tries to escape its root or is not a tar archive.
     """
-    unpacker = _Unpacker(dest, what, keep_owners)
+    unpacker = _Unpacker(dest, what, ids)
     try:
         with blob.open("rb") as raw:
             try:

