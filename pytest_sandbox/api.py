@@ -18,7 +18,24 @@ if TYPE_CHECKING:
 
     from .image import Image
 
-__all__ = ["Backend", "ExecResult", "LogCallback", "Sandbox", "SandboxFS", "Snapshot"]
+__all__ = [
+    "DEFAULT_MAX_DOWNLOAD",
+    "DEFAULT_MAX_OUTPUT",
+    "DEFAULT_MAX_READ",
+    "Backend",
+    "ExecResult",
+    "LogCallback",
+    "Sandbox",
+    "SandboxFS",
+    "Snapshot",
+]
+
+DEFAULT_MAX_OUTPUT = 16 << 20
+"""Bytes of stdout, and of stderr, an exec keeps by default (16 MiB each); ``max_output=`` changes it."""
+DEFAULT_MAX_READ = 256 << 20
+"""The most ``fs.read()`` returns by default (256 MiB); ``max_size=`` raises it."""
+DEFAULT_MAX_DOWNLOAD = 4 << 30
+"""The most ``fs.download()`` writes by default (4 GiB, 4 KiB counted per entry); ``max_size=`` raises it."""
 
 LogCallback = Callable[[str], None]
 """Receives one line of build progress or step output at a time (no trailing newline)."""
@@ -123,11 +140,11 @@ class Snapshot:
 class SandboxFS(Protocol):
     """Files inside a sandbox. Paths are sandbox paths; nothing here can reach a host file."""
 
-    def read(self, path: str) -> bytes: ...
-    def read_text(self, path: str) -> str: ...
+    def read(self, path: str, max_size: int = DEFAULT_MAX_READ) -> bytes: ...
+    def read_text(self, path: str, max_size: int = DEFAULT_MAX_READ) -> str: ...
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None: ...
     def upload(self, local: str | Path, path: str) -> None: ...
-    def download(self, path: str, local: str | Path) -> None: ...
+    def download(self, path: str, local: str | Path, max_size: int = DEFAULT_MAX_DOWNLOAD) -> None: ...
     def listdir(self, path: str) -> list[str]: ...
     def exists(self, path: str) -> bool: ...
     def is_dir(self, path: str) -> bool: ...

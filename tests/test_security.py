@@ -393,13 +393,13 @@ def test_fs_read_and_download_honour_max_size(backend: LocalBackend, host: Snaps
     with backend.create(host) as sb:
         sb.exec(f"head -c {3 * MiB} /dev/urandom > /tmp/big").check()
         with pytest.raises(SandboxFileError) as info:
-            sb.fs.read("/tmp/big", max_size=MiB)  # type: ignore[call-arg,unused-ignore]
+            sb.fs.read("/tmp/big", max_size=MiB)
         assert re.search(r"max_size|limit|1048576|1(\.0)? ?MiB", str(info.value), re.IGNORECASE), str(info.value)
-        data = sb.fs.read("/tmp/big", max_size=4 * MiB)  # type: ignore[call-arg,unused-ignore]
+        data = sb.fs.read("/tmp/big", max_size=4 * MiB)
         assert len(data) == 3 * MiB
         dest = tmp_path / "big"
         with pytest.raises(SandboxFileError):
-            sb.fs.download("/tmp/big", dest, max_size=MiB)  # type: ignore[call-arg,unused-ignore]
+            sb.fs.download("/tmp/big", dest, max_size=MiB)
         assert tree_size(dest) <= MiB, f"download left {tree_size(dest)} bytes past its limit"
 
 
@@ -451,13 +451,13 @@ def test_download_drops_setuid_and_setgid_bits(backend: LocalBackend, host: Snap
 def test_exec_output_is_bounded_and_says_so(backend: LocalBackend, host: Snapshot) -> None:
     # A chatty or hostile command must not make the caller hold all of its output.
     with backend.create(host) as sb:
-        r = sb.exec("head -c 50000000 /dev/zero | tr '\\0' x", max_output=MiB)  # type: ignore[call-arg,unused-ignore]
-        assert r.truncated is True  # type: ignore[attr-defined,unused-ignore]
+        r = sb.exec("head -c 50000000 /dev/zero | tr '\\0' x", max_output=MiB)
+        assert r.truncated is True
         assert len(r.stdout) <= int(1.1 * MiB), len(r.stdout)
         assert "truncated" in r.stdout.lower(), "no visible marker says the output was cut"
-        small = sb.exec("echo hi", max_output=MiB)  # type: ignore[call-arg,unused-ignore]
-        assert small.stdout == "hi\n" and small.truncated is False  # type: ignore[attr-defined,unused-ignore]
-        assert sb.exec("echo hi").truncated is False  # type: ignore[attr-defined,unused-ignore]
+        small = sb.exec("echo hi", max_output=MiB)
+        assert small.stdout == "hi\n" and small.truncated is False
+        assert sb.exec("echo hi").truncated is False
 
 
 def test_huge_output_does_not_grow_the_callers_memory(host: Snapshot, cache_dir: Path) -> None:

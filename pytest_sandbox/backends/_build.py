@@ -32,6 +32,7 @@ from ..errors import (
 )
 from ..image import Image, Step
 from . import _proc
+from ._safefs import HostTree
 
 _HISTORY_TAIL = 4096  # characters of each stream a sandbox's history keeps (the failure report shows less)
 
@@ -305,29 +306,24 @@ def exec_result(
     return result
 
 
-def extract_tar(tf: tarfile.TarFile, dest: Path) -> None:
-    """Unpack a tar whose first path component is the downloaded item into ``dest``: symlinks are
-    recreated, never followed, and no member can land outside ``dest``."""
-    for member in tf:
-        parts = member.name.split("/")[1:]
-        if any(p in ("..", "") for p in parts) or member.name.startswith("/"):
-            continue
-        target = dest.joinpath(*parts) if parts else dest
-        if member.isdir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif member.issym():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(target):
-                target.unlink()
-            os.symlink(member.linkname, target)
-        elif member.isfile():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink():
-                target.unlink()
-            f = tf.extractfile(member)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, member.mode & 0o777)
-            with os.fdopen(fd, "wb") as out:
-                out.write(f.read() if f is not None else b"")
+def extract_tar(tf: tarfile.TarFile, dest: Path, max_size: int, what: str) -> None:
+    """Unpack a tar whose first path component is the downloaded item into ``dest``, with
+    :class:`HostTree`'s rules: symlinks recreated, never followed (nor ones already on the host),
+    no member outside ``dest``, no setuid or setgid, FIFOs and devices skipped, ``max_size``."""
+    tree = HostTree(dest, max_size, what)
+    try:
+        for member in tf:
+            parts = tuple(member.name.split("/")[1:])
+            if any(p in ("..", "", ".") for p in parts) or member.name.startswith("/"):
+                continue
+            if member.isdir():
+                tree.directory(parts, member.mode)
+            elif member.issym():
+                tree.symlink(parts, member.linkname)
+            elif member.isfile():
+                tree.file(parts, member.mode, tf.extractfile(member))
+    finally:
+        tree.close()
 
 
 def sandbox_path(path: str) -> str:

@@ -21,12 +21,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..api import DEFAULT_MAX_OUTPUT
 from ._spawn import Child, Spawner
 
 __all__ = ["DEFAULT_MAX_OUTPUT", "Completed", "clip", "kill_tree", "run"]
 
-DEFAULT_MAX_OUTPUT = 16 << 20
-"""Bytes of stdout, and of stderr, an exec keeps by default (16 MiB each)."""
 _ORPHAN_LIMIT = 64 << 20  # what the sink drains from a background writer before closing on it
 _CHUNK = 1 << 16
 

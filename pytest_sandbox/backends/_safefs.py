@@ -22,15 +22,12 @@ import posixpath
 import stat
 from pathlib import Path
 
+from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ
 from ..errors import ConfigError, SandboxError, SandboxFileError
 from ._ids import acting_as
 
-__all__ = ["DEFAULT_MAX_DOWNLOAD", "DEFAULT_MAX_READ", "SafeFS", "openat2"]
+__all__ = ["HostTree", "SafeFS", "openat2"]
 
-DEFAULT_MAX_READ = 256 << 20
-"""The most ``read()`` returns by default (256 MiB); ``max_size=`` raises it."""
-DEFAULT_MAX_DOWNLOAD = 4 << 30
-"""The most ``download()`` writes by default (4 GiB, counting 4 KiB per entry); ``max_size=`` raises it."""
 _ENTRY_COST = 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -391,6 +388,85 @@ def _copy_out(fd: int, pfd: int, name: str, budget: list[int], path: str) -> Non
             os.close(out)
     else:
         raise SandboxFileError(errno.EINVAL, f"download {path}: is a {_kind(st.st_mode)}; refusing to copy it")
+
+
+class HostTree:
+    """Writes a tree that came out of a sandbox (a tar stream) to the host path ``dest``.
+
+    The same rules as :meth:`SafeFS.download`: every entry is created below an open directory
+    fd with ``O_NOFOLLOW``, host entries in the way are replaced (never followed), modes lose
+    setuid and setgid, and past ``max_size`` bytes (4 KiB counted per entry) it stops with
+    :class:`SandboxFileError`. ``parts`` are path components below ``dest`` (``()`` is ``dest``).
+    """
+
+    def __init__(self, dest: Path, max_size: int, what: str) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._top = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._name = dest.name
+        self._budget = [max_size]
+        self._what = what
+
+    def close(self) -> None:
+        os.close(self._top)
+
+    def _parent(self, parts: tuple[str, ...]) -> tuple[int, str]:
+        """An fd of the directory holding ``parts`` (made, and links in the way replaced), and
+        the last name."""
+        names = (self._name, *parts)
+        fd = os.dup(self._top)
+        try:
+            for name in names[:-1]:
+                _clear(fd, name, keep_dir=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return fd, names[-1]
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def directory(self, parts: tuple[str, ...], mode: int) -> None:
+        _spend(self._budget, _ENTRY_COST, self._what)
+        pfd, name = self._parent(parts)
+        try:
+            _clear(pfd, name, keep_dir=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                os.fchmod(dfd, (mode & 0o777) | stat.S_IRWXU)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(pfd)
+
+    def file(self, parts: tuple[str, ...], mode: int, data: object) -> None:
+        """``data``: a binary file object to copy from (None for an empty file)."""
+        _spend(self._budget, _ENTRY_COST, self._what)
+        pfd, name = self._parent(parts)
+        try:
+            _clear(pfd, name, keep_dir=False)
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+            try:
+                while data is not None and (chunk := data.read(1 << 20)):  # type: ignore[attr-defined]
+                    _spend(self._budget, len(chunk), self._what)
+                    os.write(out, chunk)
+                os.fchmod(out, mode & 0o777)  # never setuid/setgid on the host
+            finally:
+                os.close(out)
+        finally:
+            os.close(pfd)
+
+    def symlink(self, parts: tuple[str, ...], target: str) -> None:
+        _spend(self._budget, _ENTRY_COST, self._what)
+        pfd, name = self._parent(parts)
+        try:
+            _clear(pfd, name, keep_dir=False)
+            os.symlink(target, name, dir_fd=pfd)
+        finally:
+            os.close(pfd)
 
 
 def _rmtree_at(pfd: int, name: str) -> None:

@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..api import ExecResult, LogCallback, Snapshot
+from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -683,15 +683,22 @@ class DaytonaFS:
         except self._sb.backend._sdk.DaytonaError as exc:
             raise file_error(str(exc), op, path) from exc
 
-    def read(self, path: str) -> bytes:
-        """The contents of a file (symlinks followed inside the sandbox)."""
+    def read(self, path: str, max_size: int = DEFAULT_MAX_READ) -> bytes:
+        """The contents of a regular file, at most ``max_size`` bytes (symlinks followed inside)."""
         path = sandbox_path(path)
-        data = self._call("read", path, self._sb.sdk.fs.download_file, path)
-        return bytes(data or b"")
+        info = self._info(path)
+        if info is not None and getattr(info, "is_dir", False):
+            raise SandboxFileError(errno.EISDIR, f"read {path}: is a directory")
+        if info is not None and int(getattr(info, "size", 0) or 0) > max_size:
+            raise SandboxFileError(errno.EFBIG, f"read {path}: larger than max_size={max_size}; pass a larger one")
+        data = bytes(self._call("read", path, self._sb.sdk.fs.download_file, path) or b"")
+        if len(data) > max_size:  # grew after the check
+            raise SandboxFileError(errno.EFBIG, f"read {path}: larger than max_size={max_size}; pass a larger one")
+        return data
 
-    def read_text(self, path: str) -> str:
+    def read_text(self, path: str, max_size: int = DEFAULT_MAX_READ) -> str:
         """The contents of a file as UTF-8 text."""
-        return self.read(path).decode("utf-8", errors="replace")
+        return self.read(path, max_size).decode("utf-8", errors="replace")
 
     def _info(self, path: str) -> Any | None:
         try:
@@ -753,9 +760,9 @@ class DaytonaFS:
             ["/bin/sh", "-c", 'mkdir -p -- "$1" && tar -xf "$2" -C "$1"; r=$?; rm -f "$2"; exit $r', "sh", parent, tmp]
         ).check()
 
-    def download(self, path: str, local: str | os.PathLike[str]) -> None:
-        """Copy a sandbox file or tree to the host path ``local``; symlinks are recreated, never
-        followed, and no member can land outside ``local``."""
+    def download(self, path: str, local: str | os.PathLike[str], max_size: int = DEFAULT_MAX_DOWNLOAD) -> None:
+        """Copy a sandbox file or tree to the host path ``local`` (the local engine's rules:
+        links recreated, never followed, no setuid bits, special files skipped, ``max_size``)."""
         path = sandbox_path(path)
         tmp = f"/tmp/.psb-{new_id(6)}.tar"
         res = self._sb._run(
@@ -773,8 +780,8 @@ class DaytonaFS:
             self.remove(tmp) if self.exists(tmp) else None
             raise SandboxFileError(errno.ENOENT, f"download {path}: no such file or directory")
         try:
-            data = self.read(tmp)
+            data = self.read(tmp, max_size + (1 << 20))
         finally:
             self.remove(tmp)
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-            extract_tar(tf, Path(local))
+            extract_tar(tf, Path(local), max_size, f"download {path}")

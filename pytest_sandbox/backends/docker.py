@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..api import ExecResult, LogCallback, Snapshot
+from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -556,20 +556,26 @@ class DockerFS:
             raise file_error(err.decode(errors="replace"), op, path)
         return out
 
-    def _archive(self, path: str, op: str) -> tarfile.TarFile:
+    def _archive(self, path: str, op: str, max_size: int) -> tarfile.TarFile:
         self._sb._check_open()
         errors = self._sb.backend._errors
         try:
             stream, _ = self._sb.container.get_archive(path)
         except errors.NotFound as exc:
             raise SandboxFileError(errno.ENOENT, f"{op} {path}: no such file or directory") from exc
-        return tarfile.open(fileobj=io.BytesIO(b"".join(stream)))
+        chunks, total = [], 0
+        for chunk in stream:  # bounded: a container's file must not fill the runner's memory
+            total += len(chunk)
+            if total > max_size + (1 << 20):
+                raise SandboxFileError(errno.EFBIG, f"{op} {path}: larger than max_size={max_size}; pass a larger one")
+            chunks.append(chunk)
+        return tarfile.open(fileobj=io.BytesIO(b"".join(chunks)))
 
-    def read(self, path: str) -> bytes:
-        """The contents of a file (symlinks followed inside the container)."""
+    def read(self, path: str, max_size: int = DEFAULT_MAX_READ) -> bytes:
+        """The contents of a regular file, at most ``max_size`` bytes (symlinks followed inside)."""
         path = sandbox_path(path)
         for _ in range(40):
-            with self._archive(path, "read") as tf:
+            with self._archive(path, "read", max_size) as tf:
                 member = tf.next()
                 assert member is not None
                 if member.issym():
@@ -577,13 +583,17 @@ class DockerFS:
                     continue
                 if member.isdir():
                     raise SandboxFileError(errno.EISDIR, f"read {path}: is a directory")
+                if not member.isfile():
+                    raise SandboxFileError(errno.EINVAL, f"read {path}: not a regular file; refusing to read it")
+                if member.size > max_size:
+                    raise SandboxFileError(errno.EFBIG, f"read {path}: larger than max_size={max_size}")
                 f = tf.extractfile(member)
                 return f.read() if f is not None else b""
         raise SandboxFileError(errno.ELOOP, f"read {path}: too many levels of symbolic links")
 
-    def read_text(self, path: str) -> str:
+    def read_text(self, path: str, max_size: int = DEFAULT_MAX_READ) -> str:
         """The contents of a file as UTF-8 text."""
-        return self.read(path).decode("utf-8", errors="replace")
+        return self.read(path, max_size).decode("utf-8", errors="replace")
 
     def exists(self, path: str) -> bool:
         """True when the path exists (following symlinks inside the container)."""
@@ -642,9 +652,9 @@ class DockerFS:
             tf.add(str(src), arcname=posixpath.basename(path), recursive=True)
         self._sb.container.put_archive(posixpath.dirname(path), buf.getvalue())
 
-    def download(self, path: str, local: str | os.PathLike[str]) -> None:
-        """Copy a container file or tree to the host path ``local``; symlinks are recreated, never
-        followed, and no member can land outside ``local``."""
+    def download(self, path: str, local: str | os.PathLike[str], max_size: int = DEFAULT_MAX_DOWNLOAD) -> None:
+        """Copy a container file or tree to the host path ``local`` (the local engine's rules:
+        links recreated, never followed, no setuid bits, special files skipped, ``max_size``)."""
         path = sandbox_path(path)
-        with self._archive(path, "download") as tf:
-            extract_tar(tf, Path(local))
+        with self._archive(path, "download", max_size) as tf:
+            extract_tar(tf, Path(local), max_size, f"download {path}")
