@@ -14,6 +14,7 @@ here asserts, the machines are shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pytest_sandbox import Backend, Image, Snapshot
@@ -31,6 +32,21 @@ from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import disk_usage
 
 DEBIAN = Image.debian("bookworm", include=["python3", "python3-pip"])
+
+
+FLOOD = """
+import resource, sys, time
+from pytest_sandbox.backends.local import LocalBackend
+with LocalBackend(sys.argv[1]) as b:
+    with b.create(b.get_snapshot(sys.argv[2])) as sb:
+        sb.exec("true")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        r = sb.exec("head -c 3000000000 /dev/zero")
+        secs = time.perf_counter() - t
+        assert r.truncated
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, secs)
+"""
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -331,6 +347,55 @@ def main() -> None:
                 f"p50 {ms(pct(times, 50))}",
                 f"p95 {ms(pct(times, 95))}  base {size} MB (target < 20 ms)",
             )
+
+        # -- snapshot() of a busy sandbox: how long its processes are paused -----------------
+        from pytest_sandbox.backends import _pause
+
+        pauses: list[float] = []
+        real_paused = _pause.paused
+
+        @contextlib.contextmanager
+        def timed_pause(pid: int, settle: float = 2.0) -> Iterator[int]:
+            t = time.perf_counter()
+            with real_paused(pid, settle) as n:
+                yield n
+            pauses.append(time.perf_counter() - t)
+
+        _pause.paused = timed_pause  # type: ignore[assignment]
+        busy = []
+        try:
+            with b.create(deb) as sb:
+                writer = "while :; do for i in 1 2 3 4 5 6 7 8; do echo x > /tmp/f$i; rm -f /tmp/f$i; done; done"
+                sb.exec(f"for w in 1 2; do ( {writer} ) >/dev/null 2>&1 & done").check()
+                sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
+                for _ in range(max(10, args.n // 2)):
+                    t = time.perf_counter()
+                    s = sb.snapshot()
+                    busy.append(time.perf_counter() - t)
+                    b.remove_snapshot(s)
+        finally:
+            _pause.paused = real_paused
+        out.update(busy_snapshot_p50=pct(busy, 50), busy_pause_p50=pct(pauses, 50), busy_pause_p95=pct(pauses, 95))
+        row("snapshot() of a sandbox with 2 busy writers", f"p50 {ms(pct(busy, 50))}", f"p95 {ms(pct(busy, 95))}")
+        row(
+            "  of which its processes were paused",
+            f"p50 {ms(pct(pauses, 50))}",
+            f"p95 {ms(pct(pauses, 95))}  ({pct(pauses, 50) / pct(busy, 50):.0%} of the snapshot)",
+        )
+
+        # -- an output flood: the runner's memory stays bounded ----------------------------
+        flood = subprocess.run(
+            [sys.executable, "-c", FLOOD, str(b.store.cache_dir), deb.key],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        try:
+            grew, secs = (float(x) for x in flood.stdout.split())
+            out.update(flood_rss_growth_mb=grew, flood_seconds=secs)
+            row("exec printing 3 GB: runner RSS growth", f"{grew:7.1f} MB", f"in {secs:.1f}s (16 MiB kept per stream)")
+        except ValueError:
+            row("exec printing 3 GB: runner RSS growth", "failed", flood.stderr.strip()[-200:])
 
         # -- 1000 live sandboxes -----------------------------------------------------------
         before = disk_usage(b.store.root / "r")

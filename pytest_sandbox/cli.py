@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("shell", help="interactive shell in a fresh fork of a snapshot")
     s.add_argument("snapshot")
     s.add_argument("--network", action="store_true", help="give the sandbox the host's network")
-    s.add_argument("command", nargs="*", help="run this instead of a shell")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="run this instead of a shell (after --)")
     r = sub.add_parser("rm", help="delete snapshots")
     r.add_argument("snapshots", nargs="+")
     p = sub.add_parser("prune", help="delete snapshots unused for a while")
@@ -115,7 +115,8 @@ def _run(args: argparse.Namespace, backend: Backend) -> int:
         print(f"snapshot {snap.key} ready in {time.perf_counter() - start:.1f}s")
         return 0
     if args.cmd == "shell":
-        return _shell(backend, args.snapshot, args.network, args.command or SHELL)
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        return _shell(backend, args.snapshot, args.network, command or SHELL)
     if args.cmd == "rm":
         for ref in args.snapshots:
             backend.remove_snapshot(ref)
@@ -175,7 +176,7 @@ def _shell(backend: Backend, ref: str, network: bool, command: list[str]) -> int
     term = {"TERM": os.environ.get("TERM", "xterm"), "PS1": f"sandbox:{snap.short}# "}
     if isinstance(backend, LocalBackend):
         with backend.create(snap, network=network) as sb:
-            return subprocess.call(sb.nsenter_argv(command), env={**sb._env, **term})
+            return sb.attached(command, env=term)
     if backend.name == "daytona":
         return _line_shell(backend, snap, network, command)
     # docker: the CLI gives a real terminal; the container is removed when the shell exits

@@ -28,7 +28,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,13 +98,14 @@ def rmtree(path: Path) -> None:
         pass
 
 
-def _end_processes_using(dirs: list[Path], timeout: float = 5.0) -> None:
+def _end_processes_using(dirs: list[str], timeout: float = 5.0) -> None:
     """SIGKILL processes that still use one of ``dirs`` and wait until they are gone: those whose
     command line names it (a sandbox's bwrap), and those whose mount namespace has an overlay on
     it (everything running inside that sandbox)."""
     if not dirs:
         return
-    needles = [str(d).encode() for d in dirs]
+    # A trailing slash or space ends each name, so /r/abc never matches /r/abcd.
+    needles = [f"{d}{end}".encode() for d in dirs for end in ("/", " ", "\0")]
     pids = []
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -448,15 +449,18 @@ class Store:
             t.join()
 
     # -- garbage collection ------------------------------------------------------------------
-    def gc(self) -> int:
+    def gc(self, aliases: Callable[[Path], list[str]] | None = None) -> int:
         """Remove what dead processes left behind: sandboxes, work in progress, their ephemeral
-        snapshots, and layers nothing references. Returns the number of items removed."""
+        snapshots, and layers nothing references. Returns the number of items removed.
+
+        ``aliases`` gives the other names a sandbox directory has in the processes using it (the
+        local engine's, as root, see the store at another path)."""
         removed = 0
         with self.exclusive():
             stale = [d for d, meta in self.sandboxes() if not self.owner_alive(meta.get("owner"))]
             # A dead owner's sandbox may still be tearing down (its holder only just saw EOF):
             # end those processes first, or the deletion races the unmount and leaves files.
-            _end_processes_using(stale)
+            _end_processes_using([str(d) for d in stale] + [a for d in stale for a in (aliases(d) if aliases else [])])
             for d in stale:
                 rmtree(d)
                 removed += 1

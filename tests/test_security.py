@@ -253,6 +253,50 @@ print(json.dumps(out))
     assert not allowed, f"syscalls not refused with EPERM/ENOSYS (return value, errno): {allowed}"
 
 
+def test_build_steps_and_the_cli_shell_are_filtered_too(backend: LocalBackend, host: Snapshot, cache_dir: Path) -> None:
+    # Commands enter a sandbox from outside (nsenter), not as children of its filtered init: the
+    # filter must reach them by another way, for build steps and for `pytest-sandbox shell` alike.
+    probe = "unshare -U true 2>/dev/null && echo ESCAPED || echo refused"
+    snap = backend.build(Image.host().run(f"{probe} > /probe"))
+    with backend.create(snap) as sb:
+        assert sb.fs.read_text("/probe") == "refused\n"
+    shell = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_sandbox.cli",
+            "--cache-dir",
+            str(cache_dir),
+            "shell",
+            host.key,
+            "sh",
+            "-c",
+            probe,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shell.stdout == "refused\n", shell
+
+
+def test_no_descriptor_of_the_runner_leaks_inside(backend: LocalBackend, base: Snapshot) -> None:
+    # An inherited fd of a host directory (the store, a layer), the seccomp program, the user
+    # namespace or a pipe to the runner would be a way out: every fd inside is the sandbox's own.
+    with backend.create(base) as sb:
+        sb.exec("sleep 60 >/dev/null 2>&1 </dev/null &").check()
+        listing = sb.exec('for f in /proc/[0-9]*/fd/*; do echo "$f $(readlink $f)"; done').check().stdout
+    leaks = [
+        line
+        for line in listing.splitlines()
+        if any(word in line for word in ("seccomp", "user:[", "mnt:[", "pid:[", str(backend.store.root), "/tmp/l/"))
+    ]
+    assert not leaks, leaks
+    targets = {line.split(" ", 1)[1] for line in listing.splitlines() if " " in line}
+    assert not [t for t in targets if t.startswith("/") and not t.startswith(("/dev/", "/proc/", "/memfd:"))], targets
+
+
 def test_host_processes_are_invisible(backend: LocalBackend, base: Snapshot) -> None:
     # Whatever a sandbox can see it can signal or ptrace: the runner's own pid must not exist inside.
     me = os.getpid()

@@ -395,7 +395,7 @@ class LocalBackend:
 
     def gc(self) -> int:
         """Remove sandboxes, temporary trees and ephemeral snapshots of processes that died."""
-        return self.store.gc()
+        return self.store.gc(aliases=lambda d: [self.launch_path(d)])
 
     def verify(self) -> dict[str, list[str]]:
         """Check every layer in full (entries and bytes against what was published).
@@ -920,6 +920,15 @@ class LocalSandbox(SandboxBase):
             truncated=res.truncated,
             max_output=max_output,
         )
+
+    def attached(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+        """Run ``argv`` in the sandbox on this process's stdin, stdout and stderr (a terminal, for
+        ``pytest-sandbox shell``) and return its exit code. Filtered like every exec; it runs in a
+        session of its own, so it cannot push input into the caller's terminal (no job control)."""
+        self._check_open()
+        child = self.backend._spawner.spawn(self.nsenter_argv(argv), {**self._env, **(env or {})}, 0, 1, 2)
+        code = child.wait()
+        return 128 - code if code < 0 else code
 
     @property
     def fs(self) -> SafeFS:
