@@ -344,17 +344,7 @@ def test_snapshot_of_a_busy_sandbox_succeeds(backend: LocalBackend, host: Snapsh
             backend.remove_snapshot(snap)
 
 
-def test_snapshot_never_copies_through_a_symlink_swapped_in(
-    backend: LocalBackend, host: Snapshot, tmp_path: Path
-) -> None:
-    # The sandbox swaps a directory and a symlink to a host directory with RENAME_EXCHANGE while
-    # the host copies its writable layer: a copy that looks at /work/d and then descends into it
-    # by path follows the link and copies the host's files into the snapshot.
-    token = secrets.token_hex(16)
-    secret = tmp_path / "secret.txt"
-    secret.write_text(f"{token}\n")
-    secret.chmod(0o600)
-    swapper = """
+SWAPPER = """
 import ctypes, os, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 os.makedirs("/work/d", exist_ok=True)
@@ -370,11 +360,23 @@ end = time.monotonic() + 90
 while time.monotonic() < end:
     libc.renameat2(-100, b"/work/d", -100, b"/work/l", 2)
 """
+
+
+def test_snapshot_never_copies_through_a_symlink_swapped_in(
+    backend: LocalBackend, host: Snapshot, tmp_path: Path
+) -> None:
+    # The sandbox swaps a directory and a symlink to a host directory with RENAME_EXCHANGE while
+    # the host copies its writable layer: a copy that looks at /work/d and then descends into it
+    # by path follows the link and copies the host's files into the snapshot.
+    token = secrets.token_hex(16)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(f"{token}\n")
+    secret.chmod(0o600)
     made: list[Snapshot] = []
     store = backend.store
     try:
         with backend.create(host) as sb:
-            sb.exec(["sh", "-c", 'python3 -c "$1" "$2" >/dev/null 2>&1 &', "sh", swapper, str(tmp_path)]).check()
+            sb.exec(["sh", "-c", 'python3 -c "$1" "$2" >/dev/null 2>&1 &', "sh", SWAPPER, str(tmp_path)]).check()
             assert wait_for(lambda: sb.fs.exists("/tmp/swapping") or sb.fs.exists("/tmp/swap-error"))
             assert not sb.fs.exists("/tmp/swap-error"), sb.fs.read_text("/tmp/swap-error")
             deadline = time.monotonic() + 30
@@ -391,6 +393,32 @@ while time.monotonic() < end:
     finally:
         for snap in made:
             backend.remove_snapshot(snap)
+
+
+def test_fs_calls_never_follow_a_symlink_swapped_in(backend: LocalBackend, host: Snapshot, tmp_path: Path) -> None:
+    # The same swap, raced against fs from the host: each call resolves its path inside the
+    # sandbox in one step, so it sees the directory or the link, and the link leads nowhere.
+    token = secrets.token_hex(16)
+    (tmp_path / "secret.txt").write_text(f"{token}\n")
+    dest = tmp_path / "out"
+    with backend.create(host) as sb:
+        sb.exec(["sh", "-c", 'python3 -c "$1" "$2" >/dev/null 2>&1 &', "sh", SWAPPER, str(tmp_path)]).check()
+        assert wait_for(lambda: sb.fs.exists("/tmp/swapping") or sb.fs.exists("/tmp/swap-error"))
+        assert not sb.fs.exists("/tmp/swap-error"), sb.fs.read_text("/tmp/swap-error")
+        for i in range(150):
+            for call in (
+                lambda: sb.fs.read("/work/l/secret.txt"),
+                lambda: sb.fs.read("/work/d/secret.txt"),
+                lambda i=i: sb.fs.write(f"/work/l/planted-{i}", "x"),
+                lambda i=i: sb.fs.write(f"/work/d/planted-{i}", "x"),
+                lambda: sb.fs.download("/work", dest),
+            ):
+                with contextlib.suppress(SandboxFileError):
+                    data = call()
+                    assert not (isinstance(data, bytes) and token.encode() in data), "fs read a host file"
+        assert not list(tmp_path.glob("planted-*")), "fs wrote into the host directory"
+        assert not [p for p in regular_files(dest) if token.encode() in p.read_bytes()], "download copied the host file"
+        assert sb.exec("test -L /work/l -o -L /work/d").exit_code == 0, "the swap stopped: nothing was raced"
 
 
 # -- 5. fs: special files, size limits, host symlinks, setuid --------------------------------

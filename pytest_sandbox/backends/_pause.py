@@ -31,13 +31,15 @@ def _members(ns: str) -> list[int]:
     return pids
 
 
-def _state(pid: int) -> str:
+def _stat(pid: int) -> tuple[str, int]:
+    """State letter and parent pid ('X' once gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return chr(data[data.rindex(b")") + 2])
+        fields = data[data.rindex(b")") + 2 :].split()
+        return fields[0].decode(), int(fields[1])
     except (OSError, ValueError, IndexError):
-        return "X"  # gone
+        return "X", 0
 
 
 @contextlib.contextmanager
@@ -73,10 +75,15 @@ def paused(init_pid: int, settle: float = 2.0) -> Iterator[int]:
                     os.close(fd)
                     continue
                 stopped[pid] = fd
-        end = time.monotonic() + settle
+        start = time.monotonic()
         waiting = set(stopped)
-        while waiting and time.monotonic() < end:
-            waiting = {p for p in waiting if _state(p) not in ("T", "t", "X", "Z")}
+        while waiting and time.monotonic() < start + settle:
+            stats = {p: _stat(p) for p in stopped}
+            halted = {p for p, (state, _) in stats.items() if state in ("T", "t", "X", "Z")}
+            # A vfork parent whose child we stopped before its exec waits in the kernel ('D') and
+            # never reaches the stopped state, but cannot run either: it counts as paused.
+            vfork_parents = {stats[p][1] for p in halted}
+            waiting = {p for p in waiting if p not in halted and not (stats[p][0] == "D" and p in vfork_parents)}
             if waiting:
                 time.sleep(0.0005)
         yield len(stopped)
