@@ -70,11 +70,8 @@ def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], N
     layers = [b.launch_path(b.store.layer_path(x)) for x in snap.layers]
     counter = [0]
     ns = b.userns
-    fds: tuple[int, ...]
-    if b.ids is None:
-        prefix, fds = [b._bwrap, "--userns", str(ns.fd)], (ns.fd,)
-    else:
-        prefix, fds = [b._nsenter, "-t", str(ns.pid), "-U", "-m", "--", b._bwrap_launch], ()
+    enter = ["-U", "--preserve-credentials"] if b.ids is None else ["-U", "-m"]
+    prefix = [b._nsenter, "-t", str(ns.pid), *enter, "--", b._bwrap_launch]
 
     def run() -> None:
         counter[0] += 1
@@ -103,7 +100,7 @@ def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], N
             "--new-session",
             "/bin/true",
         ]
-        subprocess.run(argv, check=True, pass_fds=fds)
+        subprocess.run(argv, check=True)
 
     return run
 

@@ -772,13 +772,11 @@ class LocalSandbox(SandboxBase):
     def _start(self) -> None:
         b = self.backend
         userns = b.userns
-        if b.ids is None:
-            argv = [b._bwrap, "--userns", str(userns.fd)]
-            fds: tuple[int, ...] = (userns.fd,)
-        else:
-            # As sandbox root, from inside the helper's mount namespace (where the store is).
-            argv = [b._nsenter, "-t", str(userns.pid), "-U", "-m", "--", b._bwrap_launch]
-            fds = ()
+        # bwrap starts inside the helper's user namespace (and, as root, its mount namespace, where
+        # the store is), as root there: rootless keeping our ids, as root dropping to the range's.
+        # Entering it with nsenter, rather than bwrap --userns FD, leaves no fd of it inside.
+        enter = ["-U", "--preserve-credentials"] if b.ids is None else ["-U", "-m"]
+        argv = [b._nsenter, "-t", str(userns.pid), *enter, "--", b._bwrap_launch]
         argv += b._mount_args(self.snapshot_of, self._dir)
         argv += [
             "--proc",
@@ -821,7 +819,7 @@ class LocalSandbox(SandboxBase):
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
-                pass_fds=(*fds, info_w, seccomp),
+                pass_fds=(info_w, seccomp),
                 start_new_session=True,
                 env={"PATH": DEFAULT_ENV["PATH"]},
             )
