@@ -232,7 +232,11 @@ def run(
                 null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if stdin == subprocess.DEVNULL else -1
                 try:
                     proc = spawner.spawn(
-                        list(argv), dict(env or os.environ), stdin if null < 0 else null, pipes[0][1], pipes[1][1]
+                        list(argv),
+                        dict(os.environ if env is None else env),
+                        stdin if null < 0 else null,
+                        pipes[0][1],
+                        pipes[1][1],
                     )
                 finally:
                     if null >= 0:
