@@ -125,6 +125,22 @@ def test_background_output_does_not_block_exec(target: Target) -> None:
         assert r.stdout == "now\n" and time.monotonic() - start < 10
 
 
+def test_output_past_max_output_is_cut_in_the_middle_and_says_so(target: Target) -> None:
+    # Every backend cuts where the output is made, so the runner never holds more than the limit.
+    backend, base = target.backend, target.snapshot
+    limit = 1 << 20
+    with backend.create(base) as sb:
+        r = sb.exec(
+            "echo first; head -c 5000000 /dev/zero | tr '\\0' x; echo; echo last >&2; echo end", max_output=limit
+        )
+        assert r.truncated and r.exit_code == 0
+        assert len(r.stdout) <= limit and r.stdout.startswith("first\n") and r.stdout.endswith("end\n")
+        assert "bytes truncated by pytest-sandbox (max_output)" in r.stdout
+        assert r.stderr == "last\n"
+        small = sb.exec("echo hi; echo ho >&2", max_output=limit)
+        assert (small.stdout, small.stderr, small.truncated) == ("hi\n", "ho\n", False)
+
+
 def test_timeout_kills_whole_tree_and_says_so(target: Target) -> None:
     backend, base = target.backend, target.snapshot
     with backend.create(base) as sb:

@@ -24,8 +24,17 @@ from dataclasses import dataclass
 from ..api import DEFAULT_MAX_OUTPUT
 from ._spawn import Child, Spawner
 
-__all__ = ["DEFAULT_MAX_OUTPUT", "Completed", "clip", "kill_tree", "run"]
+__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Completed", "clip", "kill_tree", "run"]
 
+TRUNCATED = "bytes truncated by pytest-sandbox (max_output) ..."
+"""What the marker left where output was cut says, after the number of bytes left out."""
+CLIP_SH = (
+    'clip() { s=$(wc -c <"$1"); if [ "$s" -gt "$2" ]; then h=$(($2 / 2 - 64)); head -c "$h" "$1"; '
+    f"printf '\\n[... %s {TRUNCATED}]\\n' $((s - 2 * h)); "
+    'tail -c "$h" "$1"; else cat "$1"; fi; }'
+)
+"""Shell function ``clip FILE LIMIT`` for the remote backends: the same cut, made where the output
+is, so that at most ``LIMIT`` bytes of a stream travel to the runner."""
 _ORPHAN_LIMIT = 64 << 20  # what the sink drains from a background writer before closing on it
 _CHUNK = 1 << 16
 
@@ -80,10 +89,10 @@ def _die_with_parent() -> None:
 
 
 class _Capture:
-    """One stream's output: the first and the last ``limit / 2`` bytes, and how many were dropped."""
+    """One stream's output: its first and last bytes (with the marker, at most ``limit``), and how many were dropped."""
 
     def __init__(self, limit: int, on_line: Callable[[str], None] | None) -> None:
-        self.half = max(limit // 2, 1)
+        self.half = max(limit // 2 - 64, 1)  # room for the marker: head, marker and tail fit in limit
         self.head = bytearray()
         self.tail: collections.deque[bytes] = collections.deque()
         self.tail_len = 0
@@ -119,7 +128,7 @@ class _Capture:
         self.truncated = dropped > 0
         if not dropped:
             return bytes(self.head) + tail
-        marker = f"\n[... {dropped} bytes truncated by pytest-sandbox (max_output) ...]\n".encode()
+        marker = f"\n[... {dropped} {TRUNCATED}]\n".encode()
         return bytes(self.head) + marker + tail[cut:]
 
 

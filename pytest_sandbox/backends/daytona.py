@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
+from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -60,6 +60,7 @@ from ._build import (
     sandbox_path,
     step_argv,
 )
+from ._proc import CLIP_SH, TRUNCATED
 
 __all__ = ["DaytonaBackend", "DaytonaSandbox"]
 
@@ -73,8 +74,11 @@ _T = TypeVar("_T")
 # Daytona's process.exec returns one output stream and no stdin, so a wrapper in the sandbox keeps
 # stdout and stderr apart in files, feeds stdin from an uploaded file, enforces the timeout by
 # killing the command's whole tree (found through /proc), and prints a framed, base64 result.
-_WRAP = r"""
-i=$1; c=$2; t=$3; k=$4; shift 4; d=/tmp/.psb-$i
+# Output is cut to max_output in the sandbox (clip), so the runner never receives more of it.
+_WRAP = (
+    CLIP_SH
+    + r"""
+i=$1; c=$2; t=$3; k=$4; L=$5; shift 5; d=/tmp/.psb-$i
 if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi
 if [ -n "$c" ] && ! cd -- "$c" 2>$d.err; then rc=125; : >$d.out
 elif [ -z "$t" ]; then "$@" >$d.out 2>$d.err <$in; rc=$?
@@ -86,9 +90,10 @@ else
 fi
 if [ -e $d.to ]; then to=1; else to=0; fi
 printf '\npsb-%s %s %s\n' "$i" "$rc" "$to"
-base64 <$d.out | tr -d '\n'; echo; base64 <$d.err | tr -d '\n'; echo
+clip $d.out $L | base64 | tr -d '\n'; echo; clip $d.err $L | base64 | tr -d '\n'; echo
 rm -f $d.out $d.err $d.in $d.to
 """
+)
 _WATCHDOG = """
 import sys
 from daytona import Daytona, ListSandboxesQuery  # imported first: the SDK takes a second to load
@@ -578,7 +583,18 @@ class DaytonaSandbox(SandboxBase):
             self.fs.write(f"/tmp/.psb-{tag}.in", input, mode=0o600)
         t = "" if timeout is None else f"{max(timeout, 0.001):.3f}"
         command = shlex.join(
-            ["/bin/sh", "-c", _WRAP, "sh", tag, cwd or self.snapshot_of.workdir, t, KILL_TREE_SH, *argv]
+            [
+                "/bin/sh",
+                "-c",
+                _WRAP,
+                "sh",
+                tag,
+                cwd or self.snapshot_of.workdir,
+                t,
+                KILL_TREE_SH,
+                str(DEFAULT_MAX_OUTPUT if max_output is None else max_output),
+                *argv,
+            ]
         )
         start = time.perf_counter()
         res = self.backend.call(
@@ -611,6 +627,7 @@ class DaytonaSandbox(SandboxBase):
             duration=time.perf_counter() - start,
             timed_out=timed_out == "1",
             timeout=timeout,
+            truncated=TRUNCATED.encode() in out or TRUNCATED.encode() in err,
             max_output=max_output,
         )
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
+from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -52,6 +52,7 @@ from ._build import (
     run_step,
     sandbox_path,
 )
+from ._proc import CLIP_SH, TRUNCATED
 
 __all__ = ["DockerBackend", "DockerSandbox"]
 
@@ -64,10 +65,11 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _HOLDER = ["/bin/sh", "-c", "while :; do sleep 3600 2>/dev/null || read _; done"]
 # Output goes to files inside the container, printed once the command exits: Docker would
 # otherwise hold an exec open while any background process keeps its stdout.
+# Output is cut to max_output in the container (clip), so the runner never holds more of it.
 _WRAP = (
-    'i=$1; c=$2; shift 2; d=/.psb-$i; if [ -n "$c" ]; then cd -- "$c" || exit 125; fi; '
+    CLIP_SH + '; i=$1; c=$2; L=$3; shift 3; d=/.psb-$i; if [ -n "$c" ]; then cd -- "$c" || exit 125; fi; '
     "echo $$ > $d.pid; if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi; "
-    '"$@" >$d.out 2>$d.err <$in; rc=$?; cat $d.out; cat $d.err >&2; rm -f $d.out $d.err $d.in $d.pid; exit $rc'
+    '"$@" >$d.out 2>$d.err <$in; rc=$?; clip $d.out $L; clip $d.err $L >&2; rm -f $d.out $d.err $d.in $d.pid; exit $rc'
 )
 _WATCHDOG = """
 import sys
@@ -435,6 +437,7 @@ class DockerSandbox(SandboxBase):
         self._check_open()
         api = self.backend.client.api
         tag = new_id(6)
+        limit = DEFAULT_MAX_OUTPUT if max_output is None else max_output
         if isinstance(input, str):
             input = input.encode()
         if input:
@@ -457,7 +460,7 @@ class DockerSandbox(SandboxBase):
             timed_out = False
         else:
             eid = api.exec_create(
-                self.container.id, ["/bin/sh", "-c", _WRAP, "sh", tag, cwd or "", *argv], environment=env
+                self.container.id, ["/bin/sh", "-c", _WRAP, "sh", tag, cwd or "", str(limit), *argv], environment=env
             )["Id"]
             box: dict[str, Any] = {}
 
@@ -475,8 +478,9 @@ class DockerSandbox(SandboxBase):
                 _, pid, _ = self._exec_raw(["cat", f"/.psb-{tag}.pid"])
                 self._exec_raw(["/bin/sh", "-c", KILL_TREE_SH, "sh", pid.decode().strip() or "0"])
                 worker.join(30)
-                _, out, _ = self._exec_raw(["cat", f"/.psb-{tag}.out"])
-                _, err, _ = self._exec_raw(["cat", f"/.psb-{tag}.err"])
+                clip = ["/bin/sh", "-c", CLIP_SH + '; clip "$1" "$2"', "sh"]
+                _, out, _ = self._exec_raw([*clip, f"/.psb-{tag}.out", str(limit)])
+                _, err, _ = self._exec_raw([*clip, f"/.psb-{tag}.err", str(limit)])
                 self._exec_raw(["/bin/sh", "-c", f"rm -f /.psb-{tag}.*"])
                 code = 137
             else:
@@ -494,6 +498,7 @@ class DockerSandbox(SandboxBase):
             duration=time.perf_counter() - start,
             timed_out=timed_out,
             timeout=timeout,
+            truncated=TRUNCATED.encode() in out or TRUNCATED.encode() in err,
             max_output=max_output,
         )
 
