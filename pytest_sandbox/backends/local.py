@@ -210,7 +210,6 @@ class _UserNamespace:
                 Path(f"/proc/{pid}/uid_map").write_text(f"0 {uid} 1\n")
                 Path(f"/proc/{pid}/setgroups").write_text("deny\n")
                 Path(f"/proc/{pid}/gid_map").write_text(f"0 {gid} 1\n")
-            self.fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             self.close()
             raise EngineUnavailableError(_userns_help() + f" (uid map: {exc})") from exc
@@ -226,8 +225,6 @@ class _UserNamespace:
         with contextlib.suppress(Exception):
             self.proc.kill()
             self.proc.wait()
-        with contextlib.suppress(Exception):
-            os.close(self.fd)
 
 
 class _WarmPool:
