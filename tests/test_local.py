@@ -201,16 +201,18 @@ def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
         sb = b.create(b.get_snapshot({debian.key!r}))
         sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
         inner = int(sb.exec("pgrep -n sleep || ls /proc | grep -c .").stdout or 0)
-        print(sb.pid, sb._dir, flush=True)
+        print(sb.pid, sb._dir, b.userns.pid, b._spawner._proc.pid, flush=True)
         time.sleep(1000)
         """
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, stdout=subprocess.PIPE)
     assert proc.stdout is not None
-    pid_s, run_dir = proc.stdout.readline().split()
+    pid_s, run_dir, holder, spawner = proc.stdout.readline().split()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert wait_for(lambda: not alive(int(pid_s))), "sandbox init outlived its owner"
+    # The engine's own helpers (the namespace holder, the filtered spawner) go with it too.
+    assert wait_for(lambda: not alive(int(holder)) and not alive(int(spawner))), "an engine helper outlived its owner"
     assert wait_for(
         lambda: (
             "sleep 1000" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout or not ROOT
