@@ -69,9 +69,7 @@ def bare_bwrap(b: LocalBackend, snap: Snapshot, scratch: Path) -> Callable[[], N
     the engine launches it: as root, as sandbox root from the helper's mount namespace)."""
     layers = [b.launch_path(b.store.layer_path(x)) for x in snap.layers]
     counter = [0]
-    ns = b.userns
-    enter = ["-U", "--preserve-credentials"] if b.ids is None else ["-U", "-m"]
-    prefix = [b._nsenter, "-t", str(ns.pid), *enter, "--", b._bwrap_launch]
+    prefix = b.bwrap_launcher()
 
     def run() -> None:
         counter[0] += 1

@@ -12,10 +12,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,25 @@ from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 
 pytest_plugins = ["pytester"]
+
+
+def run_py(code: str, cache_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet in a fresh process against the same cache (a second 'session')."""
+    env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, capture_output=True, timeout=timeout
+    )
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass; whether it held."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
 
 DEBIAN = Image.debian("bookworm", include=["python3", "python3-pip"])
 

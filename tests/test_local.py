@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -24,20 +23,9 @@ from pytest_sandbox import (
 )
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import Store
+from tests.conftest import run_py, wait_for
 
 ROOT = os.geteuid() == 0
-
-
-def run_py(code: str, cache_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run a Python snippet in a fresh process against the same cache (a second 'session')."""
-    env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
 
 
 def alive(pid: int) -> bool:
@@ -49,15 +37,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_for(cond: object, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # -- building --------------------------------------------------------------------------------

@@ -22,12 +22,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ import pytest
 from pytest_sandbox import Image, SandboxFileError, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import rmtree
+from tests.conftest import run_py, wait_for
 
 ROOT = os.geteuid() == 0
 X86_64 = platform.machine() in ("x86_64", "AMD64")
@@ -42,23 +42,6 @@ MiB = 1 << 20
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def run_py(code: str, cache_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run a Python snippet in a fresh process against the same cache (a second 'session')."""
-    env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, capture_output=True, timeout=timeout
-    )
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def host_pids_with_cmdline(prefix: list[bytes]) -> list[int]:
     """Host pids whose argv starts with ``prefix``."""
     found = []

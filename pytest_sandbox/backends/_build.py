@@ -306,11 +306,11 @@ def exec_result(
     return result
 
 
-def extract_tar(tf: tarfile.TarFile, dest: Path, max_size: int, what: str) -> None:
+def extract_tar(tf: tarfile.TarFile, dest: Path, max_size: int, path: str) -> None:
     """Unpack a tar whose first path component is the downloaded item into ``dest``, with
     :class:`HostTree`'s rules: symlinks recreated, never followed (nor ones already on the host),
     no member outside ``dest``, no setuid or setgid, FIFOs and devices skipped, ``max_size``."""
-    tree = HostTree(dest, max_size, what)
+    tree = HostTree(dest, max_size, path)
     try:
         for member in tf:
             parts = tuple(member.name.split("/")[1:])

@@ -21,6 +21,7 @@ import os
 import posixpath
 import stat
 from pathlib import Path
+from typing import IO
 
 from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ
 from ..errors import ConfigError, SandboxError, SandboxFileError
@@ -296,15 +297,12 @@ class SafeFS:
         path = _norm(path)
         dest = Path(local)
         fd = self._open_regular(path, "download", allow_dir=True)
-        budget = [max_size]
         try:
-            parent = dest.parent
-            parent.mkdir(parents=True, exist_ok=True)
-            pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            tree = HostTree(dest, max_size, path)
             try:
-                _copy_out(fd, pfd, dest.name, budget, path)
+                _copy_out(fd, tree, ())
             finally:
-                os.close(pfd)
+                tree.close()
         except OSError as exc:
             if isinstance(exc, SandboxFileError):
                 raise
@@ -342,69 +340,54 @@ def _clear(pfd: int, name: str, keep_dir: bool) -> None:
         os.unlink(name, dir_fd=pfd)
 
 
-def _copy_out(fd: int, pfd: int, name: str, budget: list[int], path: str) -> None:
-    """Copy the open sandbox entry ``fd`` to ``name`` below the host directory ``pfd``."""
+def _copy_out(fd: int, tree: HostTree, parts: tuple[str, ...]) -> None:
+    """Copy the open sandbox entry ``fd`` to ``parts`` of ``tree``; the sandbox side is walked
+    by fds with ``O_NOFOLLOW``, so an entry swapped for a link meanwhile is skipped."""
     st = os.fstat(fd)
-    _spend(budget, _ENTRY_COST, path)
     if stat.S_ISDIR(st.st_mode):
-        _clear(pfd, name, keep_dir=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=pfd)
-        dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)  # a link here now would be a race we lose loudly
-        try:
-            for child in sorted(os.listdir(fd)):
-                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
-                if stat.S_ISLNK(cst.st_mode):
-                    _spend(budget, _ENTRY_COST, path)
-                    _clear(dfd, child, keep_dir=False)
-                    os.symlink(os.readlink(child, dir_fd=fd), child, dir_fd=dfd)
-                elif stat.S_ISDIR(cst.st_mode) or stat.S_ISREG(cst.st_mode):
-                    flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) | (
-                        os.O_DIRECTORY if stat.S_ISDIR(cst.st_mode) else 0
-                    )
-                    try:
-                        cfd = os.open(child, flags, dir_fd=fd)
-                    except OSError as exc:
-                        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                            continue  # swapped for something else meanwhile
-                        raise
-                    try:
-                        if stat.S_ISDIR(os.fstat(cfd).st_mode) or stat.S_ISREG(os.fstat(cfd).st_mode):
-                            _copy_out(cfd, dfd, child, budget, posixpath.join(path, child))
-                    finally:
-                        os.close(cfd)
-            os.fchmod(dfd, (stat.S_IMODE(st.st_mode) & 0o777) | stat.S_IRWXU)
-        finally:
-            os.close(dfd)
+        tree.directory(parts, st.st_mode)
+        for child in sorted(os.listdir(fd)):
+            cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(cst.st_mode):
+                tree.symlink((*parts, child), os.readlink(child, dir_fd=fd))
+            elif stat.S_ISDIR(cst.st_mode) or stat.S_ISREG(cst.st_mode):
+                flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) | (
+                    os.O_DIRECTORY if stat.S_ISDIR(cst.st_mode) else 0
+                )
+                try:
+                    cfd = os.open(child, flags, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                        continue  # swapped for something else meanwhile
+                    raise
+                try:
+                    if stat.S_ISDIR(os.fstat(cfd).st_mode) or stat.S_ISREG(os.fstat(cfd).st_mode):
+                        _copy_out(cfd, tree, (*parts, child))
+                finally:
+                    os.close(cfd)
     elif stat.S_ISREG(st.st_mode):
-        _clear(pfd, name, keep_dir=False)
-        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-        try:
-            while chunk := os.read(fd, 1 << 20):
-                _spend(budget, len(chunk), path)
-                os.write(out, chunk)
-            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o777)  # never setuid/setgid on the host
-        finally:
-            os.close(out)
+        with open(fd, "rb", closefd=False) as data:
+            tree.file(parts, st.st_mode, data)
     else:
-        raise SandboxFileError(errno.EINVAL, f"download {path}: is a {_kind(st.st_mode)}; refusing to copy it")
+        raise SandboxFileError(errno.EINVAL, f"download {tree.path}: is a {_kind(st.st_mode)}; refusing to copy it")
 
 
 class HostTree:
-    """Writes a tree that came out of a sandbox (a tar stream) to the host path ``dest``.
+    """Writes a tree that came out of a sandbox (``SafeFS.download``, a remote backend's tar
+    stream) to the host path ``dest``; ``path`` is the sandbox path it came from, for messages.
 
-    The same rules as :meth:`SafeFS.download`: every entry is created below an open directory
+    Every entry is created below an open directory
     fd with ``O_NOFOLLOW``, host entries in the way are replaced (never followed), modes lose
     setuid and setgid, and past ``max_size`` bytes (4 KiB counted per entry) it stops with
     :class:`SandboxFileError`. ``parts`` are path components below ``dest`` (``()`` is ``dest``).
     """
 
-    def __init__(self, dest: Path, max_size: int, what: str) -> None:
+    def __init__(self, dest: Path, max_size: int, path: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         self._top = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._name = dest.name
         self._budget = [max_size]
-        self._what = what
+        self.path = path
 
     def close(self) -> None:
         os.close(self._top)
@@ -428,7 +411,7 @@ class HostTree:
             raise
 
     def directory(self, parts: tuple[str, ...], mode: int) -> None:
-        _spend(self._budget, _ENTRY_COST, self._what)
+        _spend(self._budget, _ENTRY_COST, self.path)
         pfd, name = self._parent(parts)
         try:
             _clear(pfd, name, keep_dir=True)
@@ -442,16 +425,16 @@ class HostTree:
         finally:
             os.close(pfd)
 
-    def file(self, parts: tuple[str, ...], mode: int, data: object) -> None:
+    def file(self, parts: tuple[str, ...], mode: int, data: IO[bytes] | None) -> None:
         """``data``: a binary file object to copy from (None for an empty file)."""
-        _spend(self._budget, _ENTRY_COST, self._what)
+        _spend(self._budget, _ENTRY_COST, self.path)
         pfd, name = self._parent(parts)
         try:
             _clear(pfd, name, keep_dir=False)
             out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
             try:
-                while data is not None and (chunk := data.read(1 << 20)):  # type: ignore[attr-defined]
-                    _spend(self._budget, len(chunk), self._what)
+                while data is not None and (chunk := data.read(1 << 20)):
+                    _spend(self._budget, len(chunk), self.path)
                     os.write(out, chunk)
                 os.fchmod(out, mode & 0o777)  # never setuid/setgid on the host
             finally:
@@ -460,7 +443,7 @@ class HostTree:
             os.close(pfd)
 
     def symlink(self, parts: tuple[str, ...], target: str) -> None:
-        _spend(self._budget, _ENTRY_COST, self._what)
+        _spend(self._budget, _ENTRY_COST, self.path)
         pfd, name = self._parent(parts)
         try:
             _clear(pfd, name, keep_dir=False)

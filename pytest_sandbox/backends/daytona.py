@@ -801,4 +801,4 @@ class DaytonaFS:
         finally:
             self.remove(tmp)
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-            extract_tar(tf, Path(local), max_size, f"download {path}")
+            extract_tar(tf, Path(local), max_size, path)

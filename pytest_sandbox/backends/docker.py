@@ -662,4 +662,4 @@ class DockerFS:
         links recreated, never followed, no setuid bits, special files skipped, ``max_size``)."""
         path = sandbox_path(path)
         with self._archive(path, "download", max_size) as tf:
-            extract_tar(tf, Path(local), max_size, f"download {path}")
+            extract_tar(tf, Path(local), max_size, path)

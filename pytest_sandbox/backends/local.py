@@ -352,7 +352,8 @@ class LocalBackend:
             dest = root / "b" / f.relative_to(site)
             st = f.stat()
             try:
-                same = dest.stat().st_size == st.st_size and dest.stat().st_mtime_ns == st.st_mtime_ns
+                have = dest.stat()
+                same = have.st_size == st.st_size and have.st_mtime_ns == st.st_mtime_ns
             except FileNotFoundError:
                 same = False
             if not same:
@@ -369,6 +370,16 @@ class LocalBackend:
             write_atomic(ca, Path(self._ca_launch).read_text())
             os.chmod(ca, 0o644)
             self._ca_launch = self.launch_path(ca)
+
+    def bwrap_launcher(self) -> list[str]:
+        """The command line that starts bwrap the way every sandbox is started.
+
+        bwrap starts inside the helper's user namespace (and, as root, its mount namespace, where
+        the store is), as root there: rootless keeping our ids, as root dropping to the range's.
+        Entering it with nsenter, rather than bwrap --userns FD, leaves no fd of it inside.
+        """
+        enter = ["-U", "--preserve-credentials"] if self.ids is None else ["-U", "-m"]
+        return [self._nsenter, "-t", str(self.userns.pid), *enter, "--", self._bwrap_launch]
 
     def launch_path(self, path: Path) -> str:
         """``path`` (in the store) as bwrap sees it when it starts a sandbox."""
@@ -768,12 +779,7 @@ class LocalSandbox(SandboxBase):
 
     def _start(self) -> None:
         b = self.backend
-        userns = b.userns
-        # bwrap starts inside the helper's user namespace (and, as root, its mount namespace, where
-        # the store is), as root there: rootless keeping our ids, as root dropping to the range's.
-        # Entering it with nsenter, rather than bwrap --userns FD, leaves no fd of it inside.
-        enter = ["-U", "--preserve-credentials"] if b.ids is None else ["-U", "-m"]
-        argv = [b._nsenter, "-t", str(userns.pid), *enter, "--", b._bwrap_launch]
+        argv = b.bwrap_launcher()
         argv += b._mount_args(self.snapshot_of, self._dir)
         argv += [
             "--proc",
