@@ -490,10 +490,8 @@ class Store:
         for p in (self.root / "l").iterdir():
             if p.name not in used:
                 rmtree(p)
-                with contextlib.suppress(FileNotFoundError):
-                    self._manifest(p.name).unlink()
                 removed += 1
-        for p in (self.root / "i").glob("*.json"):
+        for p in (self.root / "i").glob("*.json"):  # records of layers gone, just now or before
             if not self.layer_path(p.stem).exists():
                 p.unlink()
         return removed
