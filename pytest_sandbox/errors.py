@@ -12,21 +12,22 @@ translated at the boundary and chained with ``raise ... from exc``::
     ├── SandboxClosedError       the sandbox was closed (or its processes died)
     ├── ExecError                ExecResult.check() on a non-zero exit; carries the result
     │   └── ExecTimeoutError     exec() ran past its timeout; the process tree was killed
-    └── SandboxFileError         an fs operation failed inside the sandbox (missing path, ...)
+    ├── SandboxFileError         an fs operation failed inside the sandbox (missing path, ...)
+    └── RegistryError            a container registry refused, failed or sent something wrong
+
+This module imports nothing of the package, so every other module can import it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .api import ExecResult
+from typing import Protocol
 
 __all__ = [
     "ConfigError",
     "EngineUnavailableError",
     "ExecError",
     "ExecTimeoutError",
+    "RegistryError",
     "SandboxClosedError",
     "SandboxError",
     "SandboxFileError",
@@ -39,6 +40,20 @@ def tail(text: str, lines: int = 20) -> str:
     """The last ``lines`` lines of ``text``: what a reader needs to see why something failed."""
     parts = text.rstrip("\n").splitlines()
     return "\n".join(parts[-lines:])
+
+
+class _Outcome(Protocol):
+    """What :class:`ExecError` reads of an ``ExecResult`` (named structurally, so that this module
+    needs no import of the types that carry it)."""
+
+    @property
+    def command(self) -> str: ...
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
 
 
 class SandboxError(Exception):
@@ -103,7 +118,9 @@ class SnapshotBuildError(SandboxError):
 class ExecError(SandboxError):
     """A command in a sandbox exited non-zero where success was required (``ExecResult.check``)."""
 
-    def __init__(self, result: ExecResult, message: str | None = None) -> None:
+    result: _Outcome  # an ExecResult
+
+    def __init__(self, result: _Outcome, message: str | None = None) -> None:
         self.result = result
         if message is None:
             message = f"`{result.command}` exited with code {result.exit_code}"
@@ -118,3 +135,7 @@ class ExecTimeoutError(ExecError, TimeoutError):
 
     ``result`` holds the output captured until then.
     """
+
+
+class RegistryError(SandboxError):
+    """A container registry refused a request, failed, or sent content that does not check out."""
