@@ -344,7 +344,7 @@ def main() -> None:
             )
 
         # -- snapshot() of a busy sandbox: how long its processes are paused -----------------
-        from pytest_sandbox.backends import _pause
+        from pytest_sandbox.engine import pause as _pause
 
         pauses: list[float] = []
         real_paused = _pause.paused

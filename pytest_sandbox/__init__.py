@@ -6,7 +6,6 @@ The public API is what ``__all__`` lists; everything else is private.
 
 from __future__ import annotations
 
-from .api import Backend, ExecResult, Sandbox, SandboxFS, Snapshot
 from .backends import open_backend
 from .errors import (
     ConfigError,
@@ -20,6 +19,7 @@ from .errors import (
     SnapshotNotFoundError,
 )
 from .image import Image
+from .types import Backend, ExecResult, Sandbox, SandboxFS, Snapshot
 
 __version__ = "0.1.0"
 

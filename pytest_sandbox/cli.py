@@ -15,27 +15,17 @@ import argparse
 import importlib
 import os
 import secrets
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 
-from .api import Backend, Snapshot
 from .errors import ConfigError, SandboxError
 from .image import Image
-from .session import format_age as _age
-from .store import disk_usage
+from .store import format_age, format_size
+from .types import Backend
 
 __all__ = ["main"]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 def _load_image(spec: str) -> Image:
@@ -102,9 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
-
-
 def _run(args: argparse.Namespace, backend: Backend) -> int:
     if args.cmd == "ls":
         return _ls(backend)
@@ -116,7 +103,7 @@ def _run(args: argparse.Namespace, backend: Backend) -> int:
         return 0
     if args.cmd == "shell":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        return _shell(backend, args.snapshot, args.network, command or SHELL)
+        return _shell(backend, args.snapshot, args.network, command or None)
     if args.cmd == "rm":
         for ref in args.snapshots:
             backend.remove_snapshot(ref)
@@ -146,78 +133,27 @@ def _run(args: argparse.Namespace, backend: Backend) -> int:
 
 
 def _ls(backend: Backend) -> int:
-    from .backends.local import LocalBackend
-
-    store = backend.store if isinstance(backend, LocalBackend) else None
     snaps = list(backend.snapshots())
     print(f"{'KEY':12}  {'OWN':>7}  {'AGE':>4}  {'USED':>4}  {'PARENT':12}  DESCRIPTION")
     now = time.time()
     for snap in snaps:
-        own = _size(disk_usage(store.layer_path(snap.layers[-1]))) if store and snap.layers else "-"
-        used = _age(now - store.last_used(snap)) if store else "-"
+        use = backend.usage(snap)
+        own = "-" if use.size is None else format_size(use.size)
+        used = "-" if use.last_used is None else format_age(now - use.last_used)
         label = (f"[{snap.name}] " if snap.name else "") + snap.description
         print(
-            f"{snap.short:12}  {own:>7}  {_age(now - snap.created):>4}  {used:>4}  "
+            f"{snap.short:12}  {own:>7}  {format_age(now - snap.created):>4}  {used:>4}  "
             f"{(snap.parent or '-')[:12]:12}  {label[:70]}"
         )
-    where = (
-        f"{_size(disk_usage(store.root / 'l'))} of layers in {store.cache_dir}"
-        if store
-        else f"on {getattr(backend, 'api_url', 'the Docker engine')}"
-    )
-    print(f"{len(snaps)} snapshots, {where}")
+    print(f"{len(snaps)} snapshots, {backend.location()}")
     return 0
 
 
-def _shell(backend: Backend, ref: str, network: bool, command: list[str]) -> int:
-    from .backends.local import LocalBackend
-
+def _shell(backend: Backend, ref: str, network: bool, command: list[str] | None) -> int:
     snap = backend.get_snapshot(ref)
     term = {"TERM": os.environ.get("TERM", "xterm"), "PS1": f"sandbox:{snap.short}# "}
-    if isinstance(backend, LocalBackend):
-        with backend.create(snap, network=network) as sb:
-            return sb.attached(command, env=term)
-    if backend.name == "daytona":
-        return _line_shell(backend, snap, network, command)
-    # docker: the CLI gives a real terminal; the container is removed when the shell exits
-    argv = [
-        "docker",
-        "run",
-        "--rm",
-        "-it",
-        "--network",
-        "host" if network else "none",
-        *(f"--env={k}={v}" for k, v in term.items()),
-        f"{snap.base['image']}",
-        *command,
-    ]
-    try:
-        return subprocess.call(argv)
-    except FileNotFoundError as exc:
-        raise SandboxError("`pytest-sandbox --backend docker shell` needs the docker CLI on PATH") from exc
-
-
-def _line_shell(backend: Backend, snap: Snapshot, network: bool, command: list[str]) -> int:
-    """Daytona gives no terminal through its SDK: run ``command``, or each line typed, in one sandbox."""
     with backend.create(snap, network=network) as sb:
-        if command != SHELL:
-            res = sb.exec(command)
-            sys.stdout.write(res.stdout)
-            sys.stderr.write(res.stderr)
-            return res.exit_code
-        print(f"sandbox {sb.id} of {snap.short}: each line runs in it (no terminal); Ctrl-D ends it")
-        code = 0
-        while True:
-            try:
-                line = input(f"sandbox:{snap.short}# ")
-            except EOFError:
-                print()
-                return code
-            if line.strip():
-                res = sb.exec(line)
-                sys.stdout.write(res.stdout)
-                sys.stderr.write(res.stderr)
-                code = res.exit_code
+        return sb.interactive(command, env=term)
 
 
 def _serve(args: argparse.Namespace) -> int:

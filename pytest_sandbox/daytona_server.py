@@ -43,12 +43,13 @@ from typing import Any
 
 import filelock
 
-from .api import Snapshot
 from .backends.local import LocalBackend, LocalSandbox
 from .errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxError, SandboxFileError
 from .image import Image
-from .session import image_from_ref
+
+image_from_ref = Image.from_ref
 from .store import write_atomic
+from .types import Snapshot
 
 __all__ = ["DaytonaServer", "dockerfile_image"]
 

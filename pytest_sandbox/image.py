@@ -16,11 +16,21 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["ENGINE_FORMAT", "Image", "Step"]
+__all__ = [
+    "ENGINE_FORMAT",
+    "Base",
+    "DebianBase",
+    "HostBase",
+    "Image",
+    "RegistryBase",
+    "RootfsBase",
+    "Step",
+    "is_image_ref",
+]
 
 ENGINE_FORMAT = 1
 """Bumped when the on-disk snapshot format changes, so old snapshots are never reused wrongly."""
@@ -122,6 +132,77 @@ def _env_items(values: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True)
+class HostBase:
+    """The host's system directories, shared read-only (:meth:`Image.host`)."""
+
+    kind: ClassVar[str] = "host"
+
+    def material(self) -> dict[str, Any]:
+        return {"kind": "host"}
+
+    def describe(self) -> str:
+        return "host"
+
+
+@dataclass(frozen=True)
+class DebianBase:
+    """A Debian root filesystem made with mmdebstrap (:meth:`Image.debian`)."""
+
+    suite: str
+    variant: str = "minbase"
+    include: tuple[str, ...] = ()
+    kind: ClassVar[str] = "debian"
+
+    def material(self) -> dict[str, Any]:
+        return {"kind": "debian", "suite": self.suite, "variant": self.variant, "include": list(self.include)}
+
+    def describe(self) -> str:
+        return f"debian:{self.suite} ({self.variant})"
+
+
+@dataclass(frozen=True)
+class RootfsBase:
+    """A root filesystem from a host directory or tarball (:meth:`Image.from_rootfs`)."""
+
+    path: Path
+    kind: ClassVar[str] = "rootfs"
+
+    def material(self) -> dict[str, Any]:
+        # The rootfs' contents, not its host path, so the key is the same on every machine.
+        return {"kind": "rootfs", "content": content_digest(self.path)}
+
+    def describe(self) -> str:
+        return f"rootfs {self.path}"
+
+
+@dataclass(frozen=True)
+class RegistryBase:
+    """An OCI image from a registry (:meth:`Image.from_registry`); ``digest`` once pinned."""
+
+    ref: str
+    digest: str | None = None
+    kind: ClassVar[str] = "registry"
+
+    def material(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"kind": "registry", "ref": self.ref}
+        if self.digest is not None:
+            m["digest"] = self.digest
+        return m
+
+    def describe(self) -> str:
+        return f"registry {self.ref}"
+
+
+Base = HostBase | DebianBase | RootfsBase | RegistryBase
+"""What a recipe starts from; ``base.kind`` names the variant."""
+
+
+def is_image_ref(text: str) -> bool:
+    """True when ``text`` reads as a base reference (see :meth:`Image.from_ref`) rather than a name."""
+    return text in ("host", "debian") or ":" in text or "/" in text
+
+
+@dataclass(frozen=True)
 class Image:
     """A recipe: a base plus ordered setup steps. Build it with ``backend.build(image)``.
 
@@ -131,7 +212,7 @@ class Image:
         Image.debian("bookworm").apt_install("git").copy("src", "/work/src").workdir("/work")
     """
 
-    base: tuple[tuple[str, Any], ...]
+    base: Base
     steps: tuple[Step, ...] = ()
 
     # -- bases -------------------------------------------------------------------------------
@@ -141,7 +222,7 @@ class Image:
 
         Home directories are never visible. Writes go to the sandbox's own layer.
         """
-        return cls(base=(("kind", "host"),))
+        return cls(base=HostBase())
 
     @classmethod
     def debian(cls, suite: str = "bookworm", *, variant: str = "minbase", include: Iterable[str] = ()) -> Image:
@@ -163,14 +244,7 @@ class Image:
             "standard",
         }:
             raise ConfigError(f"unknown mmdebstrap variant {variant!r}; use e.g. 'minbase'")
-        return cls(
-            base=(
-                ("kind", "debian"),
-                ("suite", suite),
-                ("variant", variant),
-                ("include", tuple(sorted(include))),
-            )
-        )
+        return cls(base=DebianBase(suite, variant, tuple(sorted(include))))
 
     @classmethod
     def from_rootfs(cls, path: str | os.PathLike[str]) -> Image:
@@ -178,7 +252,7 @@ class Image:
         p = Path(path).resolve()
         if not p.exists():
             raise ConfigError(f"rootfs {p} does not exist; pass a directory or a tar archive")
-        return cls(base=(("kind", "rootfs"), ("path", str(p))))
+        return cls(base=RootfsBase(p))
 
     @classmethod
     def from_registry(cls, ref: str) -> Image:
@@ -188,15 +262,30 @@ class Image:
         """
         if not ref or any(c.isspace() for c in ref):
             raise ConfigError(f"image reference {ref!r} is not valid; use e.g. 'python:3.12-slim'")
-        return cls(base=(("kind", "registry"), ("ref", ref)))
+        return cls(base=RegistryBase(ref))
+
+    @classmethod
+    def from_ref(cls, ref: str) -> Image:
+        """A base as markers, options and the Daytona endpoint name one: ``host``,
+        ``debian[:suite]``, ``rootfs:PATH`` (or an absolute path), else a registry reference like
+        ``python:3.12-slim``."""
+        if ref == "host":
+            return cls.host()
+        if ref == "debian" or (ref.startswith("debian:") and "/" not in ref):
+            return cls.debian(ref.partition(":")[2] or "bookworm")
+        if ref.startswith("rootfs:"):
+            return cls.from_rootfs(ref[len("rootfs:") :])
+        if ref.startswith("/"):
+            return cls.from_rootfs(ref)
+        return cls.from_registry(ref)
 
     # -- steps -------------------------------------------------------------------------------
     def pinned(self, digest: str) -> Image:
         """This recipe with its registry base fixed at ``digest`` (what its tag resolved to): the
         digest is part of every key, so a moved tag gives new keys."""
-        if self.base_kind != "registry":
+        if not isinstance(self.base, RegistryBase):
             raise ConfigError("only registry bases are pinned to a digest")
-        return Image(base=(*((k, v) for k, v in self.base if k != "digest"), ("digest", digest)), steps=self.steps)
+        return Image(base=replace(self.base, digest=digest), steps=self.steps)
 
     def _add(self, step: Step) -> Image:
         return replace(self, steps=(*self.steps, step))
@@ -245,17 +334,11 @@ class Image:
     @property
     def base_kind(self) -> str:
         """``host``, ``debian``, ``rootfs`` or ``registry``."""
-        return str(dict(self.base)["kind"])
+        return self.base.kind
 
     def base_material(self) -> dict[str, Any]:
         """The canonical form of the base hashed into keys."""
-        b = dict(self.base)
-        if b["kind"] == "rootfs":
-            # The rootfs' contents, not its host path, so the key is the same on every machine.
-            return {"kind": "rootfs", "content": content_digest(Path(b["path"]))}
-        if b["kind"] == "debian":
-            return {**b, "include": list(b["include"])}
-        return b
+        return self.base.material()
 
     def prefix_keys(self) -> list[str]:
         """Keys of the base alone and of every prefix of the steps; the last is :attr:`key`."""
@@ -274,14 +357,5 @@ class Image:
 
     def describe(self) -> str:
         """The recipe in a readable form, one step a line."""
-        b = dict(self.base)
-        head = (
-            "FROM "
-            + {
-                "host": "host",
-                "debian": f"debian:{b.get('suite')} ({b.get('variant')})",
-                "rootfs": f"rootfs {b.get('path')}",
-                "registry": f"registry {b.get('ref')}",
-            }[b["kind"]]
-        )
+        head = "FROM " + self.base.describe()
         return "\n".join([head] + [s.describe() for s in self.steps])

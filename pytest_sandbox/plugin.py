@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from .api import Backend, ExecResult, Sandbox, Snapshot
 from .errors import SandboxError, tail
-from .image import Image
-from .session import KEEP_CHOICES, SessionManager, image_from_ref
+from .image import Image, is_image_ref
+from .session import KEEP_CHOICES, SessionManager
+from .types import Backend, ExecResult, Sandbox, Snapshot
 
 BACKEND_CHOICES = ("auto", "local", "docker", "daytona")
 MARKER_DOC = (
@@ -290,8 +290,8 @@ def _resolve(request: pytest.FixtureRequest, what: Image | Snapshot | str, where
     images: dict[str, Image] = request.getfixturevalue("sandbox_images")
     if what in images:
         return images[what]
-    if what in ("host", "debian") or what.startswith(("debian:", "rootfs:", "/")) or ":" in what or "/" in what:
-        return image_from_ref(what)
+    if is_image_ref(what):
+        return Image.from_ref(what)
     names = ", ".join(sorted(images)) or "none (override the sandbox_images fixture)"
     pytest.fail(f"{where}: no image named {what!r}; sandbox_images defines: {names}", pytrace=False)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -19,51 +18,15 @@ from typing import Any
 
 import filelock
 
-from .api import Backend, Sandbox, Snapshot
-from .backends import open_backend
-from .errors import ConfigError, EngineUnavailableError, SandboxError, SnapshotBuildError
+from .backends import open_backend, resolve_backend
+from .errors import ConfigError, SandboxError, SnapshotBuildError
 from .image import Image
+from .store import format_age
+from .types import Backend, Sandbox, Snapshot
 
-__all__ = ["KEEP_CHOICES", "SessionManager", "image_from_ref", "resolve_backend"]
+__all__ = ["KEEP_CHOICES", "SessionManager"]
 
 KEEP_CHOICES = ("never", "failed", "always")
-
-
-def image_from_ref(ref: str) -> Image:
-    """A base reference as a marker or option gives it: ``host``, ``debian[:suite]``,
-    ``rootfs:PATH`` (or an absolute path), else a registry reference like ``python:3.12-slim``."""
-    if ref == "host":
-        return Image.host()
-    if ref == "debian" or (ref.startswith("debian:") and "/" not in ref):
-        return Image.debian(ref.partition(":")[2] or "bookworm")
-    if ref.startswith("rootfs:"):
-        return Image.from_rootfs(ref[len("rootfs:") :])
-    if ref.startswith("/"):
-        return Image.from_rootfs(ref)
-    return Image.from_registry(ref)
-
-
-def resolve_backend(name: str) -> str:
-    """``auto``: local where it works, else docker where an engine answers, else daytona where
-    credentials are set; otherwise an error saying what to install."""
-    if name != "auto":
-        return name
-    from .backends.local import preflight
-
-    try:
-        preflight()
-        return "local"
-    except EngineUnavailableError as local_err:
-        reason = str(local_err)
-    if os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock"):
-        return "docker"
-    if os.environ.get("DAYTONA_API_KEY"):
-        return "daytona"
-    raise EngineUnavailableError(
-        f"no sandbox backend works here. The local engine says: {reason} "
-        "Alternatively run a Docker engine (pip install 'pytest-sandbox[docker]') or set "
-        "DAYTONA_API_KEY (pip install 'pytest-sandbox[daytona]')."
-    )
 
 
 @dataclass
@@ -85,14 +48,6 @@ class Stats:
     def summary(self) -> str:
         med = f", median fork {statistics.median(self.forks) * 1000:.1f} ms" if self.forks else ""
         return f"sandbox: {self.built} snapshots built, {self.reused} reused, {len(self.forks)} sandboxes forked{med}"
-
-
-def format_age(seconds: float) -> str:
-    """A short age like 45s, 3m, 2h, 5d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:.0f}s"
 
 
 class SessionManager:

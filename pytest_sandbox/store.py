@@ -35,8 +35,9 @@ from typing import Any
 
 import filelock
 
-from .api import Snapshot
+from ._lifeline import end_processes_using
 from .errors import ConfigError, SnapshotNotFoundError
+from .types import Snapshot
 
 __all__ = ["STORE_FORMAT", "LayerCheck", "Store", "default_cache_dir", "match_snapshot"]
 
@@ -98,48 +99,21 @@ def rmtree(path: Path) -> None:
         pass
 
 
-def _end_processes_using(dirs: list[str], timeout: float = 5.0) -> None:
-    """SIGKILL processes that still use one of ``dirs`` and wait until they are gone: those whose
-    command line names it (a sandbox's bwrap), and those whose mount namespace has an overlay on
-    it (everything running inside that sandbox)."""
-    if not dirs:
-        return
-    # A trailing slash or space ends each name, so /r/abc never matches /r/abcd.
-    needles = [f"{d}{end}".encode() for d in dirs for end in ("/", " ", "\0")]
-    pids = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        found = False
-        for what in ("cmdline", "mountinfo"):
-            try:
-                with open(f"/proc/{entry}/{what}", "rb") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            if any(n in text for n in needles):
-                found = True
-                break
-        if found:
-            pids.append(int(entry))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, 9)
-    end = time.monotonic() + timeout
-    while pids and time.monotonic() < end:
-        pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
-        if pids:
-            time.sleep(0.01)
+def format_age(seconds: float) -> str:
+    """A short age like 45s, 3m, 2h, 5d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s"
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] == b"Z"
-    except (OSError, ValueError):
-        return True
+def format_size(n: float) -> str:
+    """A short size like 512B, 3.2K, 41.0M, 1.5G."""
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
 
 
 def disk_usage(path: Path) -> int:
@@ -460,7 +434,7 @@ class Store:
             stale = [d for d, meta in self.sandboxes() if not self.owner_alive(meta.get("owner"))]
             # A dead owner's sandbox may still be tearing down (its holder only just saw EOF):
             # end those processes first, or the deletion races the unmount and leaves files.
-            _end_processes_using([str(d) for d in stale] + [a for d in stale for a in (aliases(d) if aliases else [])])
+            end_processes_using([str(d) for d in stale] + [a for d in stale for a in (aliases(d) if aliases else [])])
             for d in stale:
                 rmtree(d)
                 removed += 1

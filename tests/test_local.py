@@ -180,7 +180,7 @@ def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
         sb = b.create(b.get_snapshot({debian.key!r}))
         sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
         inner = int(sb.exec("pgrep -n sleep || ls /proc | grep -c .").stdout or 0)
-        print(sb.pid, sb._dir, b.userns.pid, b._spawner._proc.pid, flush=True)
+        print(sb.pid, sb._dir, b.userns.pid, b.host.spawner._proc.pid, flush=True)
         time.sleep(1000)
         """
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}

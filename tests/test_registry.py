@@ -28,7 +28,7 @@ import pytest
 
 from pytest_sandbox import Image, Snapshot, SnapshotBuildError
 from pytest_sandbox.backends.local import LocalBackend
-from pytest_sandbox.registry import Reference, RegistryConfig
+from pytest_sandbox.oci import Reference, RegistryConfig
 from tests.conftest import start_registry
 from tests.oci import OCI_LAYER, Entry, Layout, layer, push
 
@@ -258,17 +258,17 @@ def test_credentials_from_the_docker_config_file(
         )
         monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
         monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-        backend._registry_client = None  # read the configuration again
+        backend._bases._registry_client = None  # read the configuration again
         with pytest.raises(SnapshotBuildError, match=f"{reg} requires credentials.*docker login"):
             backend.build(Image.from_registry(f"{reg}/psb/private:1"))
         (tmp_path / "docker").mkdir()
         token = base64.b64encode(b"psb:s3cret").decode()
         (tmp_path / "docker" / "config.json").write_text(json.dumps({"auths": {reg: {"auth": token}}}))
-        backend._registry_client = None
+        backend._bases._registry_client = None
         snap = backend.build(Image.from_registry(f"{reg}/psb/private:1"))
         assert backend.store.layer_path(snap.layers[0]).joinpath("which").read_text() == "private"
     finally:
-        backend._registry_client = None
+        backend._bases._registry_client = None
         proc.kill()
         proc.wait()
 
@@ -281,12 +281,12 @@ def test_docker_hub_names_go_through_a_configured_mirror(
     tag = secrets.token_hex(3)
     push(layout, "m", f"{registry}/library/mirrored:{tag}")
     monkeypatch.setenv("PYTEST_SANDBOX_REGISTRY_MIRRORS", f"http://{registry}")
-    backend._registry_client = None
+    backend._bases._registry_client = None
     try:
         snap = backend.build(Image.from_registry(f"mirrored:{tag}"))  # docker.io/library/mirrored
         assert backend.store.layer_path(snap.layers[0]).joinpath("which").read_text() == "from the mirror"
     finally:
-        backend._registry_client = None
+        backend._bases._registry_client = None
 
 
 @pytest.mark.parametrize(
@@ -387,7 +387,7 @@ def test_bearer_token_flow(
     front = _TokenFront(registry, password)
     monkeypatch.delenv("DOCKER_AUTH_CONFIG", raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
-    backend._registry_client = None
+    backend._bases._registry_client = None
     try:
         ref = f"{front.address}/psb/tokened:{tag}"
         if password:
@@ -395,11 +395,11 @@ def test_bearer_token_flow(
                 backend.build(Image.from_registry(ref))
             auth = base64.b64encode(f"psb:{password}".encode()).decode()
             monkeypatch.setenv("DOCKER_AUTH_CONFIG", json.dumps({"auths": {front.address: {"auth": auth}}}))
-            backend._registry_client = None
+            backend._bases._registry_client = None
         snap = backend.build(Image.from_registry(ref))
         assert backend.store.layer_path(snap.layers[0]).joinpath("which").read_text() == f"behind a token {tag}"
         assert "repository:psb/tokened:pull" in front.scopes
     finally:
-        backend._registry_client = None
+        backend._bases._registry_client = None
         front.shutdown()
         front.server_close()

@@ -1,13 +1,15 @@
-"""Backends: each implements :class:`pytest_sandbox.api.Backend`. Imported lazily by name."""
+"""Backends: each implements the :class:`~pytest_sandbox.types.Backend` protocol. This module is
+the only place that knows them by name; each is imported lazily, when it is opened."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from ..api import Backend
-from ..errors import ConfigError
+from ..errors import ConfigError, EngineUnavailableError
+from ..types import Backend
 
-__all__ = ["BACKENDS", "open_backend"]
+__all__ = ["BACKENDS", "open_backend", "resolve_backend"]
 
 BACKENDS = ("local", "docker", "daytona")
 
@@ -30,3 +32,26 @@ def open_backend(name: str = "local", **options: Any) -> Backend:
 
         return DaytonaBackend(**options)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(name: str) -> str:
+    """``auto``: local where it works, else docker where an engine answers, else daytona where
+    credentials are set; otherwise an error saying what to install."""
+    if name != "auto":
+        return name
+    from ..engine.host import preflight
+
+    try:
+        preflight()
+        return "local"
+    except EngineUnavailableError as local_err:
+        reason = str(local_err)
+    if os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock"):
+        return "docker"
+    if os.environ.get("DAYTONA_API_KEY"):
+        return "daytona"
+    raise EngineUnavailableError(
+        f"no sandbox backend works here. The local engine says: {reason} "
+        "Alternatively run a Docker engine (pip install 'pytest-sandbox[docker]') or set "
+        "DAYTONA_API_KEY (pip install 'pytest-sandbox[daytona]')."
+    )

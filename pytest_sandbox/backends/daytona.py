@@ -26,6 +26,7 @@ import os
 import posixpath
 import shlex
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -34,7 +35,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
+from .._build import build_env, build_recipe, host_ca_bundle, run_step, step_argv
+from .._lifeline import Watchdog
+from .._proc import CLIP_SH, TRUNCATED
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -43,24 +46,29 @@ from ..errors import (
     SandboxFileError,
     SnapshotBuildError,
 )
-from ..image import Image, Step
+from ..image import DebianBase, HostBase, Image, RegistryBase, Step
 from ..store import Store, match_snapshot, new_id, write_atomic
-from ._build import (
+from ..types import (
+    DEFAULT_MAX_DOWNLOAD,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_MAX_READ,
+    ExecResult,
+    FileInfo,
+    LogCallback,
+    Snapshot,
+    Usage,
+)
+from ._base import (
     KILL_TREE_SH,
+    STAT_SH,
     SandboxBase,
-    Watchdog,
-    build_env,
-    build_recipe,
     exec_result,
     extract_tar,
     file_error,
-    host_ca_bundle,
     resolve_snapshot,
-    run_step,
     sandbox_path,
-    step_argv,
+    stat_info,
 )
-from ._proc import CLIP_SH, TRUNCATED
 
 __all__ = ["DaytonaBackend", "DaytonaSandbox"]
 
@@ -370,15 +378,15 @@ class DaytonaBackend:
         )
 
     def _daytona_image(self, image: Image, key: str) -> Any:
-        b, kind = dict(image.base), image.base_kind
-        if kind == "registry":
-            return b["ref"]
-        if kind == "debian":
-            img = self._sdk.Image.base(f"debian:{b['suite']}")
-            if b.get("include"):
-                img = img.run_commands(step_argv(Step("apt", tuple(b["include"])))[2])
+        b = image.base
+        if isinstance(b, RegistryBase):
+            return b.ref
+        if isinstance(b, DebianBase):
+            img = self._sdk.Image.base(f"debian:{b.suite}")
+            if b.include:
+                img = img.run_commands(step_argv(Step("apt", b.include))[2])
             return img
-        if kind == "host":
+        if isinstance(b, HostBase):
             raise EngineUnavailableError(
                 "Image.host() needs the local engine: a Daytona sandbox cannot share this machine's /usr "
                 "and /etc. Use Image.debian(...) or Image.from_registry(...) on daytona."
@@ -472,6 +480,14 @@ class DaytonaBackend:
             f"{LABEL}.store": str(self.store.root),
             **extra,
         }
+
+    def usage(self, snapshot: Snapshot) -> Usage:
+        """Daytona does not tell a snapshot's size through its API."""
+        return Usage()
+
+    def location(self) -> str:
+        """The Daytona API this backend talks to."""
+        return f"on {self.api_url}"
 
     def gc(self) -> int:
         """Delete sandboxes of sessions on this host that died, found by their labels."""
@@ -638,6 +654,28 @@ class DaytonaSandbox(SandboxBase):
             self._fs = DaytonaFS(self)
         return self._fs
 
+    def interactive(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+        """Daytona's SDK gives no terminal: ``argv`` runs as one command with its output shown;
+        without one, each line typed runs as a command in this sandbox until end of input."""
+        if argv is not None:
+            res = self.exec(argv, env=env)
+            sys.stdout.write(res.stdout)
+            sys.stderr.write(res.stderr)
+            return res.exit_code
+        print(f"sandbox {self.id} of {self.snapshot_of.short}: each line runs in it (no terminal); Ctrl-D ends it")
+        code = 0
+        while True:
+            try:
+                line = input(f"sandbox:{self.snapshot_of.short}# ")
+            except EOFError:
+                print()
+                return code
+            if line.strip():
+                res = self.exec(line, env=env)
+                sys.stdout.write(res.stdout)
+                sys.stderr.write(res.stderr)
+                code = res.exit_code
+
     def snapshot(self, name: str | None = None) -> Snapshot:
         """Freeze the sandbox's files into a new Daytona snapshot; the sandbox keeps running."""
         self._check_open()
@@ -743,6 +781,15 @@ class DaytonaFS:
         if not parents and not self.is_dir(posixpath.dirname(path)):
             raise SandboxFileError(errno.ENOENT, f"mkdir {path}: no such file or directory")
         self._call("mkdir", path, self._sb.sdk.fs.create_folder, path, f"{mode:o}")
+
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileInfo:
+        """The file's status (symlinks followed inside the sandbox unless ``follow_symlinks=False``)."""
+        path = sandbox_path(path)
+        cmd = shlex.join(["/bin/sh", "-c", STAT_SH, "sh", path, "1" if follow_symlinks else "0"])
+        res = self._call("stat", path, self._sb.sdk.process.exec, cmd)
+        if int(res.exit_code or 0) != 0:
+            raise file_error(str(res.result or ""), "stat", path)
+        return stat_info(str(res.result or ""), path)
 
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         """Write a file, creating its parent directories; a symlink is written through, inside."""

@@ -17,8 +17,10 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -26,7 +28,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_READ, ExecResult, LogCallback, Snapshot
+from .._build import build_env, build_recipe, host_ca_bundle, mmdebstrap_tar, run_step
+from .._lifeline import Watchdog
+from .._proc import CLIP_SH, TRUNCATED
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -35,24 +39,30 @@ from ..errors import (
     SandboxFileError,
     SnapshotBuildError,
 )
-from ..image import Image, Step
+from ..image import DebianBase, Image, RegistryBase, RootfsBase, Step
 from ..store import Store, match_snapshot, new_id, rmtree
-from ._build import (
+from ..types import (
+    DEFAULT_MAX_DOWNLOAD,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_MAX_READ,
+    ExecResult,
+    FileInfo,
+    LogCallback,
+    Snapshot,
+    Usage,
+)
+from ._base import (
     KILL_TREE_SH,
+    LOGIN_SHELL,
+    STAT_SH,
     SandboxBase,
-    Watchdog,
-    build_env,
-    build_recipe,
     exec_result,
     extract_tar,
     file_error,
-    host_ca_bundle,
-    mmdebstrap_tar,
     resolve_snapshot,
-    run_step,
     sandbox_path,
+    stat_info,
 )
-from ._proc import CLIP_SH, TRUNCATED
 
 __all__ = ["DockerBackend", "DockerSandbox"]
 
@@ -248,8 +258,8 @@ class DockerBackend:
         )
 
     def _build_base(self, image: Image, key: str, log: LogCallback) -> Snapshot:
-        b = dict(image.base)
-        kind = image.base_kind
+        b = image.base
+        kind = b.kind
         desc = image.describe().splitlines()[0]
         if kind == "host":
             raise EngineUnavailableError(
@@ -259,9 +269,9 @@ class DockerBackend:
         log(f"[0/{len(image.steps)}] {desc}")
         tmp = self.store.tmp_dir()
         try:
-            if kind == "registry":
+            if isinstance(b, RegistryBase):
                 try:
-                    self.client.images.pull(b["ref"])
+                    self.client.images.pull(b.ref)
                 except self._errors.APIError as exc:
                     raise SnapshotBuildError(
                         key=key,
@@ -272,13 +282,13 @@ class DockerBackend:
                         output=str(exc),
                         reason="pull failed",
                     ) from exc
-                source = b["ref"]
+                source = b.ref
             else:
                 tar = tmp / "rootfs.tar"
-                if kind == "debian":
+                if isinstance(b, DebianBase):
                     mmdebstrap_tar(b, key, tar, len(image.steps), log)
-                else:
-                    src = Path(b["path"])
+                elif isinstance(b, RootfsBase):
+                    src = b.path
                     if src.is_dir():
                         subprocess.run(["tar", "-C", str(src), "-cf", str(tar), "."], check=True, capture_output=True)
                     else:
@@ -341,6 +351,14 @@ class DockerBackend:
         with self._lock:
             self._live.add(sb)
         return sb
+
+    def usage(self, snapshot: Snapshot) -> Usage:
+        """The engine keeps image layers shared between tags: no per-snapshot size is told."""
+        return Usage()
+
+    def location(self) -> str:
+        """The Docker engine this backend talks to."""
+        return f"on the Docker engine at {os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'}"
 
     def gc(self) -> int:
         """Remove containers and ephemeral snapshots of processes on this host that died."""
@@ -522,6 +540,17 @@ class DockerSandbox(SandboxBase):
             ephemeral=ephemeral,
         )
 
+    def interactive(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+        """Run ``argv`` (default: a login shell) in the container on this terminal, through the
+        docker CLI (``docker exec``); returns its exit code."""
+        self._check_open()
+        cli = shutil.which("docker")
+        if cli is None:
+            raise SandboxError("an interactive command on the docker backend needs the docker CLI on PATH")
+        tty = ["-t"] if sys.stdin.isatty() else []
+        envs = [f"--env={k}={v}" for k, v in {**self._extra_env, **(env or {})}.items()]
+        return subprocess.call([cli, "exec", "-i", *tty, *envs, self.container.id, *(argv or LOGIN_SHELL)])
+
     def fork(self) -> DockerSandbox:
         """A new container from this one's current state (an ephemeral snapshot)."""
         snap = self.snapshot(ephemeral=True)
@@ -624,6 +653,11 @@ class DockerFS:
         path = sandbox_path(path)
         flag = "-p" if parents else ""
         self._sh(f'[ -d "$1" ] || mkdir {flag} -m "$2" -- "$1"', path, f"{mode:o}", op="mkdir", path=path)
+
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileInfo:
+        """The file's status (symlinks followed inside the container unless ``follow_symlinks=False``)."""
+        path = sandbox_path(path)
+        return stat_info(self._sh(STAT_SH, path, "1" if follow_symlinks else "0", op="stat", path=path), path)
 
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         """Write a file, creating its parent directories; a symlink is written through, inside."""

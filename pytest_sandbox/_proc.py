@@ -20,11 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..api import DEFAULT_MAX_OUTPUT
-from ._spawn import Child, Spawner
+from ._lifeline import kill_tree
+from .types import DEFAULT_MAX_OUTPUT
 
-__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Completed", "clip", "kill_tree", "run"]
+__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Completed", "clip", "run"]
 
 TRUNCATED = "bytes truncated by pytest-sandbox (max_output) ..."
 """What the marker left where output was cut says, after the number of bytes left out."""
@@ -39,6 +40,24 @@ _ORPHAN_LIMIT = 64 << 20  # what the sink drains from a background writer before
 _CHUNK = 1 << 16
 
 
+class Child(Protocol):
+    """A process a :class:`Spawner` started: its pid and a pidfd that becomes readable at exit."""
+
+    pid: int
+
+    @property
+    def exit_fd(self) -> int: ...
+
+    def wait(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Spawner(Protocol):
+    """Starts processes on our behalf (the local engine's filtered spawner)."""
+
+    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child: ...
+
+
 @dataclass
 class Completed:
     returncode: int
@@ -47,37 +66,6 @@ class Completed:
     duration: float
     timed_out: bool
     truncated: bool = False
-
-
-def _children(pid: int) -> list[int]:
-    """Descendants of ``pid`` (host pids), found through /proc."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-            parent_of[int(entry)] = int(data[data.rindex(b")") + 2 :].split()[1])
-        except (OSError, ValueError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        cur = frontier.pop()
-        kids = [p for p, pp in parent_of.items() if pp == cur]
-        found.extend(kids)
-        frontier.extend(kids)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process, its process group and every descendant, even ones that changed group."""
-    victims = _children(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    for p in [pid, *victims]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
 
 
 def _die_with_parent() -> None:
@@ -266,7 +254,7 @@ def run(
                 os.close(w)
         for r in open_fds:
             os.set_blocking(r, False)
-        pidfd = proc.exit_fd if isinstance(proc, Child) else os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(proc.pid) if isinstance(proc, subprocess.Popen) else proc.exit_fd
         timed_out = False
         deadline = None if timeout is None else start + timeout
         poller = select.poll()
@@ -308,7 +296,7 @@ def run(
     finally:
         for fd in open_fds:
             os.close(fd)
-        if isinstance(proc, Child):
+        if proc is not None and not isinstance(proc, subprocess.Popen):
             proc.close()
         elif pidfd >= 0:
             os.close(pidfd)

@@ -21,11 +21,10 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
-from ..errors import SandboxError
-from ..registry import RegistryError
-from ._ids import IdMap
-from ._layers import OPAQUE
-from ._safefs import _rmtree_at
+from .._hostfs import rmtree_at
+from ..errors import RegistryError, SandboxError
+from .ids import IdMap
+from .layers import OPAQUE
 
 __all__ = ["LayerError", "layer_id", "unpack_layer"]
 
@@ -111,7 +110,7 @@ class _Unpacker:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return
-            _rmtree_at(pfd, name)
+            rmtree_at(pfd, name)
         else:
             os.unlink(name, dir_fd=pfd)
 

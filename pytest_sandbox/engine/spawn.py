@@ -26,7 +26,7 @@ __all__ = ["Spawner"]
 
 _HELPER = r"""
 import array, json, os, socket, subprocess, sys, threading
-from pytest_sandbox.backends import _seccomp
+from pytest_sandbox.engine import seccomp as _seccomp
 _seccomp.install()
 ctl = socket.socket(fileno=int(sys.argv[1]))
 

@@ -21,16 +21,14 @@ import os
 import posixpath
 import stat
 from pathlib import Path
-from typing import IO
 
-from ..api import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ
+from .._hostfs import HostTree, rmtree_at
 from ..errors import ConfigError, SandboxError, SandboxFileError
-from ._ids import acting_as
+from ..types import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ, FileInfo
+from .ids import acting_as
 
-__all__ = ["HostTree", "SafeFS", "openat2"]
+__all__ = ["SafeFS", "openat2"]
 
-_ENTRY_COST = 4096
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture (added after the table unification)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -159,17 +157,25 @@ class SafeFS:
             return False
         return True
 
-    def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:
-        """The file's status (symlinks followed inside the sandbox unless ``follow_symlinks=False``)."""
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileInfo:
+        """The file's status (symlinks followed inside the sandbox unless ``follow_symlinks=False``),
+        with owners as the sandbox sees them (65534, ``nobody``, for ids it does not map)."""
         path = _norm(path)
         try:
             fd = self._open(path, os.O_PATH | (0 if follow_symlinks else os.O_NOFOLLOW))
         except OSError as exc:
             raise self._fail(exc, "stat", path) from exc
         try:
-            return os.fstat(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
+        return FileInfo(st.st_mode, st.st_size, st.st_mtime, self._inside(st.st_uid, 0), self._inside(st.st_gid, 1))
+
+    def _inside(self, host_id: int, which: int) -> int:
+        if self._owner is None:  # rootless: only the caller is mapped, as root
+            return 0 if host_id == (os.geteuid(), os.getegid())[which] else 65534
+        n = host_id - self._owner[which]
+        return n if 0 <= n < 65536 else 65534
 
     def is_dir(self, path: str) -> bool:
         """True when the path is a directory."""
@@ -250,7 +256,7 @@ class SafeFS:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 if recursive:
-                    _rmtree_at(pfd, name)
+                    rmtree_at(pfd, name)
                 else:
                     os.rmdir(name, dir_fd=pfd)
             else:
@@ -321,25 +327,6 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def _spend(budget: list[int], n: int, path: str) -> None:
-    budget[0] -= n
-    if budget[0] < 0:
-        raise SandboxFileError(errno.EFBIG, f"download {path}: larger than max_size; pass a larger max_size")
-
-
-def _clear(pfd: int, name: str, keep_dir: bool) -> None:
-    """Remove whatever host entry is at ``name`` (a directory is kept when ``keep_dir``)."""
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        if not keep_dir:
-            _rmtree_at(pfd, name)
-    else:
-        os.unlink(name, dir_fd=pfd)
-
-
 def _copy_out(fd: int, tree: HostTree, parts: tuple[str, ...]) -> None:
     """Copy the open sandbox entry ``fd`` to ``parts`` of ``tree``; the sandbox side is walked
     by fds with ``O_NOFOLLOW``, so an entry swapped for a link meanwhile is skipped."""
@@ -370,97 +357,3 @@ def _copy_out(fd: int, tree: HostTree, parts: tuple[str, ...]) -> None:
             tree.file(parts, st.st_mode, data)
     else:
         raise SandboxFileError(errno.EINVAL, f"download {tree.path}: is a {_kind(st.st_mode)}; refusing to copy it")
-
-
-class HostTree:
-    """Writes a tree that came out of a sandbox (``SafeFS.download``, a remote backend's tar
-    stream) to the host path ``dest``; ``path`` is the sandbox path it came from, for messages.
-
-    Every entry is created below an open directory
-    fd with ``O_NOFOLLOW``, host entries in the way are replaced (never followed), modes lose
-    setuid and setgid, and past ``max_size`` bytes (4 KiB counted per entry) it stops with
-    :class:`SandboxFileError`. ``parts`` are path components below ``dest`` (``()`` is ``dest``).
-    """
-
-    def __init__(self, dest: Path, max_size: int, path: str) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self._top = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._name = dest.name
-        self._budget = [max_size]
-        self.path = path
-
-    def close(self) -> None:
-        os.close(self._top)
-
-    def _parent(self, parts: tuple[str, ...]) -> tuple[int, str]:
-        """An fd of the directory holding ``parts`` (made, and links in the way replaced), and
-        the last name."""
-        names = (self._name, *parts)
-        fd = os.dup(self._top)
-        try:
-            for name in names[:-1]:
-                _clear(fd, name, keep_dir=True)
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-            return fd, names[-1]
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def directory(self, parts: tuple[str, ...], mode: int) -> None:
-        _spend(self._budget, _ENTRY_COST, self.path)
-        pfd, name = self._parent(parts)
-        try:
-            _clear(pfd, name, keep_dir=True)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=pfd)
-            dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-            try:
-                os.fchmod(dfd, (mode & 0o777) | stat.S_IRWXU)
-            finally:
-                os.close(dfd)
-        finally:
-            os.close(pfd)
-
-    def file(self, parts: tuple[str, ...], mode: int, data: IO[bytes] | None) -> None:
-        """``data``: a binary file object to copy from (None for an empty file)."""
-        _spend(self._budget, _ENTRY_COST, self.path)
-        pfd, name = self._parent(parts)
-        try:
-            _clear(pfd, name, keep_dir=False)
-            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-            try:
-                while data is not None and (chunk := data.read(1 << 20)):
-                    _spend(self._budget, len(chunk), self.path)
-                    os.write(out, chunk)
-                os.fchmod(out, mode & 0o777)  # never setuid/setgid on the host
-            finally:
-                os.close(out)
-        finally:
-            os.close(pfd)
-
-    def symlink(self, parts: tuple[str, ...], target: str) -> None:
-        _spend(self._budget, _ENTRY_COST, self.path)
-        pfd, name = self._parent(parts)
-        try:
-            _clear(pfd, name, keep_dir=False)
-            os.symlink(target, name, dir_fd=pfd)
-        finally:
-            os.close(pfd)
-
-
-def _rmtree_at(pfd: int, name: str) -> None:
-    dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    try:
-        for child in os.listdir(dfd):
-            st = os.stat(child, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                _rmtree_at(dfd, child)
-            else:
-                os.unlink(child, dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    os.rmdir(name, dir_fd=pfd)

@@ -1,10 +1,13 @@
-"""The contract every backend implements: small Protocols plus the value types they return.
+"""The contract every backend implements, and the only one: small Protocols plus the value types
+they return. Everything above ``backends/`` (session, plugin, CLI, the Daytona endpoint) works
+through these names alone.
 
-Core module: no pytest import, no backend import.
+Core module: imports only :mod:`.errors` (and :mod:`.image` for type hints).
 """
 
 from __future__ import annotations
 
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +27,12 @@ __all__ = [
     "DEFAULT_MAX_READ",
     "Backend",
     "ExecResult",
+    "FileInfo",
     "LogCallback",
     "Sandbox",
     "SandboxFS",
     "Snapshot",
+    "Usage",
 ]
 
 DEFAULT_MAX_OUTPUT = 16 << 20
@@ -136,6 +141,32 @@ class Snapshot:
         )
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """What :meth:`SandboxFS.stat` tells of one path. Owners are ids as the sandbox sees them
+    (0 is the sandbox's root). The names match :class:`os.stat_result`'s."""
+
+    st_mode: int
+    st_size: int
+    st_mtime: float
+    st_uid: int = 0
+    st_gid: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        """True for a directory."""
+        return stat.S_ISDIR(self.st_mode)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a snapshot costs where it is stored: ``size`` bytes of its own (top) layer and when a
+    sandbox last started from it; None where the backend cannot tell."""
+
+    size: int | None = None
+    last_used: float | None = None
+
+
 @runtime_checkable
 class SandboxFS(Protocol):
     """Files inside a sandbox. Paths are sandbox paths; nothing here can reach a host file."""
@@ -148,7 +179,8 @@ class SandboxFS(Protocol):
     def listdir(self, path: str) -> list[str]: ...
     def exists(self, path: str) -> bool: ...
     def is_dir(self, path: str) -> bool: ...
-    def mkdir(self, path: str, parents: bool = True) -> None: ...
+    def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None: ...
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileInfo: ...
     def remove(self, path: str, recursive: bool = False) -> None: ...
 
 
@@ -173,6 +205,11 @@ class Sandbox(Protocol):
         timeout: float | None = None,
         max_output: int | None = None,
     ) -> ExecResult: ...
+
+    def interactive(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+        """Run ``argv`` (default: a login shell) on this process's terminal; return its exit code.
+        A backend that gives no terminal runs ``argv``, or else each line typed, as one command."""
+        ...
 
     def snapshot(self, name: str | None = None) -> Snapshot: ...
     def fork(self) -> Sandbox: ...
@@ -200,6 +237,14 @@ class Backend(Protocol):
     def get_snapshot(self, key_or_name: str) -> Snapshot: ...
     def snapshots(self) -> Iterator[Snapshot]: ...
     def remove_snapshot(self, snapshot: Snapshot | str) -> None: ...
+    def usage(self, snapshot: Snapshot) -> Usage:
+        """What ``snapshot`` costs where this backend keeps it."""
+        ...
+
+    def location(self) -> str:
+        """Where this backend keeps its snapshots, in words (a cache directory, an engine, a URL)."""
+        ...
+
     def gc(self) -> int: ...
     def prune(self, older_than: float = 0.0) -> list[str]: ...
     def close(self) -> None: ...

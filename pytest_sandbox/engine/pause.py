@@ -14,32 +14,25 @@ import signal
 import time
 from collections.abc import Iterator
 
+from .._lifeline import pids, read_stat
+
 __all__ = ["paused"]
 
 _PASSES = 100
 
 
 def _members(ns: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/pid") == ns:
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+    found = []
+    for pid in pids():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/pid") == ns:
+                found.append(pid)
+    return found
 
 
 def _stat(pid: int) -> tuple[str, int]:
     """State letter and parent pid ('X' once gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        fields = data[data.rindex(b")") + 2 :].split()
-        return fields[0].decode(), int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return "X", 0
+    return read_stat(pid) or ("X", 0)
 
 
 @contextlib.contextmanager

