@@ -5,20 +5,27 @@ remote backends use to speak to a sandbox through a shell."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import errno
 import posixpath
 import shlex
+import socket
 import tarfile
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 from .. import _proc
 from .._hostfs import HostTree
+from .._lifeline import Watchdog
 from ..errors import ConfigError, ExecTimeoutError, SandboxClosedError, SandboxFileError
 from ..image import Image
+from ..store import Store
 from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, Snapshot
 
 LOGIN_SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
@@ -29,6 +36,9 @@ STAT_SH = 'if [ "$2" = 1 ]; then set -- -L "$1"; fi; exec stat -c "%f %s %Y %u %
 _HISTORY_TAIL = 4096  # characters of each stream a sandbox's history keeps (the failure report shows less)
 
 __all__ = [
+    "LABEL",
+    "BackendBase",
+    "RemoteBackend",
     "KILL_TREE_SH",
     "LOGIN_SHELL",
     "STAT_SH",
@@ -235,3 +245,88 @@ class SandboxBase(Sandbox):
         first and last halves, with a marker between them, and ``truncated`` set.
         """
         return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)
+
+
+LABEL = "pytest-sandbox"
+"""The label every remote sandbox, container and image of this project carries."""
+
+_B = TypeVar("_B", bound="BackendBase")
+
+
+class BackendBase:
+    """What every backend shares around the protocol: ``with`` support and the closed check."""
+
+    _closed: bool
+
+    def __enter__(self: _B) -> _B:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _check_backend_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+
+
+class RemoteBackend(BackendBase):
+    """The session bookkeeping of backends whose sandboxes live elsewhere (docker, daytona): the
+    labels that tie each sandbox to this session, a watchdog that removes them if we die, ``gc``
+    of dead sessions' leftovers at start, and ``close`` of what this session made."""
+
+    OWNER_LABEL = "session"
+    store: Store
+
+    def _start_session(self, watchdog_script: str) -> None:
+        self.host = socket.gethostname()
+        self._lock = threading.Lock()
+        self._live: set[Sandbox] = set()
+        self._watchdog = Watchdog(watchdog_script, self.store.owner)
+        self._closed = False
+        self.gc()  # leftovers of sessions that died are removed at the next start
+        atexit.register(self.close)
+
+    def gc(self) -> int:
+        raise NotImplementedError
+
+    def snapshots(self) -> Iterator[Snapshot]:
+        raise NotImplementedError
+
+    def remove_snapshot(self, snapshot: Snapshot | str) -> None:
+        raise NotImplementedError
+
+    def labels(self, **extra: str) -> dict[str, str]:
+        """Labels everything this process makes carries (gc and the watchdog find it by them)."""
+        return {
+            LABEL: "1",
+            f"{LABEL}.{self.OWNER_LABEL}": self.store.owner,
+            f"{LABEL}.host": self.host,
+            f"{LABEL}.store": str(self.store.root),
+            **extra,
+        }
+
+    def prune(self, older_than: float = 0.0) -> list[str]:
+        """Delete snapshots created more than ``older_than`` seconds ago; returns their keys."""
+        now = time.time()
+        doomed = [s.key for s in self.snapshots() if now - s.created >= older_than]
+        for key in doomed:
+            self.remove_snapshot(key)
+        return doomed
+
+    def _release(self) -> None:
+        """What a backend drops at close beyond its sandboxes (e.g. ephemeral snapshots)."""
+
+    def close(self) -> None:
+        """Close every sandbox this backend made; the watchdog has nothing left to do."""
+        if self._closed:
+            return
+        self._closed = True
+        for sb in list(self._live):
+            sb.close()
+        self._release()
+        self._watchdog.fire()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)

@@ -16,15 +16,12 @@ offline use and for this backend's tests.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import json
 import os
 import shlex
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -32,12 +29,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._build import build_env, build_recipe, host_ca_bundle, run_step, step_argv
-from .._lifeline import Watchdog
 from .._proc import CLIP_SH, TRUNCATED
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
-    SandboxClosedError,
     SandboxError,
     SnapshotBuildError,
 )
@@ -52,6 +47,8 @@ from ..types import (
 )
 from ._base import (
     KILL_TREE_SH,
+    LABEL,
+    RemoteBackend,
     SandboxBase,
     exec_result,
     resolve_snapshot,
@@ -60,7 +57,6 @@ from ._daytona_fs import DaytonaFS
 
 __all__ = ["DaytonaBackend", "DaytonaSandbox"]
 
-LABEL = "pytest-sandbox"
 PREFIX = "pytest-sandbox-"
 AUTO_STOP_MINUTES = 60  # the safety net for sandboxes nobody deletes: stopped after an idle hour...
 AUTO_DELETE_MINUTES = 0  # ...and deleted as soon as they stop
@@ -152,7 +148,7 @@ def _recipe_meta(image: Image) -> list[dict[str, Any]]:
     return rows
 
 
-class DaytonaBackend:
+class DaytonaBackend(RemoteBackend):
     """Recipes as Daytona snapshots, sandboxes as Daytona sandboxes. ``open_backend("daytona")``."""
 
     name = "daytona"
@@ -176,19 +172,7 @@ class DaytonaBackend:
         self.store = Store(cache_dir)  # build locks, the owner token and snapshot records
         self._records = self.store.root / "daytona"
         self._records.mkdir(exist_ok=True)
-        self.host = socket.gethostname()
-        self._lock = threading.Lock()
-        self._live: set[DaytonaSandbox] = set()
-        self._watchdog = Watchdog(_WATCHDOG, self.store.owner)
-        self._closed = False
-        self.gc()  # sandboxes of sessions that died are deleted at the next start
-        atexit.register(self.close)
-
-    def __enter__(self) -> DaytonaBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._start_session(_WATCHDOG)
 
     def __repr__(self) -> str:
         return f"<DaytonaBackend {self.api_url}>"
@@ -454,20 +438,9 @@ class DaytonaBackend:
         self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
     ) -> DaytonaSandbox:
         """A new Daytona sandbox from a snapshot (an Image is built first); no network unless asked."""
-        if self._closed:
-            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+        self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         return DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}))
-
-    def labels(self, **extra: str) -> dict[str, str]:
-        """Labels every sandbox of this process carries (gc and the watchdog find them by these)."""
-        return {
-            LABEL: "1",
-            f"{LABEL}.session": self.store.owner,
-            f"{LABEL}.host": self.host,
-            f"{LABEL}.store": str(self.store.root),
-            **extra,
-        }
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """Daytona does not tell a snapshot's size through its API."""
@@ -490,25 +463,6 @@ class DaytonaBackend:
                     self.call("delete a sandbox", remote.delete)
                     removed += 1
         return removed + self.store.gc()
-
-    def prune(self, older_than: float = 0.0) -> list[str]:
-        """Delete snapshots created more than ``older_than`` seconds ago."""
-        now = time.time()
-        doomed = [s for s in self.snapshots() if now - s.created >= older_than]
-        for snap in doomed:
-            self.remove_snapshot(snap)
-        return [s.key for s in doomed]
-
-    def close(self) -> None:
-        """Delete every sandbox this backend made."""
-        if self._closed:
-            return
-        self._closed = True
-        for sb in list(self._live):
-            sb.close()
-        self._watchdog.fire()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
 
 
 def _timestamp(value: Any) -> float:

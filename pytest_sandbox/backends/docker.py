@@ -10,7 +10,6 @@ at every start) removes any whose owner is gone.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import io
@@ -18,7 +17,6 @@ import json
 import os
 import posixpath
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -29,12 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .._build import build_env, build_recipe, host_ca_bundle, mmdebstrap_tar, run_step
-from .._lifeline import Watchdog
 from .._proc import CLIP_SH, TRUNCATED
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
-    SandboxClosedError,
     SandboxError,
     SandboxFileError,
     SnapshotBuildError,
@@ -53,8 +49,10 @@ from ..types import (
 )
 from ._base import (
     KILL_TREE_SH,
+    LABEL,
     LOGIN_SHELL,
     STAT_SH,
+    RemoteBackend,
     SandboxBase,
     exec_result,
     extract_tar,
@@ -67,7 +65,6 @@ from ._base import (
 __all__ = ["DockerBackend", "DockerSandbox"]
 
 REPO = "pytest-sandbox"
-LABEL = "pytest-sandbox"
 _BUILD_CA_NAME = ".psb-host-ca.crt"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Keeps the container alive; where an image has no `sleep`, `read` blocks on the stdin Docker holds
@@ -118,10 +115,11 @@ def _label_change(key: str, value: str) -> str:
     return f"LABEL {key}={json.dumps(value)}"
 
 
-class DockerBackend:
+class DockerBackend(RemoteBackend):
     """Recipes as images, sandboxes as containers. ``open_backend("docker")`` returns one."""
 
     name = "docker"
+    OWNER_LABEL = "owner"
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.client = _client()  # first: a missing SDK must give its own clear error
@@ -129,35 +127,13 @@ class DockerBackend:
 
         self._errors = docker.errors
         self.store = Store(cache_dir)  # build locks and the owner token; images live in the engine
-        self.host = socket.gethostname()
-        self._lock = threading.Lock()
-        self._live: set[DockerSandbox] = set()
         self._ephemeral: list[str] = []
-        self._watchdog = Watchdog(_WATCHDOG, self.store.owner)
-        self._closed = False
-        self.gc()  # containers of sessions that died are removed at the next start
-        atexit.register(self.close)
-
-    def __enter__(self) -> DockerBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._start_session(_WATCHDOG)
 
     def __repr__(self) -> str:
         return f"<DockerBackend {self.client.api.base_url}>"
 
     # -- labels and records --------------------------------------------------------------------
-    def labels(self, **extra: str) -> dict[str, str]:
-        """Labels every container and image of this process carries (gc and the watchdog use them)."""
-        return {
-            LABEL: "1",
-            f"{LABEL}.owner": self.store.owner,
-            f"{LABEL}.host": self.host,
-            f"{LABEL}.store": str(self.store.root),
-            **extra,
-        }
-
     def _snapshot_of(self, key: str, img: Any) -> Snapshot:
         cfg = img.attrs.get("Config") or {}
         labels = cfg.get("Labels") or {}
@@ -344,8 +320,7 @@ class DockerBackend:
         self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
     ) -> DockerSandbox:
         """A new container from a snapshot (an Image is built first); no network unless asked."""
-        if self._closed:
-            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+        self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         sb = DockerSandbox(self, snapshot, network=network, env=dict(env or {}))
         with self._lock:
@@ -377,27 +352,10 @@ class DockerBackend:
                 removed += 1
         return removed + self.store.gc()
 
-    def prune(self, older_than: float = 0.0) -> list[str]:
-        """Delete snapshot images created more than ``older_than`` seconds ago."""
-        now = time.time()
-        doomed = [s.key for s in self.snapshots() if now - s.created >= older_than]
-        for key in doomed:
-            self.remove_snapshot(key)
-        return doomed
-
-    def close(self) -> None:
-        """Remove every container this backend made and its ephemeral snapshots."""
-        if self._closed:
-            return
-        self._closed = True
-        for sb in list(self._live):
-            sb.close()
+    def _release(self) -> None:
         for key in self._ephemeral:
             with contextlib.suppress(Exception):
                 self.remove_snapshot(key)
-        self._watchdog.fire()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
 
 
 class DockerSandbox(SandboxBase):

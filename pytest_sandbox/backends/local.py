@@ -39,12 +39,12 @@ from ..errors import SandboxClosedError, SandboxError
 from ..image import Image, Step
 from ..store import Store, disk_usage, format_size, new_id, rmtree
 from ..types import ExecResult, LogCallback, Snapshot, Usage
-from ._base import LOGIN_SHELL, SandboxBase, exec_result, resolve_snapshot
+from ._base import LOGIN_SHELL, BackendBase, SandboxBase, exec_result, resolve_snapshot
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
 
-class LocalBackend:
+class LocalBackend(BackendBase):
     """The embedded engine. ``open_backend("local")`` returns one; close it when done (``with``).
 
     ``cache_dir`` defaults to ``$PYTEST_SANDBOX_CACHE`` or the XDG cache directory.
@@ -68,12 +68,6 @@ class LocalBackend:
             with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
         atexit.register(self.close)
-
-    def __enter__(self) -> LocalBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<LocalBackend cache={self.store.cache_dir} rootless={self.rootless}>"
@@ -189,8 +183,7 @@ class LocalBackend:
         ``network=False`` (the default) leaves only loopback; ``env`` adds environment variables
         for every command in the sandbox.
         """
-        if self._closed:
-            raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+        self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         sb = self._pool.take(snapshot) if not network else None
         if sb is None:
