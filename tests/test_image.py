@@ -15,7 +15,7 @@ from pytest_sandbox import ConfigError, Image
 def test_public_api_is_exactly_all() -> None:
     public = {n for n in dir(pytest_sandbox) if not n.startswith(("_", "@"))}
     public -= {"annotations", "api", "backends", "errors", "image", "store", "cli", "plugin", "session"}
-    public -= {"registry", "daytona_server"}
+    public -= {"registry", "server"}
     assert public == set(pytest_sandbox.__all__)
 
 
