@@ -7,6 +7,7 @@ pytest-sandbox rm SNAPSHOT...     delete snapshots
 pytest-sandbox prune [--older-than DAYS]   delete snapshots unused for that long (default: all)
 pytest-sandbox gc                 remove what crashed processes left behind
 pytest-sandbox serve --daytona    a Daytona-compatible API on localhost, backed by the local engine
+                                  (or --backend docker)
 """
 
 from __future__ import annotations
@@ -20,12 +21,26 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .backends import BACKENDS
 from .errors import ConfigError, SandboxError
 from .image import Image
 from .store import format_age, format_size
 from .types import Backend
 
 __all__ = ["main"]
+
+
+def _byte_count(text: str) -> int:
+    """``1048576``, ``1024K``, ``1M`` or ``1G``: a number of bytes, for argparse."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    try:
+        n = int(float(text[:-1] if scale > 1 else text) * scale)
+    except (ValueError, OverflowError):  # "lots", "inf"
+        raise argparse.ArgumentTypeError(f"expected a size like 1048576 or 1M, not {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, not {text!r}")
+    return n
 
 
 def _load_image(spec: str) -> Image:
@@ -69,15 +84,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--older-than", type=float, default=0.0, metavar="DAYS")
     sub.add_parser("gc", help="remove leftovers of crashed processes")
     sub.add_parser("verify", help="check every layer of the cache in full; damaged ones get rebuilt")
-    sv = sub.add_parser("serve", help="serve an API on localhost, backed by the local engine")
+    sv = sub.add_parser("serve", help="serve an API on localhost, backed by the local engine or another backend")
     sv.add_argument("--daytona", action="store_true", required=True, help="speak Daytona's API (the SDK's)")
+    sv.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        # Unset unless given here, so `pytest-sandbox --backend docker serve` means the same.
+        default=argparse.SUPPRESS,
+        help="the backend whose sandboxes it serves (default: local)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=3986, help="port (default: 3986; 0 picks a free one)")
     sv.add_argument("--api-key", help="the bearer token clients must send (default: a random one, printed at start)")
     sv.add_argument("--target", action="append", help="the targets (regions) offered (default: local)")
     sv.add_argument("--rate-limit", type=float, metavar="PER_SECOND", help="answer 429 above this request rate")
-    sv.add_argument("--default-image", default="host", help="base of sandboxes created without a snapshot")
+    sv.add_argument(
+        "--default-image",
+        default="host",
+        help="what sandboxes created without a snapshot start from: a snapshot key or name, or a base reference (host, debian:SUITE, a registry image)",
+    )
     sv.add_argument("--until-stdin-closes", action="store_true", help="stop when standard input closes")
+    sv.add_argument(
+        "--max-body",
+        type=_byte_count,
+        default=64 << 20,
+        metavar="BYTES",
+        help="the largest request body accepted, e.g. 1M (default: 64M)",
+    )
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return _serve(args)
@@ -158,29 +191,39 @@ def _shell(backend: Backend, ref: str, network: bool, command: list[str] | None)
 
 def _serve(args: argparse.Namespace) -> int:
     import signal
+    from pathlib import Path
 
-    from .backends.local import LocalBackend
-    from .daytona_server import DaytonaServer
+    from .backends import open_backend
+    from .store import default_cache_dir
 
     try:
+        from .server import DaytonaServer
+
         # Always a key: code in a networked sandbox reaches this port on loopback too.
         api_key = args.api_key or secrets.token_urlsafe(24)
-        with LocalBackend(cache_dir=args.cache_dir) as backend:
+        cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+        with open_backend(args.backend, cache_dir=args.cache_dir) as backend:
             server = DaytonaServer(
                 backend,
+                cache_dir / "daytona-endpoint",
                 host=args.host,
                 port=args.port,
                 api_key=api_key,
                 targets=tuple(args.target or ("local",)),
                 rate_limit=args.rate_limit,
                 default_image=args.default_image,
+                max_body=args.max_body,
             )
             # SIGTERM ends the server like Ctrl-C does: its sandboxes are deleted on the way out.
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            # (Through shutdown(), not a KeyboardInterrupt raised into the event loop's tasks.)
+            signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
             if args.until_stdin_closes:  # a parent's lifeline: EOF when it exits, even on kill -9
 
                 def lifeline() -> None:
-                    sys.stdin.buffer.read()
+                    # The bare fd, not sys.stdin: a thread blocked in a buffered read holds its
+                    # lock, and interpreter shutdown (after a plain SIGTERM) aborts on that lock.
+                    while os.read(0, 65536):
+                        pass
                     os.kill(os.getpid(), signal.SIGTERM)
 
                 threading.Thread(target=lifeline, daemon=True).start()

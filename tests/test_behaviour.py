@@ -314,3 +314,23 @@ def test_gc_leaves_sandboxes_of_other_cache_directories_alone(debian_target: Tar
         with open_backend(backend.name, cache_dir=tmp_path / "another-cache") as other:  # gc runs at start
             other.gc()
         assert sb.exec("echo alive").stdout == "alive\n"
+
+
+def test_fs_stat_tells_mode_size_owner_and_links(target: Target) -> None:
+    import errno
+    import stat as st
+
+    with target.backend.create(target.snapshot) as sb:
+        sb.fs.write("/tmp/st/f", b"hello", mode=0o640)
+        sb.exec("ln -s f /tmp/st/link && (chown 12:34 /tmp/st/f || true)").check()
+        info = sb.fs.stat("/tmp/st/f")
+        assert (info.st_size, st.S_IMODE(info.st_mode), info.is_dir) == (5, 0o640, False)
+        owner = (info.st_uid, info.st_gid)
+        # A rootless sandbox maps only root: chown to other ids fails there, and the file stays root's.
+        assert owner in ((12, 34), (0, 0))
+        assert sb.fs.stat("/tmp/st/link").st_size == 5  # followed inside the sandbox
+        assert st.S_ISLNK(sb.fs.stat("/tmp/st/link", follow_symlinks=False).st_mode)
+        assert sb.fs.stat("/tmp/st").is_dir and sb.fs.stat("/tmp/st").st_uid == 0
+        with pytest.raises(SandboxFileError) as err:
+            sb.fs.stat("/tmp/st/missing")
+        assert err.value.errno == errno.ENOENT

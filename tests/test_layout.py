@@ -91,7 +91,7 @@ def test_no_import_cycle_anywhere() -> None:
             if dep.startswith(node + "."):
                 continue  # a package's __init__ re-exporting its own modules is not a cycle
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep]
+                cycle = [*path[path.index(dep) :], dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)

@@ -31,7 +31,7 @@ from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, Snapsho
 LOGIN_SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
 """What ``interactive()`` runs when given no command."""
 # ``stat`` of $1 ($2 = 1: symlinks followed) as "hexmode size mtime uid gid", for FileInfo.
-STAT_SH = 'if [ "$2" = 1 ]; then set -- -L "$1"; fi; exec stat -c "%f %s %Y %u %g" "$@"'
+STAT_SH = 'f="%f %s %Y %u %g"; if [ "$2" = 1 ]; then exec stat -L -c "$f" -- "$1"; fi; exec stat -c "$f" -- "$1"'
 
 _HISTORY_TAIL = 4096  # characters of each stream a sandbox's history keeps (the failure report shows less)
 
