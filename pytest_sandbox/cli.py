@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sv.add_argument(
         "--default-image",
         default="host",
-        help="what sandboxes created without a snapshot start from: a snapshot key or name, or a base reference (host, debian:SUITE, a registry image)",
+        help="what sandboxes created without a snapshot start from: a snapshot key or name, "
+        "or a base reference (host, debian:SUITE, a registry image)",
     )
     sv.add_argument("--until-stdin-closes", action="store_true", help="stop when standard input closes")
     sv.add_argument(
