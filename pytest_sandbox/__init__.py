@@ -12,6 +12,7 @@ from .errors import (
     EngineUnavailableError,
     ExecError,
     ExecTimeoutError,
+    RegistryError,
     SandboxClosedError,
     SandboxError,
     SandboxFileError,
@@ -19,7 +20,7 @@ from .errors import (
     SnapshotNotFoundError,
 )
 from .image import Image
-from .types import Backend, ExecResult, Sandbox, SandboxFS, Snapshot
+from .types import Backend, ExecResult, FileInfo, Sandbox, SandboxFS, Snapshot, Usage
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,9 @@ __all__ = [
     "ExecError",
     "ExecResult",
     "ExecTimeoutError",
+    "FileInfo",
     "Image",
+    "RegistryError",
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",
@@ -39,5 +42,6 @@ __all__ = [
     "Snapshot",
     "SnapshotBuildError",
     "SnapshotNotFoundError",
+    "Usage",
     "open_backend",
 ]

@@ -17,10 +17,10 @@ import importlib
 import os
 import secrets
 import sys
-import threading
 import time
 from collections.abc import Sequence
 
+from ._lifeline import on_eof
 from .backends import BACKENDS
 from .errors import ConfigError, SandboxError
 from .image import Image
@@ -219,15 +219,9 @@ def _serve(args: argparse.Namespace) -> int:
             # (Through shutdown(), not a KeyboardInterrupt raised into the event loop's tasks.)
             signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
             if args.until_stdin_closes:  # a parent's lifeline: EOF when it exits, even on kill -9
-
-                def lifeline() -> None:
-                    # The bare fd, not sys.stdin: a thread blocked in a buffered read holds its
-                    # lock, and interpreter shutdown (after a plain SIGTERM) aborts on that lock.
-                    while os.read(0, 65536):
-                        pass
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-                threading.Thread(target=lifeline, daemon=True).start()
+                # The bare fd, not sys.stdin: a thread blocked in a buffered read holds its lock,
+                # and interpreter shutdown (after a plain SIGTERM) aborts on that lock.
+                on_eof(0, lambda: os.kill(os.getpid(), signal.SIGTERM))
             print(f"DAYTONA_API_URL={server.api_url}\nDAYTONA_API_KEY={api_key}", flush=True)
             print(f"export DAYTONA_API_URL={server.api_url} DAYTONA_API_KEY={api_key}", file=sys.stderr)
             try:

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 from ..errors import SandboxError
+from ..store import rmtree
 
 OPAQUE = "user.overlay.opaque"
 _SKIP_XATTRS = ("user.overlay.origin", "user.overlay.impure", "user.overlay.nlink")
@@ -156,8 +157,6 @@ def _remove(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        from ..store import rmtree
-
         rmtree(path)
     else:
         path.unlink()
