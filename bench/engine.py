@@ -7,7 +7,8 @@ engine answers); exec round-trip; snapshot() of a 1 MB change on a small and a l
 used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200; a registry base pulled cold vs
 reused warm (Debian's docker-registry on 127.0.0.1, skopeo); then the docker backend and the
 daytona backend (through the SDK, against the local Daytona-compatible endpoint) on the same recipe,
-each as a ratio to the local engine. Targets (issue 2) are printed beside the measurements; nothing
+each as a ratio to the local engine; cold forks with and without the default limits (issue 13).
+Targets (issue 2) are printed beside the measurements; nothing
 here asserts, the machines are shared and noisy.
 """
 
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pytest_sandbox import Backend, Image, Snapshot
+from pytest_sandbox import Backend, Image, Limits, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import disk_usage
 
@@ -282,7 +283,7 @@ def main() -> None:
         )
         row("bare bwrap --overlay ... /bin/true (floor)", f"p50 {ms(pct(flo, 50))}", f"p95 {ms(pct(flo, 95))}")
         row(
-            "engine: create() + first exec('true')",
+            "engine: create() + first exec('true'), default limits on",
             f"p50 {ms(pct(eng, 50))}",
             f"p95 {ms(pct(eng, 95))}  ratio to floor {pct(eng, 50) / pct(flo, 50):.2f}x (target <= 1.5x)",
         )
@@ -298,12 +299,40 @@ def main() -> None:
             sb.exec("true")
             cold.append(time.perf_counter() - t)
             sb.close()
+        # The same cold forks with no limits at all (no cgroup made, no rlimits), interleaved
+        # with ones under the default limits: what a sandbox's cgroup costs.
+        cgroups, limits = b.host.cgroups, b.limits
+        bare, limited = [], []
+        for _ in range(args.n):
+            for side, sink in ((0, bare), (1, limited)):
+                if side == 0:
+                    b.host.cgroups, b.limits = type(cgroups).__new__(type(cgroups)), Limits()
+                    b.host.cgroups.version, b.host.cgroups.dirs, b.host.cgroups.reason = 0, {}, "bench"
+                else:
+                    b.host.cgroups, b.limits = cgroups, limits
+                t = time.perf_counter()
+                sb = b.create(deb, limits=None)
+                sb.exec("true")
+                sink.append(time.perf_counter() - t)
+                sb.close()
+        b.host.cgroups, b.limits = cgroups, limits
         b._pool.HOT_AFTER = hot_after
         out["cold_fork_exec_p50"] = pct(cold, 50)
+        out["cold_no_limits_p50"], out["cold_default_limits_p50"] = pct(bare, 50), pct(limited, 50)
         row(
             "engine, warm pool off (a cold bwrap per fork)",
             f"p50 {ms(pct(cold, 50))}",
             f"p95 {ms(pct(cold, 95))}  ratio to floor {pct(cold, 50) / pct(flo, 50):.2f}x",
+        )
+        row(
+            "  cold, no limits at all (no cgroup)",
+            f"p50 {ms(pct(bare, 50))}",
+            f"p95 {ms(pct(bare, 95))}  ratio to floor {pct(bare, 50) / pct(flo, 50):.2f}x",
+        )
+        row(
+            f"  cold, default limits ({limits.describe()})",
+            f"p50 {ms(pct(limited, 50))}",
+            f"p95 {ms(pct(limited, 95))}  {pct(limited, 50) / pct(bare, 50):.2f}x the unlimited fork",
         )
         if use_docker:
             out["docker_run_p50"] = pct(dok, 50)

@@ -12,6 +12,7 @@ from .errors import (
     EngineUnavailableError,
     ExecError,
     ExecTimeoutError,
+    LimitWarning,
     RegistryError,
     SandboxClosedError,
     SandboxError,
@@ -20,7 +21,7 @@ from .errors import (
     SnapshotNotFoundError,
 )
 from .image import Image
-from .types import Backend, ExecResult, FileInfo, Sandbox, SandboxFS, Snapshot, Usage
+from .types import Backend, ExecResult, FileInfo, Limits, LimitStatus, Sandbox, SandboxFS, Snapshot, Usage
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,9 @@ __all__ = [
     "ExecTimeoutError",
     "FileInfo",
     "Image",
+    "LimitStatus",
+    "LimitWarning",
+    "Limits",
     "RegistryError",
     "Sandbox",
     "SandboxClosedError",

@@ -20,6 +20,8 @@ This module imports nothing of the package, so every other module can import it.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Protocol
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "EngineUnavailableError",
     "ExecError",
     "ExecTimeoutError",
+    "LimitWarning",
     "RegistryError",
     "SandboxClosedError",
     "SandboxError",
@@ -137,5 +140,22 @@ class ExecTimeoutError(ExecError, TimeoutError):
     """
 
 
+class LimitWarning(UserWarning):
+    """A resource limit asked for cannot be enforced on this machine (said once per process)."""
+
+
 class RegistryError(SandboxError):
     """A container registry refused a request, failed, or sent content that does not check out."""
+
+
+_said: set[str] = set()
+_said_lock = threading.Lock()
+
+
+def say_once(message: str) -> None:
+    """Warn (:class:`LimitWarning`) about limits that are not held, once per process per message."""
+    with _said_lock:
+        if message in _said:
+            return
+        _said.add(message)
+    warnings.warn(f"pytest-sandbox: {message}", LimitWarning, stacklevel=3)

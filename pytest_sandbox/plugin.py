@@ -17,18 +17,21 @@ from typing import Any
 
 import pytest
 
-from .errors import SandboxError, tail
+from .errors import ConfigError, SandboxError, tail
 from .image import Image, is_image_ref
 from .session import KEEP_CHOICES, SessionManager
-from .types import Backend, ExecResult, Sandbox, Snapshot
+from .types import Backend, ExecResult, Limits, LimitStatus, Sandbox, Snapshot, show_limit
 
 BACKEND_CHOICES = ("auto", "local", "docker", "daytona")
 MARKER_DOC = (
-    "sandbox(image=None, network=False, env=None): the sandbox for this test (class, module) is "
-    "forked from `image`: an Image, a name from the sandbox_images fixture, or a base reference "
-    "('host', 'debian:bookworm', 'rootfs:/path', 'python:3.12-slim'); network=True gives it the "
-    "host's network; env adds environment variables."
+    "sandbox(image=None, network=False, env=None, memory=None, pids=None, cpus=None, disk=None): "
+    "the sandbox for this test (class, module) is forked from `image`: an Image, a name from the "
+    "sandbox_images fixture, or a base reference ('host', 'debian:bookworm', 'rootfs:/path', "
+    "'python:3.12-slim'); network=True gives it the host's network; env adds environment "
+    "variables; memory, pids, cpus and disk are its limits (e.g. memory='1G', pids=512)."
 )
+LIMIT_NAMES = ("memory", "pids", "cpus", "disk")
+MARKER_ARGS = ("image", "network", "env", *LIMIT_NAMES)
 
 manager_key = pytest.StashKey[SessionManager]()
 keep_key = pytest.StashKey[str]()
@@ -64,7 +67,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="never (default), failed or always: keep those tests' sandboxes as "
         "snapshots and print the command that opens a shell in each. ini: sandbox_keep",
     )
+    group.addoption(
+        "--sandbox-limits",
+        default=None,
+        help="every sandbox's limits, e.g. 'memory=2G pids=4096 cpus=2 disk=10G' (default: memory half "
+        "the RAM, pids=4096, disk=10G). ini: sandbox_limits",
+    )
     parser.addini("sandbox_backend", "default for --sandbox-backend", default="auto")
+    parser.addini("sandbox_limits", "default for --sandbox-limits", default="")
     parser.addini("sandbox_cache_dir", "default for --sandbox-cache-dir", default="")
     parser.addini("sandbox_rebuild", "default for --sandbox-rebuild", type="bool", default=False)
     parser.addini("sandbox_keep", "default for --sandbox-keep", default="never")
@@ -100,6 +110,10 @@ def pytest_configure(config: pytest.Config) -> None:
     keep = str(_option(config, "keep"))
     if keep not in KEEP_CHOICES:
         raise pytest.UsageError(f"--sandbox-keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
+    try:
+        limits = Limits.parse(str(_option(config, "limits") or ""))
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--sandbox-limits / sandbox_limits: {exc}") from None
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "sandbox_run_id" in workerinput:
         run_id, run_start = workerinput["sandbox_run_id"], float(workerinput["sandbox_run_start"])
@@ -111,6 +125,7 @@ def pytest_configure(config: pytest.Config) -> None:
         backend=backend,
         cache_dir=str(_option(config, "cache_dir") or "") or None,
         rebuild=bool(_option(config, "rebuild")),
+        limits=limits,
         run_id=run_id,
         run_start=run_start,
         log=_log(config),
@@ -129,12 +144,16 @@ def _validate_marker(item: pytest.Item) -> None:
     for mark in item.iter_markers("sandbox"):
         where = f"@pytest.mark.sandbox on {item.nodeid}"
         if mark.args:
-            raise pytest.UsageError(f"{where}: takes keyword arguments only (image=, network=, env=)")
-        unknown = set(mark.kwargs) - {"image", "network", "env"}
+            raise pytest.UsageError(f"{where}: takes keyword arguments only ({', '.join(MARKER_ARGS)})")
+        unknown = set(mark.kwargs) - set(MARKER_ARGS)
         if unknown:
             raise pytest.UsageError(
-                f"{where}: unknown argument(s) {', '.join(sorted(unknown))}; use image=, network=, env="
+                f"{where}: unknown argument(s) {', '.join(sorted(unknown))}; use {'=, '.join(MARKER_ARGS)}="
             )
+        try:
+            _marker_limits(mark.kwargs)
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
         image = mark.kwargs.get("image")
         if image is not None and not isinstance(image, (Image, str)):
             raise pytest.UsageError(
@@ -152,12 +171,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         _validate_marker(item)
 
 
+def _marker_limits(kwargs: Mapping[str, Any]) -> Limits | None:
+    given = {k: kwargs[k] for k in LIMIT_NAMES if kwargs.get(k) is not None}
+    return Limits(**given) if given else None
+
+
 # -- reporting ----------------------------------------------------------------------------------
-def _describe(result: ExecResult) -> str:
-    line = (
-        f"$ {result.command}\n  -> exit {result.exit_code}{' (timed out)' if result.timed_out else ''}"
-        f" in {result.duration * 1000:.1f} ms"
-    )
+def _describe(result: ExecResult, limits: Mapping[str, LimitStatus]) -> str:
+    why = " (timed out)" if result.timed_out else ""
+    if result.oom_killed:
+        mem = limits.get("memory")
+        why = " (killed: out of memory" + (f", limit {show_limit('memory', mem.value)})" if mem else ")")
+    line = f"$ {result.command}\n  -> exit {result.exit_code}{why} in {result.duration * 1000:.1f} ms"
     out = tail(result.output, 10)
     return line + ("\n" + "\n".join("  | " + x for x in out.splitlines()) if out else "")
 
@@ -175,9 +200,18 @@ def pytest_runtest_makereport(
             execs = sb.history[start:]
             snap = sb.snapshot_of
             head = f"{label}: sandbox {sb.id} from snapshot {snap.short} ({len(execs)} execs)"
-            parts.append("\n".join([head, *(_describe(r) for r in execs)]))
+            limits = _limits_of(sb)
+            shown = "limits: " + ", ".join(str(s) for s in limits.values()) if limits else ""
+            parts.append("\n".join([head, *([shown] if shown else []), *(_describe(r, limits) for r in execs)]))
         rep.sections.append(("sandbox", "\n\n".join(parts)))
     return rep
+
+
+def _limits_of(sb: Sandbox) -> dict[str, LimitStatus]:
+    try:
+        return sb.limits
+    except Exception:  # a closed or broken sandbox still gets its report
+        return {}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -302,10 +336,12 @@ def _create(
     network: bool,
     env: Mapping[str, Any] | None,
     label: str,
+    limits: Limits | None = None,
 ) -> Sandbox:
     snap = _snapshot(request, what) if isinstance(what, Image) else what
     try:
-        sb = _manager(request).create(snap, network=network, env={k: str(v) for k, v in (env or {}).items()})
+        env_ = {k: str(v) for k, v in (env or {}).items()}
+        sb = _manager(request).create(snap, network=network, env=env_, limits=limits)
     except SandboxError as exc:
         message = f"{label}: {exc}"
     else:
@@ -318,8 +354,9 @@ def _create(
 def sandbox(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterator[Sandbox]:
     """A fresh copy-on-write fork of the session's snapshot, for this test only.
 
-    ``@pytest.mark.sandbox(image=..., network=..., env=...)`` on the test, its class or module
-    picks another image, gives it the host's network or adds environment variables.
+    ``@pytest.mark.sandbox(image=..., network=..., env=..., memory=..., pids=..., cpus=..., disk=...)``
+    on the test, its class or module picks another image, gives it the host's network, adds
+    environment variables or sets its limits.
     """
     mark = request.node.get_closest_marker("sandbox")
     kwargs = dict(mark.kwargs) if mark else {}
@@ -331,7 +368,8 @@ def sandbox(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterato
         if image is None
         else _resolve(request, image, f"@pytest.mark.sandbox on {request.node.nodeid}")
     )
-    sb = _create(request, what, bool(kwargs.get("network", False)), kwargs.get("env"), request.node.nodeid)
+    network, env = bool(kwargs.get("network", False)), kwargs.get("env")
+    sb = _create(request, what, network, env, request.node.nodeid, _marker_limits(kwargs))
     yield sb
     _finish(request, sb, request.node.nodeid)
 
@@ -356,9 +394,9 @@ def worker_sandbox(request: pytest.FixtureRequest, sandbox_snapshot: Snapshot) -
 
 @pytest.fixture
 def sandbox_factory(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterator[Callable[..., Sandbox]]:
-    """Make more sandboxes in one test: ``sandbox_factory(what=None, network=False, env=None)``
-    where ``what`` is an Image, a Snapshot (e.g. ``sandbox.snapshot()``) or an image name from
-    ``sandbox_images``; default: the session's snapshot. All are closed after the test."""
+    """Make more sandboxes in one test: ``sandbox_factory(what=None, network=False, env=None,
+    limits=None)`` where ``what`` is an Image, a Snapshot (e.g. ``sandbox.snapshot()``) or an image
+    name from ``sandbox_images``; default: the session's snapshot. All are closed after the test."""
     made: list[tuple[Sandbox, str]] = []
 
     def make(
@@ -366,6 +404,7 @@ def sandbox_factory(request: pytest.FixtureRequest, sandbox_backend: Backend) ->
         *,
         network: bool = False,
         env: Mapping[str, Any] | None = None,
+        limits: Limits | None = None,
     ) -> Sandbox:
         label = f"{request.node.nodeid}[factory {len(made)}]"
         target = (
@@ -373,7 +412,7 @@ def sandbox_factory(request: pytest.FixtureRequest, sandbox_backend: Backend) ->
             if what is None
             else _resolve(request, what, label)
         )
-        sb = _create(request, target, network, env, label)
+        sb = _create(request, target, network, env, label, limits)
         made.append((sb, label))
         return sb
 

@@ -22,7 +22,7 @@ from .backends import open_backend, resolve_backend
 from .errors import ConfigError, SandboxError, SnapshotBuildError
 from .image import Image
 from .store import format_age
-from .types import Backend, Sandbox, Snapshot
+from .types import Backend, Limits, Sandbox, Snapshot
 
 __all__ = ["KEEP_CHOICES", "SessionManager"]
 
@@ -59,6 +59,7 @@ class SessionManager:
         backend: str = "auto",
         cache_dir: str | None = None,
         rebuild: bool = False,
+        limits: Limits | None = None,
         run_id: str = "",
         run_start: float | None = None,
         log: Callable[[str], None] = print,
@@ -66,6 +67,7 @@ class SessionManager:
         self.backend_name = backend
         self.cache_dir = cache_dir
         self.rebuild = rebuild
+        self.limits = limits
         self.run_id = run_id
         self.run_start = run_start if run_start is not None else time.time()
         self.log = log
@@ -86,7 +88,7 @@ class SessionManager:
         if self._backend is None:
             name = resolve_backend(self.backend_name)
             # Every backend keeps its build locks (and the remote ones their records) there.
-            self._backend = open_backend(name, cache_dir=self.cache_dir)
+            self._backend = open_backend(name, cache_dir=self.cache_dir, limits=self.limits)
         return self._backend
 
     def _failure_file(self, key: str) -> Path | None:
@@ -157,11 +159,18 @@ class SessionManager:
         self._reported.add(key)
         return err if isinstance(err, SandboxError) else SandboxError(err)
 
-    def create(self, what: Snapshot | Image, *, network: bool = False, env: Mapping[str, str] | None = None) -> Sandbox:
+    def create(
+        self,
+        what: Snapshot | Image,
+        *,
+        network: bool = False,
+        env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
+    ) -> Sandbox:
         """Fork a sandbox (timed for the summary line)."""
         snap = self.snapshot(what) if isinstance(what, Image) else what
         start = time.perf_counter()
-        sb = self.backend.create(snap, network=network, env=env)
+        sb = self.backend.create(snap, network=network, env=env, limits=limits)
         self.stats.forks.append(time.perf_counter() - start)
         return sb
 

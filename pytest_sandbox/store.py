@@ -390,7 +390,7 @@ class Store:
             out.append((d, meta))
         return out
 
-    def discard(self, path: Path, wait_for: Any = None) -> None:
+    def discard(self, path: Path, wait_for: Any = None, then: Callable[[], None] | None = None) -> None:
         """Remove a tree without making the caller wait: in a background thread, first wait for
         ``wait_for`` (a process still using the tree), then rename it into t/ and delete it.
 
@@ -402,6 +402,9 @@ class Store:
             if wait_for is not None:
                 with contextlib.suppress(Exception):
                     wait_for.wait()
+            if then is not None:
+                with contextlib.suppress(Exception):
+                    then()
             trash = self.root / "t" / f"{self.owner}.x{new_id()}"
             try:
                 os.rename(path, trash)

@@ -7,6 +7,7 @@ Core module: imports only :mod:`.errors` (and :mod:`.image` for type hints).
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .errors import ExecError
+from .errors import ConfigError, ExecError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -27,7 +28,10 @@ __all__ = [
     "DEFAULT_MAX_READ",
     "Backend",
     "ExecResult",
+    "DEFAULT_LIMITS",
     "FileInfo",
+    "LimitStatus",
+    "Limits",
     "LogCallback",
     "Sandbox",
     "SandboxFS",
@@ -61,6 +65,8 @@ class ExecResult:
     timed_out: bool = False
     truncated: bool = False
     """True when the output was longer than ``max_output`` and the middle of it was left out."""
+    oom_killed: bool = False
+    """True when the command was killed because the sandbox reached its memory limit."""
 
     @property
     def ok(self) -> bool:
@@ -77,6 +83,159 @@ class ExecResult:
         if not self.ok:
             raise ExecError(self)
         return self
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """``536870912``, ``"512M"``, ``"2G"``, ``"1.5g"``, ``"100KiB"``: a number of bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{what} takes a number of bytes or a size like '512M', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        text = value.strip().upper().removesuffix("IB").removesuffix("B") if value.strip() else ""
+        unit = text[-1:] if text[-1:] in _UNITS else ""
+        try:
+            n = int(float(text[: len(text) - len(unit)]) * _UNITS[unit])
+        except ValueError:
+            raise ConfigError(f"{what} takes a size like '512M' or '2G', got {value!r}") from None
+    if n <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: int) -> str:
+    """``536870912`` as ``512 MiB``."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            q = n / size
+            return f"{q:.0f} {unit}" if q == int(q) else f"{q:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sandbox may use: ``memory`` and ``disk`` in bytes (or sizes like ``"512M"``),
+    ``pids`` processes and threads at once, ``cpus`` cores' worth of time. None: no limit of
+    its own (the defaults, or the machine, apply)::
+
+        Limits(memory="512M", pids=256, cpus=1.5, disk="2G")
+    """
+
+    memory: int | str | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    disk: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is not None:
+            object.__setattr__(self, "memory", parse_size(self.memory, "memory"))
+        if self.disk is not None:
+            object.__setattr__(self, "disk", parse_size(self.disk, "disk"))
+        if self.pids is not None and (isinstance(self.pids, bool) or not isinstance(self.pids, int) or self.pids < 1):
+            raise ConfigError(f"pids takes a positive whole number, got {self.pids!r}")
+        if self.cpus is not None:
+            if isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float)) or not 0 < self.cpus <= 4096:
+                raise ConfigError(f"cpus takes a positive number of cores like 1.5, got {self.cpus!r}")
+            object.__setattr__(self, "cpus", float(self.cpus))
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """``memory`` as a number of bytes."""
+        return None if self.memory is None else int(self.memory)
+
+    @property
+    def disk_bytes(self) -> int | None:
+        """``disk`` as a number of bytes."""
+        return None if self.disk is None else int(self.disk)
+
+    @classmethod
+    def parse(cls, text: str) -> Limits:
+        """``"memory=2G pids=4096"`` (spaces or commas between), as ``sandbox_limits`` and
+        ``--sandbox-limits`` take them; ``none`` leaves that one unset (the default applies)."""
+        values: dict[str, Any] = {}
+        for item in text.replace(",", " ").split():
+            name, sep, value = item.partition("=")
+            if not sep or name not in ("memory", "pids", "cpus", "disk"):
+                raise ConfigError(f"limits are written like 'memory=2G pids=4096 cpus=1.5 disk=10G', got {item!r}")
+            if value.lower() == "none":
+                values[name] = None
+            elif name == "pids":
+                try:
+                    values[name] = int(value)
+                except ValueError:
+                    raise ConfigError(f"pids takes a whole number like 4096, got {value!r}") from None
+            elif name == "cpus":
+                try:
+                    values[name] = float(value)
+                except ValueError:
+                    raise ConfigError(f"cpus takes a number of cores like 1.5, got {value!r}") from None
+            else:
+                values[name] = value
+        return cls(**values)
+
+    def over(self, base: Limits) -> Limits:
+        """These limits where set, ``base``'s elsewhere."""
+        return Limits(
+            memory=self.memory if self.memory is not None else base.memory,
+            pids=self.pids if self.pids is not None else base.pids,
+            cpus=self.cpus if self.cpus is not None else base.cpus,
+            disk=self.disk if self.disk is not None else base.disk,
+        )
+
+    def items(self) -> list[tuple[str, int | float]]:
+        """The limits that are set, by name."""
+        pairs: list[tuple[str, int | float | None]] = [
+            ("memory", self.memory_bytes),
+            ("pids", self.pids),
+            ("cpus", self.cpus),
+            ("disk", self.disk_bytes),
+        ]
+        return [(k, v) for k, v in pairs if v is not None]
+
+    def describe(self) -> str:
+        """Like ``memory=512 MiB pids=256``."""
+        return " ".join(f"{k}={show_limit(k, v)}" for k, v in self.items()) or "none"
+
+
+def show_limit(name: str, value: int | float) -> str:
+    """One limit's value for people: sizes in MiB/GiB, cores as a number."""
+    if name in ("memory", "disk"):
+        return format_bytes(int(value))
+    if name == "cpus":
+        return f"{value:g}"
+    return str(value)
+
+
+def _default_memory() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return max(1 << 30, total // 2)
+
+
+DEFAULT_LIMITS = Limits(memory=_default_memory(), pids=4096, disk=10 << 30)
+"""What every sandbox gets unless told otherwise: half the machine's memory (at least 1 GiB), 4096
+processes, 10 GiB of disk; CPU time is not limited (a spinner slows the others but takes nothing
+down, and exec timeouts end it)."""
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """How one limit of a sandbox is held: ``how`` names the mechanism (``cgroup v1 memory``,
+    ``rlimit RLIMIT_AS``, ...), or says why it is not enforced here."""
+
+    name: str
+    value: int | float
+    enforced: bool
+    how: str
+
+    def __str__(self) -> str:
+        state = self.how if self.enforced else f"NOT enforced: {self.how}"
+        return f"{self.name}={show_limit(self.name, self.value)} ({state})"
 
 
 @dataclass(frozen=True)
@@ -195,6 +354,11 @@ class Sandbox(Protocol):
     @property
     def fs(self) -> SandboxFS: ...
 
+    @property
+    def limits(self) -> dict[str, LimitStatus]:
+        """Each limit of this sandbox and how it is held here (or why it is not)."""
+        ...
+
     def exec(
         self,
         command: str | Sequence[str],
@@ -232,6 +396,7 @@ class Backend(Protocol):
         *,
         network: bool = False,
         env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
     ) -> Sandbox: ...
 
     def get_snapshot(self, key_or_name: str) -> Snapshot: ...

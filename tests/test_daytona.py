@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -388,3 +389,25 @@ def test_exec_failures_are_sandbox_errors(daytona_backend: Backend, daytona_debi
         sb.exec("true")
     with daytona_backend.create(daytona_debian) as sb, pytest.raises(ConfigError):
         sb.exec([])
+
+
+def test_the_endpoint_enforces_the_resources_a_request_asks_for(daytona_backend: Backend, sdk: Any) -> None:
+    """Daytona's cpu/memory/disk become the local engine's limits, and its defaults too."""
+    from daytona import CreateSandboxFromImageParams, Resources
+
+    sb = sdk.create(CreateSandboxFromImageParams(image="host", resources=Resources(cpu=1, memory=1, disk=3)))
+    try:
+        assert (sb.cpu, sb.memory, sb.disk) == (1, 1, 3)
+        grab = 'python3 -c \'b = bytearray(3 << 29); b[::4096] = b"x" * len(b[::4096]); print("got it")\''
+        res = sb.process.exec(grab)  # 1.5 GiB under a 1 GiB limit
+        assert res.exit_code != 0 and "got it" not in res.result, res
+        small = sb.process.exec("python3 -c 'b = bytearray(256 << 20); print(len(b))'")
+        assert small.exit_code == 0 and small.result.strip() == str(256 << 20)
+    finally:
+        sdk.delete(sb)
+    plain = sdk.create()  # no resources asked: the endpoint's defaults (1 core, 1 GiB, 10 GiB) hold
+    try:
+        assert (plain.cpu, plain.memory, plain.disk) == (1, 1, 10)
+        assert plain.process.exec(grab).exit_code != 0
+    finally:
+        sdk.delete(plain)

@@ -164,3 +164,25 @@ def test_registry_base_is_pulled(
     docker_backend.remove_snapshot(snap)
     with pytest.raises(SnapshotBuildError, match="pull failed"):
         docker_backend.build(Image.from_registry(f"{registry}/psb/missing:1"))
+
+
+def test_limits_become_docker_flags_and_an_oom_is_reported(docker_backend: Backend, docker_debian: Snapshot) -> None:
+    from pytest_sandbox.types import Limits
+
+    with docker_backend.create(docker_debian, limits=Limits(memory="256M", pids=100, cpus=0.5)) as sb:
+        host = sb.container.attrs["HostConfig"]  # type: ignore[attr-defined]
+        assert (host["Memory"], host["MemorySwap"], host["PidsLimit"]) == (256 << 20, 256 << 20, 100)
+        assert host["NanoCpus"] == 500_000_000
+        lim = sb.limits
+        assert all(lim[n].enforced and lim[n].how.startswith("docker --") for n in ("memory", "pids", "cpus"))
+        disk = lim["disk"]
+        assert disk.enforced == bool((host.get("StorageOpt") or {}).get("size"))
+        if not disk.enforced:
+            assert "storage driver" in disk.how  # says why, and names the driver
+        res = sb.exec("python3 -c 'b = bytearray(1 << 30); b[::4096] = b\"x\" * len(b[::4096])'")
+        assert res.exit_code == 137 and res.oom_killed, res
+        bomb = sb.exec("for i in $(seq 150); do sleep 5 & done 2>&1; wait")
+        assert "fork" in bomb.output.lower() or "resource" in bomb.output.lower(), bomb
+    with docker_backend.create(docker_debian) as sb:  # the defaults hold without configuration
+        host = sb.container.attrs["HostConfig"]  # type: ignore[attr-defined]
+        assert host["PidsLimit"] == 4096 and host["Memory"] > 0

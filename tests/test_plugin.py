@@ -117,7 +117,8 @@ def test_fixtures_are_documented(pytester: pytest.Pytester, run) -> None:  # typ
     help_out = run("--help").stdout.str()
     assert "--sandbox-keep" in help_out and "sandbox_backend" in help_out
     markers = run("--markers").stdout.str()
-    assert "sandbox(image=None, network=False, env=None)" in markers
+    assert "sandbox(image=None, network=False, env=None, memory=None, pids=None, cpus=None, disk=None)" in markers
+    assert "--sandbox-limits" in help_out and "sandbox_limits" in help_out
 
 
 @pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
@@ -349,3 +350,62 @@ def test_plugin_on_remote_backends_keeps_failed_sandboxes_openable(
     with backend.create(backend.get_snapshot(key)) as sb:
         assert sb.fs.read_text("/state") == "state-1\n"
     backend.remove_snapshot(key)
+
+
+@pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
+def test_limits_from_marker_ini_and_factory_and_the_report_names_the_limit_hit(
+    pytester: pytest.Pytester,
+    run,  # type: ignore[no-untyped-def]
+    xdist: list[str],
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makeini("[pytest]\nsandbox_limits = pids=300 memory=1G\n")
+    pytester.makepyfile(
+        test_l="""
+        import pytest
+        from pytest_sandbox.types import Limits
+
+        def test_ini_defaults(sandbox):
+            assert sandbox.limits["pids"].value == 300 and sandbox.limits["memory"].value == 1 << 30
+
+        @pytest.mark.sandbox(memory="256M", pids=100, cpus=1)
+        def test_marker(sandbox):
+            assert (sandbox.limits["pids"].value, sandbox.limits["memory"].value) == (100, 256 << 20)
+            assert sandbox.limits["cpus"].value == 1
+
+        @pytest.mark.sandbox(pids=50)
+        class TestClass:
+            def test_in_class(self, sandbox):
+                assert sandbox.limits["pids"].value == 50
+
+        def test_factory(sandbox_factory):
+            assert sandbox_factory(limits=Limits(pids=77)).limits["pids"].value == 77
+
+        @pytest.mark.sandbox(memory="128M")
+        def test_oom(sandbox):
+            sandbox.exec("python3 -c 'b = bytearray(1 << 30); b[::4096] = b\\"x\\" * len(b[::4096])'").check()
+        """
+    )
+    result = run("-W", "ignore::pytest_sandbox.errors.LimitWarning", *xdist)
+    result.assert_outcomes(passed=4, failed=1)
+    text = result.stdout.str()
+    assert "limits: " in text and "memory=128 MiB (" in text
+    if "(rlimit RLIMIT_AS" not in text:  # a cgroup holds it: the kernel killed the command
+        assert "killed: out of memory, limit 128 MiB" in text
+
+
+def test_bad_limits_are_usage_errors(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    pytester.makepyfile(
+        test_x="""
+        import pytest
+        @pytest.mark.sandbox(memory="lots")
+        def test_x(sandbox):
+            pass
+        """
+    )
+    res = run()
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "memory takes a size like '512M'" in res.stderr.str()
+    res = run("--sandbox-limits=pids=many", "--co")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--sandbox-limits" in res.stderr.str() and "whole number" in res.stderr.str()

@@ -97,6 +97,7 @@ def exec_result(
     timeout: float | None,
     truncated: bool = False,
     max_output: int | None = None,
+    oom_killed: bool = False,
 ) -> ExecResult:
     """Record one exec in a sandbox's history; raise :class:`ExecTimeoutError` if it timed out.
 
@@ -116,6 +117,7 @@ def exec_result(
         duration=duration,
         timed_out=timed_out,
         truncated=truncated or cut_out or cut_err,
+        oom_killed=oom_killed,
     )
     history.append(
         dataclasses.replace(result, stdout=result.stdout[-_HISTORY_TAIL:], stderr=result.stderr[-_HISTORY_TAIL:])

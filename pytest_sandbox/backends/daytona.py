@@ -39,8 +39,11 @@ from ..errors import (
 from ..image import DebianBase, HostBase, Image, RegistryBase, Step
 from ..store import Store, match_snapshot, new_id, write_atomic
 from ..types import (
+    DEFAULT_LIMITS,
     DEFAULT_MAX_OUTPUT,
     ExecResult,
+    Limits,
+    LimitStatus,
     LogCallback,
     Snapshot,
     Usage,
@@ -153,7 +156,8 @@ class DaytonaBackend(RemoteBackend):
 
     name = "daytona"
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, *, limits: Limits | None = None) -> None:
+        self.limits = (limits or Limits()).over(DEFAULT_LIMITS)
         sdk = _sdk()  # first: a missing SDK must give its own clear error
         self._sdk = sdk
         if not (os.environ.get("DAYTONA_API_KEY") or os.environ.get("DAYTONA_JWT_TOKEN")):
@@ -435,12 +439,22 @@ class DaytonaBackend(RemoteBackend):
 
     # -- sandboxes -----------------------------------------------------------------------------
     def create(
-        self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
+        self,
+        snapshot: Snapshot | Image | str,
+        *,
+        network: bool = False,
+        env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
     ) -> DaytonaSandbox:
-        """A new Daytona sandbox from a snapshot (an Image is built first); no network unless asked."""
+        """A new Daytona sandbox from a snapshot (an Image is built first); no network unless asked.
+
+        ``limits`` are recorded but not sent: Daytona sizes a sandbox by its snapshot's resources,
+        which this backend does not set yet (``sb.limits`` says so)."""
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
-        return DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}))
+        sb = DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}))
+        sb._limits = self.limits if limits is None else limits.over(self.limits)
+        return sb
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """Daytona does not tell a snapshot's size through its API."""
@@ -518,6 +532,14 @@ class DaytonaSandbox(SandboxBase):
         self.id = str(self.sdk.id)
         with backend._lock:
             backend._live.add(self)
+
+    _limits: Limits = DEFAULT_LIMITS
+
+    @property
+    def limits(self) -> dict[str, LimitStatus]:
+        """The limits asked for; Daytona applies its snapshot's resources instead (not these)."""
+        why = "Daytona sizes sandboxes by their snapshot's resources; this backend does not map limits yet"
+        return {name: LimitStatus(name, value, False, why) for name, value in self._limits.items()}
 
     def __repr__(self) -> str:
         return f"<DaytonaSandbox {self.id} of {self.snapshot_of.short}>"

@@ -34,18 +34,23 @@ from ..errors import (
     SandboxError,
     SandboxFileError,
     SnapshotBuildError,
+    say_once,
 )
 from ..image import DebianBase, Image, RegistryBase, RootfsBase, Step
 from ..store import Store, match_snapshot, new_id, rmtree
 from ..types import (
+    DEFAULT_LIMITS,
     DEFAULT_MAX_DOWNLOAD,
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_READ,
     ExecResult,
     FileInfo,
+    Limits,
+    LimitStatus,
     LogCallback,
     Snapshot,
     Usage,
+    show_limit,
 )
 from ._base import (
     KILL_TREE_SH,
@@ -111,6 +116,46 @@ def _client() -> Any:
     return client
 
 
+def _storage_size_support(info: dict[str, Any]) -> str:
+    """Empty when docker's storage driver takes ``--storage-opt size=`` here, else why not (overlay2
+    needs xfs mounted with project quotas; devicemapper, btrfs and zfs take it)."""
+    driver = str(info.get("Driver", ""))
+    status = {str(k): str(v) for k, v in info.get("DriverStatus") or []}
+    backing = status.get("Backing Filesystem", "")
+    if driver in ("devicemapper", "btrfs", "zfs", "windowsfilter"):
+        return ""
+    if driver == "overlay2" and backing == "xfs":
+        return ""  # with pquota; without it docker refuses the option and says so
+    return (
+        f"the {driver} storage driver on {backing or 'this filesystem'} takes no size (overlay2 needs xfs with pquota)"
+    )
+
+
+def _docker_limits(limits: Limits, kwargs: dict[str, Any], storage_size: str) -> dict[str, LimitStatus]:
+    """``limits`` as ``containers.run`` arguments (added to ``kwargs``), and how each is held.
+    ``storage_size`` is empty where the storage driver takes a size, else why it does not."""
+    status: dict[str, LimitStatus] = {}
+    mem = limits.memory_bytes
+    if mem is not None:
+        kwargs["mem_limit"] = mem
+        kwargs["memswap_limit"] = mem  # the same: no swap on top of the limit
+        status["memory"] = LimitStatus("memory", mem, True, "docker --memory (--memory-swap the same)")
+    if limits.pids is not None:
+        kwargs["pids_limit"] = limits.pids
+        status["pids"] = LimitStatus("pids", limits.pids, True, "docker --pids-limit")
+    if limits.cpus is not None:
+        kwargs["nano_cpus"] = int(limits.cpus * 1e9)
+        status["cpus"] = LimitStatus("cpus", limits.cpus, True, "docker --cpus")
+    disk = limits.disk_bytes
+    if disk is not None:
+        if storage_size:
+            status["disk"] = LimitStatus("disk", disk, False, storage_size)
+        else:
+            kwargs["storage_opt"] = {"size": str(disk)}
+            status["disk"] = LimitStatus("disk", disk, True, "docker --storage-opt size=")
+    return status
+
+
 def _label_change(key: str, value: str) -> str:
     return f"LABEL {key}={json.dumps(value)}"
 
@@ -121,13 +166,18 @@ class DockerBackend(RemoteBackend):
     name = "docker"
     OWNER_LABEL = "owner"
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, *, limits: Limits | None = None) -> None:
         self.client = _client()  # first: a missing SDK must give its own clear error
         import docker.errors
 
         self._errors = docker.errors
         self.store = Store(cache_dir)  # build locks and the owner token; images live in the engine
         self._ephemeral: list[str] = []
+        self.limits = (limits or Limits()).over(DEFAULT_LIMITS)
+        self.storage_size_ok = _storage_size_support(self.client.info())
+        if self.limits.disk is not None and self.storage_size_ok:
+            disk = show_limit("disk", self.limits.disk_bytes or 0)
+            say_once(f"disk={disk} is NOT enforced on docker: {self.storage_size_ok}")
         self._start_session(_WATCHDOG)
 
     def __repr__(self) -> str:
@@ -317,12 +367,19 @@ class DockerBackend(RemoteBackend):
 
     # -- sandboxes -----------------------------------------------------------------------------
     def create(
-        self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
+        self,
+        snapshot: Snapshot | Image | str,
+        *,
+        network: bool = False,
+        env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
     ) -> DockerSandbox:
-        """A new container from a snapshot (an Image is built first); no network unless asked."""
+        """A new container from a snapshot (an Image is built first); no network unless asked;
+        ``limits`` over the backend's become docker's --memory, --pids-limit, --cpus flags."""
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
-        sb = DockerSandbox(self, snapshot, network=network, env=dict(env or {}))
+        wanted = self.limits if limits is None else limits.over(self.limits)
+        sb = DockerSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
         with self._lock:
             self._live.add(sb)
         return sb
@@ -362,9 +419,17 @@ class DockerSandbox(SandboxBase):
     """A container of the docker backend. Use it as a context manager, or call :meth:`close`."""
 
     def __init__(
-        self, backend: DockerBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str], build: bool = False
+        self,
+        backend: DockerBackend,
+        snapshot: Snapshot,
+        *,
+        network: bool,
+        env: dict[str, str],
+        build: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.backend = backend
+        self._limits = limits
         self.snapshot_of = snapshot
         self.network = network
         self.id = new_id(6)
@@ -385,10 +450,29 @@ class DockerSandbox(SandboxBase):
         }
         if not network:
             kwargs["hostname"] = "sandbox"
+        self._status = _docker_limits(limits, kwargs, backend.storage_size_ok)
         try:
             self.container = backend.client.containers.run(f"{REPO}:{snapshot.key}", **kwargs)
         except backend._errors.APIError as exc:
             raise SandboxError(f"docker could not start a container of {snapshot.short}: {exc}") from exc
+
+    @property
+    def limits(self) -> dict[str, LimitStatus]:
+        """Each limit of this container and how docker holds it (or why it does not)."""
+        return dict(self._status)
+
+    def oom_kills(self) -> int:
+        """OOM kills in the container's memory cgroup so far (0 where the host path is unknown)."""
+        for f in (
+            f"/sys/fs/cgroup/memory/docker/{self.container.id}/memory.oom_control",
+            f"/sys/fs/cgroup/system.slice/docker-{self.container.id}.scope/memory.events",
+            f"/sys/fs/cgroup/docker/{self.container.id}/memory.events",
+        ):
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f).read_text().splitlines():
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        return 0
 
     def __repr__(self) -> str:
         return f"<DockerSandbox {self.id} of {self.snapshot_of.short} container {self.container.short_id}>"
@@ -419,6 +503,7 @@ class DockerSandbox(SandboxBase):
         if input:
             self.container.put_archive("/", _tar_file(f".psb-{tag}.in", input, 0o600))
         env = {**self._extra_env, **(env or {})}
+        ooms = self.oom_kills()
         start = time.perf_counter()
         if on_line is not None:  # builds stream their output live
             eid = api.exec_create(self.container.id, list(argv), environment=env, workdir=cwd or None)["Id"]
@@ -476,6 +561,7 @@ class DockerSandbox(SandboxBase):
             timeout=timeout,
             truncated=TRUNCATED.encode() in out or TRUNCATED.encode() in err,
             max_output=max_output,
+            oom_killed=code == 137 and self.oom_kills() > ooms,
         )
 
     @property

@@ -28,17 +28,21 @@ from pathlib import Path
 
 from .. import _proc
 from .._build import BUILD_CA_PATH, build_env, build_recipe, run_step
+from .._lifeline import children as _children
 from ..engine import layers as _layers
 from ..engine import pause as _pause
 from ..engine.bases import Bases
+from ..engine.cgroups import Cgroup
 from ..engine.host import DEFAULT_ENV, HOLDER, Host, UserNamespace
 from ..engine.ids import IdMap
+from ..engine.limits import rlimits_for
 from ..engine.pool import WarmPool
 from ..engine.safefs import SafeFS
-from ..errors import SandboxClosedError, SandboxError
+from ..engine.spawn import Confined, Spawner
+from ..errors import SandboxClosedError, SandboxError, say_once
 from ..image import Image, Step
 from ..store import Store, disk_usage, format_size, new_id, rmtree
-from ..types import ExecResult, LogCallback, Snapshot, Usage
+from ..types import DEFAULT_LIMITS, ExecResult, Limits, LimitStatus, LogCallback, Snapshot, Usage
 from ._base import LOGIN_SHELL, BackendBase, SandboxBase, exec_result, resolve_snapshot
 
 __all__ = ["LocalBackend", "LocalSandbox"]
@@ -52,7 +56,8 @@ class LocalBackend(BackendBase):
 
     name = "local"
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, *, limits: Limits | None = None) -> None:
+        self.limits = (limits or Limits()).over(DEFAULT_LIMITS)
         self.store = Store(cache_dir)
         self.host = Host(self.store)
         self.ids: IdMap | None = self.host.ids
@@ -62,7 +67,9 @@ class LocalBackend(BackendBase):
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
         self._closed = False
-        self._pool: WarmPool[LocalSandbox] = WarmPool(lambda snap: LocalSandbox(self, snap, network=False, env={}))
+        self._pool: WarmPool[LocalSandbox] = WarmPool(
+            lambda snap: LocalSandbox(self, snap, network=False, env={}, limits=self.limits)
+        )
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # one pipe per live sandbox: the default 1024 is too few for big suites
             with contextlib.suppress(ValueError, OSError):
@@ -110,7 +117,8 @@ class LocalBackend(BackendBase):
 
     def gc(self) -> int:
         """Remove sandboxes, temporary trees and ephemeral snapshots of processes that died."""
-        return self.store.gc(aliases=lambda d: [self.launch_path(d)])
+        removed = self.store.gc(aliases=lambda d: [self.launch_path(d)])
+        return removed + self.host.cgroups.gc(self.store.owner_alive)
 
     def verify(self) -> dict[str, list[str]]:
         """Check every layer in full (entries and bytes against what was published).
@@ -176,18 +184,25 @@ class LocalBackend(BackendBase):
 
     # -- sandboxes ---------------------------------------------------------------------------
     def create(
-        self, snapshot: Snapshot | Image | str, *, network: bool = False, env: Mapping[str, str] | None = None
+        self,
+        snapshot: Snapshot | Image | str,
+        *,
+        network: bool = False,
+        env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
     ) -> LocalSandbox:
         """Fork a fresh copy-on-write sandbox from a snapshot (an Image is built first).
 
         ``network=False`` (the default) leaves only loopback; ``env`` adds environment variables
-        for every command in the sandbox.
+        for every command in the sandbox; ``limits`` override the backend's (see ``sb.limits``).
         """
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
-        sb = self._pool.take(snapshot) if not network else None
+        wanted = self.limits if limits is None else limits.over(self.limits)
+        # Spares run with the backend's limits: another set gets a sandbox of its own.
+        sb = self._pool.take(snapshot) if not network and wanted == self.limits else None
         if sb is None:
-            sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}))
+            sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
         else:
             sb._set_env(dict(env or {}))
         with self._lock:
@@ -206,6 +221,7 @@ class LocalBackend(BackendBase):
             with contextlib.suppress(Exception):
                 self.store.remove(self._ephemeral)
         self.store.flush()
+        self.host.cgroups.release(self.store.owner)
         self.host.close()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
@@ -214,8 +230,14 @@ class LocalBackend(BackendBase):
 class LocalSandbox(SandboxBase):
     """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
 
-    def __init__(self, backend: LocalBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str]) -> None:
+    def __init__(
+        self, backend: LocalBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str], limits: Limits
+    ) -> None:
         self.backend = backend
+        self._limits = limits
+        self._cgroup: Cgroup | None = None
+        self._status: dict[str, LimitStatus] = {}
+        self._rlimits: list[tuple[int, int, int]] = []
         self.snapshot_of = snapshot
         self.network = network
         self.id = new_id(6)
@@ -232,15 +254,49 @@ class LocalSandbox(SandboxBase):
                 )
             self._dir = store.register_sandbox(self.id, {"layers": list(snapshot.layers), "snapshot": snapshot.key})
         try:
+            self._confine()
             self._start()
         except BaseException:
-            store.discard(self._dir)
+            store.discard(self._dir, then=self._drop_cgroup)
             raise
         store.touch(snapshot)
 
     def _set_env(self, env: dict[str, str]) -> None:
         self._extra_env = env
         self._env = {**DEFAULT_ENV, **dict(self.snapshot_of.env), **env}
+
+    def _confine(self) -> None:
+        """The sandbox's cgroup and limits (or, without cgroups, the rlimits that can stand in)."""
+        host = self.backend.host
+        if host.cgroups.usable:
+            self._cgroup = host.cgroups.create(self.backend.store.owner, self.id)
+            self._status = self._cgroup.apply(self._limits)
+            why = f"the cgroup v{host.cgroups.version} controller is not mounted"
+        else:
+            why = host.cgroups.reason
+            self._rlimits, self._status = rlimits_for(self._limits)
+        for name, value in self._limits.items():
+            if name not in self._status:
+                reason = "the local engine does not limit disk yet" if name == "disk" else why
+                self._status[name] = LimitStatus(name, value, False, reason)
+        unenforced = [s for s in self._status.values() if not s.enforced]
+        if unenforced:
+            say_once("; ".join(str(s) for s in unenforced))
+
+    def _drop_cgroup(self) -> None:
+        if self._cgroup is not None:
+            self._cgroup.remove()
+
+    @property
+    def limits(self) -> dict[str, LimitStatus]:
+        """Each limit of this sandbox and how it is held here (or why it is not)."""
+        return dict(self._status)
+
+    def _spawner(self) -> Spawner | Confined:
+        spawner = self.backend.host.spawner
+        if self._cgroup is None and not self._rlimits:
+            return spawner
+        return Confined(spawner, self._cgroup.procs if self._cgroup else [], self._rlimits)
 
     def _start(self) -> None:
         b = self.backend
@@ -314,6 +370,11 @@ class LocalSandbox(SandboxBase):
                     if not chunk:
                         raise SandboxError("bwrap did not report the sandbox's pid") from None
                     info += chunk
+            if self._cgroup is not None:
+                # Nothing else runs yet: bwrap, its init and the holder are the whole sandbox;
+                # every later process enters through the spawner, which joins it first.
+                for pid in (self._proc.pid, self.pid, *_children(self.pid)):
+                    self._cgroup.add(pid)
         finally:
             os.close(info_r)
             os.close(err)
@@ -369,6 +430,7 @@ class LocalSandbox(SandboxBase):
         if isinstance(input, str):
             input = input.encode()
         full_env = {**self._env, **(env or {})}
+        ooms = self._cgroup.oom_kills() if self._cgroup is not None else 0
         res = _proc.run(
             self.nsenter_argv(argv, cwd),
             env=full_env,
@@ -376,8 +438,9 @@ class LocalSandbox(SandboxBase):
             timeout=timeout,
             on_line=on_line,
             max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
-            spawner=self.backend.host.spawner,  # what enters the sandbox is filtered like its init
+            spawner=self._spawner(),  # filtered like the sandbox's init, and in its cgroup
         )
+        oom = res.returncode == 137 and self._cgroup is not None and self._cgroup.oom_kills() > ooms
         return exec_result(
             self.history,
             argv,
@@ -389,6 +452,7 @@ class LocalSandbox(SandboxBase):
             timeout=timeout,
             truncated=res.truncated,
             max_output=max_output,
+            oom_killed=oom,
         )
 
     def interactive(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -396,9 +460,7 @@ class LocalSandbox(SandboxBase):
         ``pytest-sandbox shell``) and return its exit code. Filtered like every exec; it runs in a
         session of its own, so it cannot push input into the caller's terminal (no job control)."""
         self._check_open()
-        child = self.backend.host.spawner.spawn(
-            self.nsenter_argv(argv or LOGIN_SHELL), {**self._env, **(env or {})}, 0, 1, 2
-        )
+        child = self._spawner().spawn(self.nsenter_argv(argv or LOGIN_SHELL), {**self._env, **(env or {})}, 0, 1, 2)
         code = child.wait()
         return 128 - code if code < 0 else code
 
@@ -430,7 +492,7 @@ class LocalSandbox(SandboxBase):
         try:
             changed = False
             # Stopped processes cannot change, rename or swap what is being copied.
-            with _pause.paused(self.pid):
+            with _pause.paused(self.pid, self._cgroup):
                 for sub in sorted((self._dir / "u").iterdir()):
                     if any(sub.iterdir()):
                         dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
@@ -476,7 +538,7 @@ class LocalSandbox(SandboxBase):
         """A new sandbox from this one's current state (an ephemeral snapshot, removed when the
         backend closes). Branches see the state, not each other's later writes."""
         snap = self._freeze(ephemeral=True, description=f"fork of sandbox {self.id}")
-        return self.backend.create(snap, network=self.network, env=self._extra_env)
+        return self.backend.create(snap, network=self.network, env=self._extra_env, limits=self._limits)
 
     def close(self) -> None:
         """Kill every process in the sandbox and delete its writable layer. Idempotent."""
@@ -492,7 +554,7 @@ class LocalSandbox(SandboxBase):
                 proc.stdin.close()
         # Reaping bwrap and deleting the writable layer happen in the background: the namespace is
         # already dead, and a test suite should not wait for its teardown.
-        self.backend.store.discard(self._dir, wait_for=proc)
+        self.backend.store.discard(self._dir, wait_for=proc, then=self._drop_cgroup)
         with self.backend._lock:
             self.backend._live.discard(self)
 

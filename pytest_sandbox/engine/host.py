@@ -5,6 +5,7 @@ command line and overlay mounts that start one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from ..errors import EngineUnavailableError
 from ..store import Store, new_id, write_atomic
 from ..types import Snapshot
 from . import seccomp
+from .cgroups import Cgroups
 from .ids import IdMap, root_map
 from .spawn import Spawner
 
@@ -200,6 +202,10 @@ class Host:
         self.ca_launch = host_ca_bundle()
         if self.ids is not None:
             self._prepare_root_store(self.ids)
+        # Named by the cache directory: another cache on this host judges its own owners.
+        self.cgroups = Cgroups(hashlib.sha256(str(store.root).encode()).hexdigest()[:12])
+        if self.ids is None and not self.cgroups.usable:
+            self.cgroups.reason = "rootless, and no cgroup is delegated to this user"
         self._userns: UserNamespace | None = None
         self._lock = threading.Lock()
         self.spawner = Spawner()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 from .._lifeline import pids, read_stat
+from .cgroups import Cgroup
 
 __all__ = ["paused"]
 
@@ -36,13 +37,21 @@ def _stat(pid: int) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def paused(init_pid: int, settle: float = 2.0) -> Iterator[int]:
+def paused(init_pid: int, cgroup: Cgroup | None = None, settle: float = 2.0) -> Iterator[int]:
     """Stop every process in the pid namespace of ``init_pid`` (a host pid) for the block.
+
+    With the sandbox's ``cgroup`` its freezer does it (the kernel stops every member at once,
+    forks included; yields -1); otherwise, or where it cannot freeze:
 
     Yields how many processes were stopped. Processes forked while a pass runs are caught by
     the next pass; the block starts once a pass finds nothing new and every stopped process has
     reached the stopped state (or ``settle`` seconds have passed, for one stuck in the kernel).
     """
+    if cgroup is not None:
+        with cgroup.frozen(settle) as frozen:
+            if frozen:
+                yield -1
+                return
     try:
         ns = os.readlink(f"/proc/{init_pid}/ns/pid")
     except OSError:

@@ -21,8 +21,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 
-__all__ = ["Spawner"]
+__all__ = ["Child", "Confined", "Spawner"]
 
 _HELPER = r"""
 import array, json, os, socket, subprocess, sys, threading
@@ -30,12 +31,24 @@ from pytest_sandbox.engine import seccomp as _seccomp
 _seccomp.install()
 ctl = socket.socket(fileno=int(sys.argv[1]))
 
+def confine(cgroup, rlimits):
+    # In the child, before exec: join the sandbox's cgroup and take its rlimits, so nothing the
+    # command starts ever runs outside them.
+    import resource
+    for path in cgroup:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+    for res, soft, hard in rlimits:
+        resource.setrlimit(res, (soft, hard))
+
 def serve(req, fds):
     reply = socket.socket(fileno=fds[3])
     try:
         try:
+            cg, rl = req.get("cgroup") or [], req.get("rlimits") or []
+            pre = (lambda: confine(cg, rl)) if cg or rl else None
             p = subprocess.Popen(req["argv"], stdin=fds[0], stdout=fds[1], stderr=fds[2], env=req["env"],
-                                 start_new_session=True, close_fds=True)
+                                 start_new_session=True, close_fds=True, preexec_fn=pre)
         except OSError as exc:
             reply.send(json.dumps({"error": str(exc)}).encode())
             return
@@ -107,10 +120,25 @@ class Spawner:
         self._ctl = ours
         return ours
 
-    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child:
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        *,
+        cgroup: Sequence[str] = (),
+        rlimits: Sequence[tuple[int, int, int]] = (),
+    ) -> Child:
+        """Start ``argv`` with those fds; it joins ``cgroup`` (its ``cgroup.procs`` files) and
+        takes ``rlimits`` (resource, soft, hard) before it runs."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            msg = json.dumps({"argv": argv, "env": env}).encode()
+            req: dict[str, object] = {"argv": argv, "env": env}
+            if cgroup or rlimits:
+                req["cgroup"], req["rlimits"] = list(cgroup), [list(r) for r in rlimits]
+            msg = json.dumps(req).encode()
             fds = array.array("i", [stdin, stdout, stderr, theirs.fileno()])
             with self._lock:
                 for attempt in range(2):
@@ -141,3 +169,16 @@ class Spawner:
             if self._proc is not None:
                 self._proc.wait()
                 self._proc = None
+
+
+class Confined:
+    """A :class:`Spawner` whose commands join one sandbox's cgroup and rlimits (what
+    ``_proc.run(spawner=...)`` takes)."""
+
+    def __init__(self, spawner: Spawner, cgroup: Sequence[str], rlimits: Sequence[tuple[int, int, int]]) -> None:
+        self._spawner = spawner
+        self._cgroup = list(cgroup)
+        self._rlimits = list(rlimits)
+
+    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child:
+        return self._spawner.spawn(argv, env, stdin, stdout, stderr, cgroup=self._cgroup, rlimits=self._rlimits)

@@ -304,6 +304,9 @@ class Api:
             auto_stop=body.opt_int("autoStopInterval"),
             auto_delete=body.opt_int("autoDeleteInterval"),
             dockerfile=info.text("dockerfileContent") if info else None,
+            cpu=body.opt_int("cpu"),
+            memory=body.opt_int("memory"),
+            disk=body.opt_int("disk"),
         )
         return _ok(self._box_json(await self._call(self._work, lambda: self.state.create_sandbox(spec))))
 

@@ -77,6 +77,9 @@ class SandboxSpec:
     auto_stop: int | None = None
     auto_delete: int | None = None
     dockerfile: str | None = None
+    cpu: int | None = None
+    memory: int | None = None
+    disk: int | None = None
 
 
 @dataclass
@@ -96,6 +99,10 @@ class SandboxRecord:
     target: str
     auto_stop: int
     auto_delete: int
+    cpu: int = 1
+    """Cores, GiB of memory and GiB of disk, as Daytona sizes a sandbox (its defaults here)."""
+    memory: int = 1
+    disk: int = 10
     sb: Sandbox | None = None
     state: str = "creating"
     error: str | None = None

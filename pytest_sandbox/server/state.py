@@ -21,7 +21,7 @@ import filelock
 from ..errors import SandboxError
 from ..image import Image
 from ..store import write_atomic
-from ..types import Backend, Sandbox
+from ..types import Backend, Limits, Sandbox
 from .dockerfile import dockerfile_image
 from .records import DAEMON, ApiError, SandboxRecord, SandboxSpec, SnapshotRecord
 
@@ -228,6 +228,12 @@ class EndpointState:
             auto_stop=15 if spec.auto_stop is None else spec.auto_stop,
             auto_delete=-1 if spec.auto_delete is None else spec.auto_delete,
         )
+        for name in ("cpu", "memory", "disk"):
+            value = getattr(spec, name)
+            if value is not None:
+                if value < 1:
+                    raise ApiError(400, f"{name} must be at least 1, got {value}")
+                setattr(box, name, value)
         self._register(box)
         if image is not None:
             box.state = "pending_build"
@@ -259,7 +265,8 @@ class EndpointState:
         with box.lock:
             if box.state == "destroyed":  # deleted while its image was building
                 return
-            box.sb = self.backend.create(key, network=not box.network_block_all, env=box.env)
+            limits = Limits(memory=box.memory << 30, cpus=box.cpu, disk=box.disk << 30)
+            box.sb = self.backend.create(key, network=not box.network_block_all, env=box.env, limits=limits)
             box.state, box.updated, box.activity = "started", time.time(), time.time()
 
     def sandboxes(self, labels: dict[str, str]) -> list[SandboxRecord]:
@@ -326,6 +333,9 @@ class EndpointState:
             target=box.target,
             auto_stop=box.auto_stop,
             auto_delete=box.auto_delete,
+            cpu=box.cpu,
+            memory=box.memory,
+            disk=box.disk,
         )
         self._register(child)
         # The child's lock first: a delete of the child waits for its sandbox, then closes it.

@@ -1,0 +1,269 @@
+"""One cgroup per sandbox, for its limits (memory, pids, cpu) and for freezing it.
+
+cgroup v1 (one hierarchy per controller, as on this project's CI machines) and v2 (the unified
+hierarchy most current distributions use) are both handled. Sandboxes live below
+``pytest-sandbox/<store>/<owner>/<sandbox>``: ``<store>`` names the cache directory (another cache
+on this host judges its own owners), ``<owner>`` its owner token, so ``gc`` finds what a crashed
+process left and removes it. Where no cgroup can be made (rootless without a delegated cgroup), the engine
+falls back to rlimits for what they can cover and says what is not enforced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..types import Limits, LimitStatus
+
+__all__ = ["CGROUP_ROOT", "Cgroup", "Cgroups"]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = "pytest-sandbox"
+_V1 = ("memory", "pids", "cpu", "freezer")
+_PERIOD = 100_000  # CFS period in microseconds: cpus=1.5 is 150 ms of CPU time every 100 ms
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class Cgroups:
+    """This machine's cgroup setup, as far as this process may use it."""
+
+    def __init__(self, group: str, root: Path = CGROUP_ROOT) -> None:
+        self.group = group
+        self._wanted: set[str] = set()
+        self.version = 0
+        self.dirs: dict[str, Path] = {}  # controller -> the directory our sandboxes go below
+        self.reason = ""
+        try:
+            self._detect(root)
+        except OSError as exc:
+            self.version, self.dirs, self.reason = 0, {}, f"cgroups cannot be used here ({exc.strerror})"
+
+    def _detect(self, root: Path) -> None:
+        if (root / "cgroup.controllers").is_file():  # pure v2
+            self._v2(root)
+            return
+        v1 = {c: root / c for c in _V1 if (root / c / "cgroup.procs").is_file()}
+        if not v1:
+            self.reason = "no cgroup hierarchy is mounted at /sys/fs/cgroup"
+            return
+        for c, d in v1.items():
+            parent = d / PARENT / self.group
+            parent.mkdir(parents=True, exist_ok=True)  # PermissionError as a plain user: no cgroups
+            self.dirs[c] = parent
+        self.version = 1
+
+    def _v2(self, root: Path) -> None:
+        parent = root / PARENT / self.group
+        parent.mkdir(parents=True, exist_ok=True)
+        self._wanted = {"memory", "pids", "cpu"} & set((root / "cgroup.controllers").read_text().split())
+        for d in (root, root / PARENT, parent):
+            _enable(d, self._wanted)
+        self.dirs = {"unified": parent}
+        self.version = 2
+
+    @property
+    def usable(self) -> bool:
+        return self.version != 0
+
+    def create(self, owner: str, name: str) -> Cgroup:
+        """A new, empty cgroup for one sandbox."""
+        cg = Cgroup(self.version, {c: d / owner / name for c, d in self.dirs.items()})
+        for d in cg.dirs.values():
+            d.mkdir(parents=True)
+            if self.version == 2:  # v2: a controller reaches a child only if every parent passes it on
+                _enable(d.parent.parent, self._wanted)
+                _enable(d.parent, self._wanted)
+        if self.version == 1 and "memory" in cg.dirs:
+            with contextlib.suppress(OSError):  # v1's default lets the OOM killer choose outside
+                _write(cg.dirs["memory"] / "memory.use_hierarchy", "1")
+        return cg
+
+    def release(self, owner: str) -> None:
+        """Remove ``owner``'s directory once its sandboxes' cgroups are gone (a clean close), and
+        this cache's directory when no other owner uses it (a later create() makes it again)."""
+        for d in self.dirs.values():
+            with contextlib.suppress(OSError):
+                (d / owner).rmdir()
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    def gc(self, alive: Callable[[str], bool]) -> int:
+        """Remove the cgroups of owners that are gone (``alive(owner)`` false); returns how many."""
+        removed = 0
+        owners: set[str] = set()
+        for d in self.dirs.values():
+            with contextlib.suppress(OSError):
+                owners.update(p.name for p in d.iterdir() if p.is_dir())
+        for owner in owners:
+            if alive(owner):
+                continue
+            names: set[str] = set()
+            for d in self.dirs.values():
+                with contextlib.suppress(OSError):
+                    names.update(p.name for p in (d / owner).iterdir() if p.is_dir())
+            for name in names:
+                Cgroup(self.version, {c: d / owner / name for c, d in self.dirs.items()}).remove()
+                removed += 1
+            for d in self.dirs.values():
+                with contextlib.suppress(OSError):
+                    (d / owner).rmdir()
+        return removed
+
+
+def _enable(d: Path, controllers: set[str]) -> None:
+    missing = controllers - set((d / "cgroup.subtree_control").read_text().split())
+    if missing:
+        _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(missing)))
+
+
+class Cgroup:
+    """The cgroup of one sandbox: every process of the sandbox is in it."""
+
+    def __init__(self, version: int, dirs: dict[str, Path]) -> None:
+        self.version = version
+        self.dirs = dirs
+
+    def _file(self, controller: str, v1_name: str, v2_name: str) -> Path | None:
+        if self.version == 2:
+            return self.dirs["unified"] / v2_name
+        d = self.dirs.get(controller)
+        return None if d is None else d / v1_name
+
+    @property
+    def procs(self) -> list[str]:
+        """The ``cgroup.procs`` files a process joins by writing its pid to them."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (not its existing children) into this cgroup."""
+        for f in self.procs:
+            _write(Path(f), str(pid))
+
+    def apply(self, limits: Limits) -> dict[str, LimitStatus]:
+        """Set ``limits``; returns how each is held."""
+        kind = f"cgroup v{self.version}"
+        out: dict[str, LimitStatus] = {}
+        mem = limits.memory_bytes
+        if mem is not None:
+            if self.version == 2:
+                _write(self.dirs["unified"] / "memory.max", str(mem))
+                with contextlib.suppress(OSError):
+                    _write(self.dirs["unified"] / "memory.swap.max", "0")
+            else:
+                d = self.dirs["memory"]
+                _write(d / "memory.limit_in_bytes", str(mem))
+                # Without swap accounting memsw does not exist; swap then extends the limit.
+                with contextlib.suppress(OSError):
+                    _write(d / "memory.memsw.limit_in_bytes", str(mem))
+            out["memory"] = LimitStatus("memory", mem, True, f"{kind} memory")
+        if limits.pids is not None:
+            f = self._file("pids", "pids.max", "pids.max")
+            assert f is not None
+            _write(f, str(limits.pids))
+            out["pids"] = LimitStatus("pids", limits.pids, True, f"{kind} pids")
+        if limits.cpus is not None:
+            quota = max(1000, int(limits.cpus * _PERIOD))
+            if self.version == 2:
+                _write(self.dirs["unified"] / "cpu.max", f"{quota} {_PERIOD}")
+            else:
+                d = self.dirs["cpu"]
+                _write(d / "cpu.cfs_period_us", str(_PERIOD))
+                _write(d / "cpu.cfs_quota_us", str(quota))
+            out["cpus"] = LimitStatus("cpus", limits.cpus, True, f"{kind} cpu")
+        return out
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel killed here for want of memory, so far."""
+        f = self._file("memory", "memory.oom_control", "memory.events")
+        try:
+            text = f.read_text() if f is not None else ""
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    @contextlib.contextmanager
+    def frozen(self, settle: float = 2.0) -> Iterator[bool]:
+        """Freeze every process of the sandbox for the block (the kernel stops them all at once,
+        including ones forked meanwhile). Yields False when this cgroup cannot freeze."""
+        done: Callable[[], bool]
+        if self.version == 2:
+            state, events = self.dirs["unified"] / "cgroup.freeze", self.dirs["unified"] / "cgroup.events"
+            on, off = "1", "0"
+
+            def done() -> bool:
+                return "frozen 1" in events.read_text()
+
+        elif "freezer" in self.dirs:
+            state = self.dirs["freezer"] / "freezer.state"
+            on, off = "FROZEN", "THAWED"
+
+            def done() -> bool:
+                return state.read_text().strip() == "FROZEN"
+
+        else:
+            yield False
+            return
+        try:
+            _write(state, on)
+        except OSError:
+            yield False
+            return
+        try:
+            end = time.monotonic() + settle
+            while not done() and time.monotonic() < end:
+                time.sleep(0.0002)
+            yield True
+        finally:
+            with contextlib.suppress(OSError):
+                _write(state, off)
+
+    def pids(self) -> list[int]:
+        """Processes in the cgroup now."""
+        found: set[int] = set()
+        for f in self.procs:
+            with contextlib.suppress(OSError):
+                found.update(int(x) for x in Path(f).read_text().split())
+        return sorted(found)
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill whatever still runs in the cgroup and delete it."""
+        end = time.monotonic() + timeout
+        with contextlib.suppress(OSError):
+            if self.version == 2:
+                _write(self.dirs["unified"] / "cgroup.kill", "1")
+        while True:
+            left = self.pids()
+            if not left or time.monotonic() > end:
+                break
+            # A frozen process cannot die: thaw first (v1), then kill.
+            with contextlib.suppress(OSError):
+                if "freezer" in self.dirs:
+                    _write(self.dirs["freezer"] / "freezer.state", "THAWED")
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+        for d in self.dirs.values():
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        break
+                    time.sleep(0.01)  # the last process is still being torn down

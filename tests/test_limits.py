@@ -1,0 +1,183 @@
+"""Resource limits: what one sandbox may take of memory, processes, CPU and disk.
+
+Run for real on the local engine, as root (a cgroup per sandbox) and as an unprivileged user
+(rlimits where no cgroup is delegated), on docker when its engine runs, and through the
+Daytona-compatible endpoint. The heavy cases run under an outer limit the test sets up itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import ConfigError, ExecTimeoutError, Snapshot
+from pytest_sandbox.backends.local import LocalBackend
+from pytest_sandbox.types import DEFAULT_LIMITS, Limits
+from tests.conftest import run_py, wait_for
+
+ALLOC = "python3 -c 'b = bytearray({n}); b[::4096] = b\"x\" * len(b[::4096]); print(len(b))'"
+
+
+# -- pure logic --------------------------------------------------------------------------------
+def test_limits_parse_sizes_and_refuse_nonsense() -> None:
+    lim = Limits(memory="512M", pids=256, cpus=1.5, disk="2G")
+    assert (lim.memory_bytes, lim.pids, lim.cpus, lim.disk_bytes) == (512 << 20, 256, 1.5, 2 << 30)
+    assert Limits(memory="1.5GiB").memory_bytes == 3 << 29
+    assert Limits.parse("memory=2G, pids=4096 cpus=none") == Limits(memory=2 << 30, pids=4096)
+    assert Limits(pids=10).over(DEFAULT_LIMITS).memory == DEFAULT_LIMITS.memory
+    assert Limits.parse("pids=10").over(Limits(pids=5, cpus=2)) == Limits(pids=10, cpus=2.0)
+    assert lim.describe() == "memory=512 MiB pids=256 cpus=1.5 disk=2 GiB"
+    for bad in ({"memory": "lots"}, {"memory": 0}, {"pids": 0}, {"pids": 1.5}, {"cpus": -1}, {"disk": True}):
+        with pytest.raises(ConfigError):
+            Limits(**bad)  # type: ignore[arg-type]
+    for text in ("mem=1G", "pids", "pids=many", "cpus=fast"):
+        with pytest.raises(ConfigError, match="like"):
+            Limits.parse(text)
+
+
+def test_defaults_bound_every_sandbox() -> None:
+    assert DEFAULT_LIMITS.pids == 4096
+    assert DEFAULT_LIMITS.disk_bytes == 10 << 30
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert DEFAULT_LIMITS.memory_bytes == max(1 << 30, total // 2)
+
+
+# -- the local engine --------------------------------------------------------------------------
+def test_sb_limits_say_how_each_limit_is_held(backend: LocalBackend, host: Snapshot) -> None:
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        sb = backend.create(host, limits=Limits(memory="300M", pids=300, cpus=1))
+    with sb:
+        lim = sb.limits
+        assert set(lim) == {"memory", "pids", "cpus", "disk"}
+        assert lim["memory"].value == 300 << 20 and lim["pids"].value == 300
+        assert not lim["disk"].enforced and "disk" in lim["disk"].how
+        if backend.rootless and not backend.host.cgroups.usable:
+            assert lim["pids"].how.startswith("rlimit RLIMIT_NPROC")
+            assert lim["memory"].how.startswith("rlimit RLIMIT_AS")
+            assert not lim["cpus"].enforced and lim["cpus"].how
+        else:
+            assert all(lim[n].enforced and lim[n].how.startswith("cgroup v") for n in ("memory", "pids", "cpus"))
+            cg = sb._cgroup
+            assert cg is not None
+            if cg.version == 1:
+                assert (cg.dirs["pids"] / "pids.max").read_text().strip() == "300"
+                assert int((cg.dirs["memory"] / "memory.limit_in_bytes").read_text()) == 300 << 20
+            # Every process of the sandbox is in its cgroup, the holder and each exec alike.
+            inner = {int(x) for x in sb.exec("cat /proc/self/stat | cut -d' ' -f1; echo $$").stdout.split()}
+            assert sb.pid in cg.pids() and len(inner) >= 1
+    if not backend.rootless:
+        assert gone(cg.dirs.values())
+
+
+def gone(dirs: object, timeout: float = 10.0) -> bool:
+    """Whether every cgroup directory in ``dirs`` disappears within ``timeout`` seconds."""
+    paths = [Path(d) for d in dirs]  # type: ignore[attr-defined]
+    return wait_for(lambda: not any(p.exists() for p in paths), timeout)
+
+
+def test_a_runaway_allocation_is_stopped_and_reported(backend: LocalBackend, host: Snapshot) -> None:
+    with backend.create(host, limits=Limits(memory="512M")) as sb:
+        res = sb.exec(ALLOC.format(n=4 << 30))
+        assert res.exit_code != 0
+        if sb.limits["memory"].how.startswith("cgroup"):
+            assert res.exit_code == 137 and res.oom_killed, res
+        else:  # rlimit: the allocation itself fails, nothing is killed
+            assert "MemoryError" in res.stderr and not res.oom_killed
+        ok = sb.exec(ALLOC.format(n=64 << 20))
+        assert ok.ok and not ok.oom_killed  # the sandbox lives on
+        assert sb.exec("echo alive").stdout == "alive\n"
+
+
+def test_a_fork_bomb_gets_eagain_and_everything_survives(backend: LocalBackend, host: Snapshot) -> None:
+    sb = backend.create(host)  # the default limits only
+    cg = sb._cgroup
+    if cg is not None and "pids" in cg.dirs:
+        # The outer limit, set by this test: every sandbox of this backend together.
+        (cg.dirs["pids"].parent / "pids.max").write_text("6000")
+    try:
+        # Children exec sleep (small), the parent forks until the kernel refuses.
+        bomb = (
+            "python3 -c 'import os\nn = 0\ntry:\n while True:\n  if os.fork() == 0:\n"
+            '   os.execv("/bin/sleep", ["sleep", "30"])\n  n += 1\nexcept OSError as e:\n'
+            " print(n, e.errno)'"
+        )
+        res = sb.exec(bomb, timeout=120)
+        n, err = (int(x) for x in res.stdout.split())
+        assert err == 11, res  # EAGAIN
+        assert 3000 <= n < 4096, n
+        if cg is not None:
+            assert len(cg.pids()) <= 4096
+    finally:
+        start = time.monotonic()
+        sb.close()
+    assert os.getpid() > 0  # this runner is alive and well
+    if cg is not None:
+        assert gone(cg.dirs.values(), timeout=30), "close() left the sandbox's cgroup"
+        assert time.monotonic() - start < 30
+    # A real, recursive bomb: held at the limit, ended by the timeout and close().
+    with backend.create(host) as again:
+        with contextlib.suppress(ExecTimeoutError):
+            again.exec("b() { b | b & }; b; sleep 100", timeout=5)
+        if again._cgroup is not None:
+            assert len(again._cgroup.pids()) <= 4096
+    with backend.create(host) as last:  # and the backend still forks
+        assert last.exec("echo ok").stdout == "ok\n"
+
+
+def test_cpu_limit_gives_about_half_a_core(backend: LocalBackend, host: Snapshot) -> None:
+    spin = (
+        "python3 -c 'import time\nt, c = time.time(), time.process_time()\n"
+        "while time.time() - t < 3: pass\nprint((time.process_time() - c) / (time.time() - t))'"
+    )
+    with backend.create(host, limits=Limits(cpus=0.5)) as sb:
+        if not sb.limits["cpus"].enforced:
+            pytest.skip(f"cpus not enforced here: {sb.limits['cpus'].how}")
+        share = float(sb.exec(spin).stdout)
+    assert 0.2 < share < 0.7, share  # loose: a shared, noisy machine
+
+
+def test_fork_keeps_its_parents_limits(backend: LocalBackend, host: Snapshot) -> None:
+    with backend.create(host, limits=Limits(pids=123)) as sb, sb.fork() as child:
+        assert child.limits["pids"].value == 123
+
+
+def test_gc_removes_the_cgroups_a_dead_process_left(backend: LocalBackend, host: Snapshot, cache_dir: Path) -> None:
+    if not backend.host.cgroups.usable:
+        pytest.skip(f"no cgroups here: {backend.host.cgroups.reason}")
+    code = f"""
+        import os
+        from pytest_sandbox.backends.local import LocalBackend
+        b = LocalBackend({str(cache_dir)!r})
+        sb = b.create(b.get_snapshot({host.key!r}))
+        print(sb._cgroup.dirs["pids"], flush=True)
+        os.kill(os.getpid(), 9)
+    """
+    res = run_py(code, cache_dir)
+    left = Path(res.stdout.strip())
+    assert left.is_dir(), res.stderr  # nothing removed it: its owner died with kill -9
+    backend.gc()
+    assert gone([left])
+
+
+def test_a_closed_backend_leaves_no_cgroup(backend: LocalBackend, host: Snapshot, cache_dir: Path) -> None:
+    if not backend.host.cgroups.usable:
+        pytest.skip(f"no cgroups here: {backend.host.cgroups.reason}")
+    code = f"""
+        from pytest_sandbox.backends.local import LocalBackend
+        with LocalBackend({str(cache_dir)!r}) as b:
+            sbs = [b.create(b.get_snapshot({host.key!r})) for _ in range(3)]
+            sbs[0].exec("sleep 100 &")
+            owner = b.store.owner
+            dirs = list(b.host.cgroups.dirs.values())
+        print(" ".join(str(d / owner) for d in dirs))
+    """
+    res = run_py(code, cache_dir)
+    assert res.returncode == 0, res.stderr
+    left = [Path(p) for p in res.stdout.split()]
+    assert left and not any(p.exists() for p in left), [p for p in left if p.exists()]
