@@ -28,7 +28,6 @@ from pathlib import Path
 
 from .. import _proc
 from .._build import BUILD_CA_PATH, build_env, build_recipe, run_step
-from .._lifeline import children as _children
 from ..engine import layers as _layers
 from ..engine import pause as _pause
 from ..engine.bases import Bases
@@ -36,7 +35,7 @@ from ..engine.cgroups import Cgroup
 from ..engine.host import DEFAULT_ENV, HOLDER, Host, UserNamespace
 from ..engine.ids import IdMap
 from ..engine.limits import rlimits_for
-from ..engine.pool import WarmPool
+from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
 from ..engine.spawn import Confined, Spawner
 from ..errors import SandboxClosedError, SandboxError, say_once
@@ -67,6 +66,7 @@ class LocalBackend(BackendBase):
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
         self._closed = False
+        self._slots: Spares[tuple[Cgroup, Confined]] = Spares(self._new_slot, _drop_slot)
         self._pool: WarmPool[LocalSandbox] = WarmPool(
             lambda snap: LocalSandbox(self, snap, network=False, env={}, limits=self.limits)
         )
@@ -91,6 +91,14 @@ class LocalBackend(BackendBase):
     def bwrap_launcher(self) -> list[str]:
         """The command line that starts bwrap the way every sandbox is started."""
         return self.host.bwrap_launcher()
+
+    def _new_slot(self) -> tuple[Cgroup, Confined]:
+        cg = self.host.cgroups.create(self.store.owner, new_id(6))
+        try:
+            return cg, self.host.spawner.confined(cg.procs)
+        except BaseException:
+            cg.remove()
+            raise
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """The size of ``snapshot``'s own layer and when a sandbox last started from it."""
@@ -215,6 +223,7 @@ class LocalBackend(BackendBase):
             return
         self._closed = True
         self._pool.close()
+        self._slots.close()
         for sb in list(self._live):
             sb.close()
         if self._ephemeral:
@@ -227,6 +236,11 @@ class LocalBackend(BackendBase):
             atexit.unregister(self.close)
 
 
+def _drop_slot(slot: tuple[Cgroup, Confined]) -> None:
+    slot[1].close()
+    slot[0].remove()
+
+
 class LocalSandbox(SandboxBase):
     """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
 
@@ -237,7 +251,8 @@ class LocalSandbox(SandboxBase):
         self._limits = limits
         self._cgroup: Cgroup | None = None
         self._status: dict[str, LimitStatus] = {}
-        self._rlimits: list[tuple[int, int, int]] = []
+        self._prlimit: list[str] = []
+        self._helper: Confined | None = None
         self.snapshot_of = snapshot
         self.network = network
         self.id = new_id(6)
@@ -269,12 +284,13 @@ class LocalSandbox(SandboxBase):
         """The sandbox's cgroup and limits (or, without cgroups, the rlimits that can stand in)."""
         host = self.backend.host
         if host.cgroups.usable:
-            self._cgroup = host.cgroups.create(self.backend.store.owner, self.id)
+            # A cgroup made ahead of need, its helper already inside: only the limits are set here.
+            self._cgroup, self._helper = self.backend._slots.take()
             self._status = self._cgroup.apply(self._limits)
             why = f"the cgroup v{host.cgroups.version} controller is not mounted"
         else:
             why = host.cgroups.reason
-            self._rlimits, self._status = rlimits_for(self._limits)
+            self._prlimit, self._status = rlimits_for(self._limits, host.prlimit)
         for name, value in self._limits.items():
             if name not in self._status:
                 reason = "the local engine does not limit disk yet" if name == "disk" else why
@@ -284,6 +300,8 @@ class LocalSandbox(SandboxBase):
             say_once("; ".join(str(s) for s in unenforced))
 
     def _drop_cgroup(self) -> None:
+        if self._helper is not None:
+            self._helper.close()
         if self._cgroup is not None:
             self._cgroup.remove()
 
@@ -293,10 +311,7 @@ class LocalSandbox(SandboxBase):
         return dict(self._status)
 
     def _spawner(self) -> Spawner | Confined:
-        spawner = self.backend.host.spawner
-        if self._cgroup is None and not self._rlimits:
-            return spawner
-        return Confined(spawner, self._cgroup.procs if self._cgroup else [], self._rlimits)
+        return self._helper or self.backend.host.spawner
 
     def _start(self) -> None:
         b = self.backend
@@ -370,11 +385,6 @@ class LocalSandbox(SandboxBase):
                     if not chunk:
                         raise SandboxError("bwrap did not report the sandbox's pid") from None
                     info += chunk
-            if self._cgroup is not None:
-                # Nothing else runs yet: bwrap, its init and the holder are the whole sandbox;
-                # every later process enters through the spawner, which joins it first.
-                for pid in (self._proc.pid, self.pid, *_children(self.pid)):
-                    self._cgroup.add(pid)
         finally:
             os.close(info_r)
             os.close(err)
@@ -413,7 +423,7 @@ class LocalSandbox(SandboxBase):
         # unprivileged host uid (nsenter's default: setuid(0) in the sandbox's user namespace).
         creds = ["--preserve-credentials"] if self.backend.ids is None else []
         ns = ["-U", *creds, "-m", "-u", "-i", *net, "-p", "-r", "-w"]
-        return [self.backend.host.nsenter, "-t", str(self.pid), *ns, "--", *argv]
+        return [*self._prlimit, self.backend.host.nsenter, "-t", str(self.pid), *ns, "--", *argv]
 
     def _run(
         self,

@@ -209,6 +209,9 @@ class Host:
         self._userns: UserNamespace | None = None
         self._lock = threading.Lock()
         self.spawner = Spawner()
+        self.prlimit = shutil.which("prlimit") or next(
+            (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
+        )
 
     @property
     def rootless(self) -> bool:

@@ -9,24 +9,25 @@ it fails with ENOMEM instead of the sandbox being OOM-killed). CPU time and disk
 
 from __future__ import annotations
 
-import resource
-
 from ..types import Limits, LimitStatus
 
 __all__ = ["rlimits_for"]
 
 
-def rlimits_for(limits: Limits) -> tuple[list[tuple[int, int, int]], dict[str, LimitStatus]]:
-    """The rlimits standing in for ``limits``, and how each limit is then held."""
-    rl: list[tuple[int, int, int]] = []
+def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[str, LimitStatus]]:
+    """The ``prlimit`` command line that every command of the sandbox starts through (util-linux,
+    beside nsenter: one exec, no fork of ours), and how each limit is then held."""
+    if prlimit is None:
+        return [], {}
+    opts: list[str] = []
     status: dict[str, LimitStatus] = {}
     if limits.pids is not None:
-        rl.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
+        opts.append(f"--nproc={limits.pids}:{limits.pids}")
         status["pids"] = LimitStatus(
             "pids", limits.pids, True, "rlimit RLIMIT_NPROC (all sandboxes of this backend together)"
         )
     mem = limits.memory_bytes
     if mem is not None:
-        rl.append((resource.RLIMIT_AS, mem, mem))
+        opts.append(f"--as={mem}:{mem}")
         status["memory"] = LimitStatus("memory", mem, True, "rlimit RLIMIT_AS (address space per process)")
-    return rl, status
+    return ([prlimit, *opts, "--"] if opts else []), status

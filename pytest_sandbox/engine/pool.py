@@ -8,7 +8,7 @@ from typing import Generic, Protocol, TypeVar
 
 from ..types import Snapshot
 
-__all__ = ["WarmPool"]
+__all__ = ["Spares", "WarmPool"]
 
 
 class _Spare(Protocol):
@@ -17,6 +17,7 @@ class _Spare(Protocol):
 
 
 S = TypeVar("S", bound=_Spare)
+T = TypeVar("T")
 
 
 class WarmPool(Generic[S]):
@@ -72,3 +73,56 @@ class WarmPool(Generic[S]):
             self._ready.clear()
         for sb in spares:
             sb.close()
+
+
+class Spares(Generic[T]):
+    """Things made ahead of need (each sandbox's cgroup with its helper already inside): take()
+    hands one over at once and a background thread makes the next, so what costs milliseconds to
+    make is off the path of create(). Without a spare, take() makes one there and then."""
+
+    def __init__(self, make: Callable[[], T], discard: Callable[[T], None], keep: int = 2) -> None:
+        self._make = make
+        self._discard = discard
+        self._keep = keep
+        self._ready: list[T] = []
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> T:
+        with self._lock:
+            item = self._ready.pop() if self._ready else None
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._fill, daemon=True, name="sandbox-spares")
+                self._thread.start()
+        self._wanted.set()
+        return self._make() if item is None else item
+
+    def _fill(self) -> None:
+        while self._wanted.wait():
+            self._wanted.clear()
+            while True:
+                with self._lock:
+                    if self._closed or len(self._ready) >= self._keep:
+                        break
+                try:
+                    item = self._make()
+                except Exception:  # the next take() makes its own and reports the problem
+                    break
+                with self._lock:
+                    if not self._closed:
+                        self._ready.append(item)
+                        continue
+                self._discard(item)
+                return
+            if self._closed:
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spares, self._ready = self._ready, []
+        self._wanted.set()
+        for item in spares:
+            self._discard(item)

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["Child", "Confined", "Spawner"]
 
@@ -29,26 +29,13 @@ _HELPER = r"""
 import array, json, os, socket, subprocess, sys, threading
 from pytest_sandbox.engine import seccomp as _seccomp
 _seccomp.install()
-ctl = socket.socket(fileno=int(sys.argv[1]))
-
-def confine(cgroup, rlimits):
-    # In the child, before exec: join the sandbox's cgroup and take its rlimits, so nothing the
-    # command starts ever runs outside them.
-    import resource
-    for path in cgroup:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
-    for res, soft, hard in rlimits:
-        resource.setrlimit(res, (soft, hard))
 
 def serve(req, fds):
     reply = socket.socket(fileno=fds[3])
     try:
         try:
-            cg, rl = req.get("cgroup") or [], req.get("rlimits") or []
-            pre = (lambda: confine(cg, rl)) if cg or rl else None
             p = subprocess.Popen(req["argv"], stdin=fds[0], stdout=fds[1], stderr=fds[2], env=req["env"],
-                                 start_new_session=True, close_fds=True, preexec_fn=pre)
+                                 start_new_session=True, close_fds=True)
         except OSError as exc:
             reply.send(json.dumps({"error": str(exc)}).encode())
             return
@@ -62,15 +49,54 @@ def serve(req, fds):
     finally:
         reply.close()
 
-while True:
-    fds = array.array("i")
-    msg, anc, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_LEN(4 * fds.itemsize))
-    if not msg:
-        break
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    threading.Thread(target=serve, args=(json.loads(msg), list(fds)), daemon=True).start()
+def confine(req, sock, ctl):
+    # A helper of one sandbox: joins its cgroup once, here, so that every command it starts is
+    # born inside it (moving each exec into the cgroup would cost a Python fork per exec).
+    pid = os.fork()  # from this, the loop's thread: no other thread is between calls here
+    if pid:
+        sock.close()
+        threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()
+        return
+    ctl.close()
+    try:  # the OOM killer must pick what the sandbox runs, never the helper that starts it
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError:
+        pass
+    try:
+        for path in req["cgroup"]:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+    except OSError as exc:
+        sock.send(json.dumps({"error": f"cannot confine the sandbox's helper: {exc}"}).encode())
+        os._exit(1)
+    sock.send(b'{"ready": true}')
+    loop(sock)
+    os._exit(0)
+
+def loop(ctl):
+    while True:
+        fds = array.array("i")
+        msg, anc, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_LEN(4 * fds.itemsize))
+        if not msg:
+            break
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        req = json.loads(msg)
+        if req.get("op") == "confine":
+            confine(req, socket.socket(fileno=fds[0]), ctl)
+        else:
+            try:
+                threading.Thread(target=serve, args=(req, list(fds)), daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: the sandbox is at its pids limit
+                reply = socket.socket(fileno=fds[3])
+                reply.send(json.dumps({"error": f"cannot start a command: {exc} (at the pids limit?)"}).encode())
+                reply.close()
+                for fd in fds[:3]:
+                    os.close(fd)
+
+loop(socket.socket(fileno=int(sys.argv[1])))
 """
 
 
@@ -120,43 +146,36 @@ class Spawner:
         self._ctl = ours
         return ours
 
-    def spawn(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        *,
-        cgroup: Sequence[str] = (),
-        rlimits: Sequence[tuple[int, int, int]] = (),
-    ) -> Child:
-        """Start ``argv`` with those fds; it joins ``cgroup`` (its ``cgroup.procs`` files) and
-        takes ``rlimits`` (resource, soft, hard) before it runs."""
+    def _send(self, msg: bytes, fds: array.array[int]) -> None:
+        with self._lock:
+            for attempt in range(2):
+                ctl = self._ctl if self._ctl is not None and self._alive() else self._start()
+                try:
+                    ctl.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    return
+                except OSError:
+                    self._ctl = None
+                    if attempt:
+                        raise
+
+    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child:
+        """Start ``argv`` with those fds, under the helper's filter."""
+        return _spawn(self._send, argv, env, stdin, stdout, stderr)
+
+    def confined(self, cgroup: Sequence[str]) -> Confined:
+        """A helper of its own for one sandbox, forked from this one: it has joined ``cgroup``
+        (its ``cgroup.procs`` files), so everything it starts is born inside it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            req: dict[str, object] = {"argv": argv, "env": env}
-            if cgroup or rlimits:
-                req["cgroup"], req["rlimits"] = list(cgroup), [list(r) for r in rlimits]
-            msg = json.dumps(req).encode()
-            fds = array.array("i", [stdin, stdout, stderr, theirs.fileno()])
-            with self._lock:
-                for attempt in range(2):
-                    ctl = self._ctl if self._ctl is not None and self._alive() else self._start()
-                    try:
-                        ctl.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-                        break
-                    except OSError:
-                        self._ctl = None
-                        if attempt:
-                            raise
+            msg = json.dumps({"op": "confine", "cgroup": list(cgroup)})
+            self._send(msg.encode(), array.array("i", [theirs.fileno()]))
         finally:
             theirs.close()
         answer = json.loads(ours.recv(4096) or b'{"error": "the spawn helper died"}')
-        if "pid" not in answer:
+        if not answer.get("ready"):
             ours.close()
-            raise OSError(answer.get("error", "spawn failed"))
-        return Child(ours, int(answer["pid"]))
+            raise OSError(answer.get("error", "could not start the sandbox's helper"))
+        return Confined(ours)
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -172,13 +191,37 @@ class Spawner:
 
 
 class Confined:
-    """A :class:`Spawner` whose commands join one sandbox's cgroup and rlimits (what
-    ``_proc.run(spawner=...)`` takes)."""
+    """The helper of one sandbox (see :meth:`Spawner.confined`); it exits when this is closed."""
 
-    def __init__(self, spawner: Spawner, cgroup: Sequence[str], rlimits: Sequence[tuple[int, int, int]]) -> None:
-        self._spawner = spawner
-        self._cgroup = list(cgroup)
-        self._rlimits = list(rlimits)
+    def __init__(self, ctl: socket.socket) -> None:
+        self._ctl: socket.socket | None = ctl
+        self._lock = threading.Lock()
+
+    def _send(self, msg: bytes, fds: array.array[int]) -> None:
+        with self._lock:
+            if self._ctl is None:
+                raise OSError("the sandbox's helper was closed")
+            self._ctl.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
     def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child:
-        return self._spawner.spawn(argv, env, stdin, stdout, stderr, cgroup=self._cgroup, rlimits=self._rlimits)
+        """Start ``argv`` with those fds, in the sandbox's cgroup and rlimits."""
+        return _spawn(self._send, argv, env, stdin, stdout, stderr)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctl is not None:
+                self._ctl.close()
+                self._ctl = None
+
+
+def _spawn(send: Callable[[bytes, array.array[int]], None], argv: list[str], env: dict[str, str], *fds: int) -> Child:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        send(json.dumps({"argv": argv, "env": env}).encode(), array.array("i", [*fds, theirs.fileno()]))
+    finally:
+        theirs.close()
+    answer = json.loads(ours.recv(4096) or b'{"error": "the spawn helper died"}')
+    if "pid" not in answer:
+        ours.close()
+        raise OSError(answer.get("error", "spawn failed"))
+    return Child(ours, int(answer["pid"]))
