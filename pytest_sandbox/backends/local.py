@@ -380,7 +380,10 @@ class LocalSandbox(SandboxBase):
                     self.pid = int(json.loads(info)["child-pid"])
                     break
                 except ValueError:
-                    select.select([info_r], [], [], 5)
+                    # poll, not select: a runner with 1000 live sandboxes holds fds past 1024
+                    poller = select.poll()
+                    poller.register(info_r, select.POLLIN)
+                    poller.poll(5000)
                     chunk = os.read(info_r, 4096)
                     if not chunk:
                         raise SandboxError("bwrap did not report the sandbox's pid") from None

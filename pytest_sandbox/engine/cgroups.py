@@ -195,9 +195,11 @@ class Cgroup:
         return 0
 
     @contextlib.contextmanager
-    def frozen(self, settle: float = 2.0) -> Iterator[bool]:
+    def frozen(self, settle: float = 0.01) -> Iterator[bool]:
         """Freeze every process of the sandbox for the block (the kernel stops them all at once,
-        including ones forked meanwhile). Yields False when this cgroup cannot freeze."""
+        including ones forked meanwhile). Yields False, thawed, when this cgroup cannot freeze or
+        does not get there within ``settle`` seconds (v1 can stay FREEZING while a task is caught
+        in a vfork): the caller then pauses another way."""
         done: Callable[[], bool]
         if self.version == 2:
             state, events = self.dirs["unified"] / "cgroup.freeze", self.dirs["unified"] / "cgroup.events"
@@ -223,8 +225,18 @@ class Cgroup:
             return
         try:
             end = time.monotonic() + settle
-            while not done() and time.monotonic() < end:
+            while not (ok := done()) and time.monotonic() < end:
                 time.sleep(0.0002)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _write(state, off)
+            raise
+        if not ok:
+            with contextlib.suppress(OSError):
+                _write(state, off)
+            yield False
+            return
+        try:
             yield True
         finally:
             with contextlib.suppress(OSError):

@@ -48,7 +48,7 @@ def paused(init_pid: int, cgroup: Cgroup | None = None, settle: float = 2.0) -> 
     reached the stopped state (or ``settle`` seconds have passed, for one stuck in the kernel).
     """
     if cgroup is not None:
-        with cgroup.frozen(settle) as frozen:
+        with cgroup.frozen() as frozen:
             if frozen:
                 yield -1
                 return
