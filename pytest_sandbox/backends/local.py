@@ -7,9 +7,10 @@ between commands. ``snapshot()`` copies the writable layer out as a new immutabl
 what changed, never the image size.
 
 Every sandbox runs inside a user namespace the backend creates once. As an unprivileged user it
-maps only the caller (seen as root inside); as root it maps every uid to itself, so package
-managers can chown as usual while capabilities stay confined to the namespace (no module loading,
-no device nodes, no host mounts).
+maps only the caller (seen as root inside); as root it maps ids 0..65535 onto an unprivileged host
+range (``engine/ids.py``), so package managers chown as usual and root inside is nobody outside.
+Commands enter through a helper under the sandbox's seccomp filter and, where cgroups can be
+used, already inside the sandbox's cgroup (its limits); see ``engine/``.
 """
 
 from __future__ import annotations

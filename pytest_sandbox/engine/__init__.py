@@ -2,7 +2,9 @@
 
 - :mod:`.host`     machine checks, the shared user namespace, the kernel view, bwrap and mounts
 - :mod:`.bases`    base layers: registry images, mmdebstrap, rootfs trees, the host's system dirs
-- :mod:`.pool`     the warm pool of pre-started sandboxes
+- :mod:`.pool`     the warm pool of pre-started sandboxes, and spares made ahead of need
+- :mod:`.cgroups`  a cgroup per sandbox (v1 or v2): memory, pids, cpu limits, the freezer
+- :mod:`.limits`   rlimits where no cgroup can be had (rootless), through prlimit
 - :mod:`.safefs`   host-side file access inside a running sandbox that cannot lead out of it
 - :mod:`.layers`   copying, merging and squashing overlay layers
 - :mod:`.unpack`   registry layer tarballs into overlay layers (whiteouts, owners)
