@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pytest_sandbox import Backend, Image, Limits, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
+from pytest_sandbox.engine.cgroups import Cgroup
 from pytest_sandbox.store import disk_usage
 
 DEBIAN = Image.debian("bookworm", include=["python3", "python3-pip"])
@@ -302,7 +303,8 @@ def main() -> None:
         # The same cold forks with no limits at all (no cgroup made, no rlimits), interleaved
         # with ones under the default limits: what a sandbox's cgroup costs.
         cgroups, limits = b.host.cgroups, b.limits
-        bare, limited = [], []
+        bare: list[float] = []
+        limited: list[float] = []
         for _ in range(args.n):
             for side, sink in ((0, bare), (1, limited)):
                 if side == 0:
@@ -379,9 +381,9 @@ def main() -> None:
         real_paused = _pause.paused
 
         @contextlib.contextmanager
-        def timed_pause(pid: int, settle: float = 2.0) -> Iterator[int]:
+        def timed_pause(pid: int, cgroup: Cgroup | None = None, settle: float = 2.0) -> Iterator[int]:
             t = time.perf_counter()
-            with real_paused(pid, settle) as n:
+            with real_paused(pid, cgroup, settle) as n:
                 yield n
             pauses.append(time.perf_counter() - t)
 
