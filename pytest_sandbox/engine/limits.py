@@ -9,6 +9,8 @@ it fails with ENOMEM instead of the sandbox being OOM-killed). CPU time and disk
 
 from __future__ import annotations
 
+import resource
+
 from ..types import Limits, LimitStatus
 
 __all__ = ["rlimits_for"]
@@ -22,12 +24,23 @@ def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[st
     opts: list[str] = []
     status: dict[str, LimitStatus] = {}
     if limits.pids is not None:
-        opts.append(f"--nproc={limits.pids}:{limits.pids}")
+        n, note = _capped(resource.RLIMIT_NPROC, limits.pids)
+        opts.append(f"--nproc={n}:{n}")
         status["pids"] = LimitStatus(
-            "pids", limits.pids, True, "rlimit RLIMIT_NPROC (all sandboxes of this backend together)"
+            "pids", limits.pids, True, f"rlimit RLIMIT_NPROC (all sandboxes of this backend together){note}"
         )
     mem = limits.memory_bytes
     if mem is not None:
-        opts.append(f"--as={mem}:{mem}")
-        status["memory"] = LimitStatus("memory", mem, True, "rlimit RLIMIT_AS (address space per process)")
+        n, note = _capped(resource.RLIMIT_AS, mem)
+        opts.append(f"--as={n}:{n}")
+        status["memory"] = LimitStatus("memory", mem, True, f"rlimit RLIMIT_AS (address space per process){note}")
     return ([prlimit, *opts, "--"] if opts else []), status
+
+
+def _capped(res: int, value: int) -> tuple[int, str]:
+    """``value``, or the hard limit this process already runs under when that is lower: an
+    unprivileged process cannot raise it, and a lower outer limit holds anyway."""
+    hard = resource.getrlimit(res)[1]
+    if hard != resource.RLIM_INFINITY and hard < value:
+        return hard, f", capped at the {hard} this process already has"
+    return value, ""
