@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 __all__ = [
     "Helper",
     "Watchdog",
-    "children",
     "descendants",
     "end_processes_using",
     "is_zombie",
@@ -156,15 +155,6 @@ def descendants(pid: int) -> list[int]:
         found.extend(kids)
         frontier.extend(kids)
     return found
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (its main thread's), or [] when it is gone."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def kill_tree(pid: int) -> None:

@@ -25,22 +25,17 @@ from .backends import BACKENDS
 from .errors import ConfigError, SandboxError
 from .image import Image
 from .store import format_age, format_size
-from .types import Backend
+from .types import Backend, parse_size
 
 __all__ = ["main"]
 
 
 def _byte_count(text: str) -> int:
-    """``1048576``, ``1024K``, ``1M`` or ``1G``: a number of bytes, for argparse."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    scale = units.get(text[-1:].upper(), 1)
+    """A size like ``1048576``, ``1024K`` or ``1M`` (the project's one size syntax), for argparse."""
     try:
-        n = int(float(text[:-1] if scale > 1 else text) * scale)
-    except (ValueError, OverflowError):  # "lots", "inf"
-        raise argparse.ArgumentTypeError(f"expected a size like 1048576 or 1M, not {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"the size must be positive, not {text!r}")
-    return n
+        return parse_size(text, "--max-body")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _load_image(spec: str) -> Image:

@@ -99,7 +99,7 @@ def parse_size(value: int | str, what: str = "size") -> int:
         unit = text[-1:] if text[-1:] in _UNITS else ""
         try:
             n = int(float(text[: len(text) - len(unit)]) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # "lots", "inf"
             raise ConfigError(f"{what} takes a size like '512M' or '2G', got {value!r}") from None
     if n <= 0:
         raise ConfigError(f"{what} must be positive, got {value!r}")

@@ -32,7 +32,15 @@ def test_limits_parse_sizes_and_refuse_nonsense() -> None:
     assert Limits(pids=10).over(DEFAULT_LIMITS).memory == DEFAULT_LIMITS.memory
     assert Limits.parse("pids=10").over(Limits(pids=5, cpus=2)) == Limits(pids=10, cpus=2.0)
     assert lim.describe() == "memory=512 MiB pids=256 cpus=1.5 disk=2 GiB"
-    for bad in ({"memory": "lots"}, {"memory": 0}, {"pids": 0}, {"pids": 1.5}, {"cpus": -1}, {"disk": True}):
+    for bad in (
+        {"memory": "lots"},
+        {"memory": "inf"},
+        {"memory": 0},
+        {"pids": 0},
+        {"pids": 1.5},
+        {"cpus": -1},
+        {"disk": True},
+    ):
         with pytest.raises(ConfigError):
             Limits(**bad)  # type: ignore[arg-type]
     for text in ("mem=1G", "pids", "pids=many", "cpus=fast"):

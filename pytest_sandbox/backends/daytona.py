@@ -452,9 +452,8 @@ class DaytonaBackend(RemoteBackend):
         which this backend does not set yet (``sb.limits`` says so)."""
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
-        sb = DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}))
-        sb._limits = self.limits if limits is None else limits.over(self.limits)
-        return sb
+        wanted = self.limits if limits is None else limits.over(self.limits)
+        return DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """Daytona does not tell a snapshot's size through its API."""
@@ -507,8 +506,10 @@ class DaytonaSandbox(SandboxBase):
         network: bool,
         env: dict[str, str],
         sdk_sandbox: Any = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.backend = backend
+        self._limits = limits
         self.snapshot_of = snapshot
         self.network = network
         self.history: list[ExecResult] = []
@@ -532,8 +533,6 @@ class DaytonaSandbox(SandboxBase):
         self.id = str(self.sdk.id)
         with backend._lock:
             backend._live.add(self)
-
-    _limits: Limits = DEFAULT_LIMITS
 
     @property
     def limits(self) -> dict[str, LimitStatus]:

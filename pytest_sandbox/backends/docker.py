@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._build import build_env, build_recipe, host_ca_bundle, mmdebstrap_tar, run_step
 from .._proc import CLIP_SH, TRUNCATED
+from ..engine.cgroups import oom_kill_count
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -451,6 +452,7 @@ class DockerSandbox(SandboxBase):
         if not network:
             kwargs["hostname"] = "sandbox"
         self._status = _docker_limits(limits, kwargs, backend.storage_size_ok)
+        self._oom_file: Path | Literal[False] | None = None  # None: not looked for yet
         try:
             self.container = backend.client.containers.run(f"{REPO}:{snapshot.key}", **kwargs)
         except backend._errors.APIError as exc:
@@ -463,16 +465,15 @@ class DockerSandbox(SandboxBase):
 
     def oom_kills(self) -> int:
         """OOM kills in the container's memory cgroup so far (0 where the host path is unknown)."""
-        for f in (
-            f"/sys/fs/cgroup/memory/docker/{self.container.id}/memory.oom_control",
-            f"/sys/fs/cgroup/system.slice/docker-{self.container.id}.scope/memory.events",
-            f"/sys/fs/cgroup/docker/{self.container.id}/memory.events",
-        ):
-            with contextlib.suppress(OSError, ValueError):
-                for line in Path(f).read_text().splitlines():
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        return 0
+        if self._oom_file is None:  # looked for once: every exec reads it twice
+            cid = self.container.id
+            candidates = (
+                Path(f"/sys/fs/cgroup/memory/docker/{cid}/memory.oom_control"),  # v1, cgroupfs driver
+                Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/memory.events"),  # v2, systemd
+                Path(f"/sys/fs/cgroup/docker/{cid}/memory.events"),  # v2, cgroupfs
+            )
+            self._oom_file = next((p for p in candidates if p.exists()), False)
+        return (oom_kill_count(self._oom_file) or 0) if self._oom_file else 0
 
     def __repr__(self) -> str:
         return f"<DockerSandbox {self.id} of {self.snapshot_of.short} container {self.container.short_id}>"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..types import Limits, LimitStatus
 
-__all__ = ["CGROUP_ROOT", "Cgroup", "Cgroups"]
+__all__ = ["CGROUP_ROOT", "Cgroup", "Cgroups", "oom_kill_count"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "pytest-sandbox"
@@ -119,6 +119,20 @@ class Cgroups:
         return removed
 
 
+def oom_kill_count(path: Path) -> int | None:
+    """The ``oom_kill`` counter of a memory cgroup's ``memory.oom_control`` (v1) or
+    ``memory.events`` (v2), or None where the file cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
+
+
 def _enable(d: Path, controllers: set[str]) -> None:
     missing = controllers - set((d / "cgroup.subtree_control").read_text().split())
     if missing:
@@ -142,11 +156,6 @@ class Cgroup:
     def procs(self) -> list[str]:
         """The ``cgroup.procs`` files a process joins by writing its pid to them."""
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
-
-    def add(self, pid: int) -> None:
-        """Move process ``pid`` (not its existing children) into this cgroup."""
-        for f in self.procs:
-            _write(Path(f), str(pid))
 
     def apply(self, limits: Limits) -> dict[str, LimitStatus]:
         """Set ``limits``; returns how each is held."""
@@ -184,15 +193,7 @@ class Cgroup:
     def oom_kills(self) -> int:
         """How many processes the kernel killed here for want of memory, so far."""
         f = self._file("memory", "memory.oom_control", "memory.events")
-        try:
-            text = f.read_text() if f is not None else ""
-        except OSError:
-            return 0
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        return (oom_kill_count(f) or 0) if f is not None else 0
 
     @contextlib.contextmanager
     def frozen(self, settle: float = 0.01) -> Iterator[bool]:
