@@ -20,7 +20,7 @@ import pytest
 from .errors import ConfigError, SandboxError, tail
 from .image import Image, is_image_ref
 from .session import KEEP_CHOICES, SessionManager
-from .types import Backend, ExecResult, Limits, LimitStatus, Sandbox, Snapshot, show_limit
+from .types import LIMIT_NAMES, Backend, ExecResult, Limits, LimitStatus, Sandbox, Snapshot, show_limit
 
 BACKEND_CHOICES = ("auto", "local", "docker", "daytona")
 MARKER_DOC = (
@@ -30,7 +30,6 @@ MARKER_DOC = (
     "'python:3.12-slim'); network=True gives it the host's network; env adds environment "
     "variables; memory, pids, cpus and disk are its limits (e.g. memory='1G', pids=512)."
 )
-LIMIT_NAMES = ("memory", "pids", "cpus", "disk")
 MARKER_ARGS = ("image", "network", "env", *LIMIT_NAMES)
 
 manager_key = pytest.StashKey[SessionManager]()

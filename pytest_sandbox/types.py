@@ -11,7 +11,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -30,6 +30,7 @@ __all__ = [
     "ExecResult",
     "DEFAULT_LIMITS",
     "FileInfo",
+    "LIMIT_NAMES",
     "LimitStatus",
     "Limits",
     "LogCallback",
@@ -158,7 +159,7 @@ class Limits:
         values: dict[str, Any] = {}
         for item in text.replace(",", " ").split():
             name, sep, value = item.partition("=")
-            if not sep or name not in ("memory", "pids", "cpus", "disk"):
+            if not sep or name not in LIMIT_NAMES:
                 raise ConfigError(f"limits are written like 'memory=2G pids=4096 cpus=1.5 disk=10G', got {item!r}")
             if value.lower() == "none":
                 values[name] = None
@@ -198,6 +199,10 @@ class Limits:
     def describe(self) -> str:
         """Like ``memory=512 MiB pids=256``."""
         return " ".join(f"{k}={show_limit(k, v)}" for k, v in self.items()) or "none"
+
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+"""``memory``, ``pids``, ``cpus``, ``disk``: what markers and ``sandbox_limits`` may set."""
 
 
 def show_limit(name: str, value: int | float) -> str:
