@@ -17,11 +17,23 @@ from .errors import (
     SandboxClosedError,
     SandboxError,
     SandboxFileError,
+    ServiceError,
     SnapshotBuildError,
     SnapshotNotFoundError,
 )
-from .image import Image
-from .types import Backend, ExecResult, FileInfo, Limits, LimitStatus, Sandbox, SandboxFS, Snapshot, Usage
+from .image import Image, Service
+from .types import (
+    Backend,
+    ExecResult,
+    FileInfo,
+    Limits,
+    LimitStatus,
+    Sandbox,
+    SandboxFS,
+    ServiceStatus,
+    Snapshot,
+    Usage,
+)
 
 __version__ = "0.1.0"
 
@@ -43,6 +55,9 @@ __all__ = [
     "SandboxError",
     "SandboxFS",
     "SandboxFileError",
+    "Service",
+    "ServiceError",
+    "ServiceStatus",
     "Snapshot",
     "SnapshotBuildError",
     "SnapshotNotFoundError",

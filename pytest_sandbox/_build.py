@@ -15,8 +15,15 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from . import _proc
-from .errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxError, SnapshotBuildError
+from . import _proc, _services
+from .errors import (
+    ConfigError,
+    EngineUnavailableError,
+    ExecTimeoutError,
+    SandboxError,
+    ServiceError,
+    SnapshotBuildError,
+)
 from .image import DebianBase, Image, Step
 from .types import LogCallback, Snapshot
 
@@ -189,6 +196,15 @@ def run_step(
     if step.kind == "workdir":
         sb.fs.mkdir(step.args[0])
         return str(step.args[0])
+    if step.kind == "service":  # started and ready now: later steps run with it up
+        svc = step.service()
+        try:
+            _services.start(sb, svc, key[:12])
+        except ServiceError as exc:
+            output.append(exc.log)
+            raise fail(None, exc.reason) from exc
+        sb.running_services.append(svc)
+        return workdir
     try:
         res = sb._run(step_argv(step), cwd=workdir, env={**env, **dict(step.env)}, on_line=keep)
     except ExecTimeoutError as exc:

@@ -13,6 +13,7 @@ translated at the boundary and chained with ``raise ... from exc``::
     ├── ExecError                ExecResult.check() on a non-zero exit; carries the result
     │   └── ExecTimeoutError     exec() ran past its timeout; the process tree was killed
     ├── SandboxFileError         an fs operation failed inside the sandbox (missing path, ...)
+    ├── ServiceError             a recipe's service did not start or become ready; carries its log
     └── RegistryError            a container registry refused, failed or sent something wrong
 
 This module imports nothing of the package, so every other module can import it.
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "EngineUnavailableError",
     "ExecError",
+    "ServiceError",
     "ExecTimeoutError",
     "LimitWarning",
     "RegistryError",
@@ -138,6 +140,19 @@ class ExecTimeoutError(ExecError, TimeoutError):
 
     ``result`` holds the output captured until then.
     """
+
+
+class ServiceError(SandboxError):
+    """A service of a snapshot failed to start or to become ready; ``log`` is the tail of its
+    output. Raised once per snapshot and then again at once, not after another wait."""
+
+    def __init__(self, name: str, snapshot: str, reason: str, log: str = "") -> None:
+        self.name, self.snapshot, self.reason, self.log = name, snapshot, reason, log
+        msg = f"service {name!r} of snapshot {snapshot} {reason}"
+        msg += "; fix its start or ready command in the recipe (Image.service), or raise its timeout="
+        if log.strip():
+            msg += "\n--- its output (last lines) ---\n" + log.rstrip()
+        super().__init__(msg)
 
 
 class LimitWarning(UserWarning):

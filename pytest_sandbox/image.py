@@ -14,7 +14,7 @@ import os
 import shlex
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ from .errors import ConfigError
 __all__ = [
     "ENGINE_FORMAT",
     "Base",
+    "Service",
     "DebianBase",
     "HostBase",
     "Image",
@@ -76,7 +77,7 @@ def content_digest(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Step:
-    """One setup step of a recipe. ``kind`` is one of run, apt, pip, copy, env, workdir."""
+    """One setup step of a recipe. ``kind`` is one of run, apt, pip, copy, env, workdir, service."""
 
     kind: str
     args: tuple[str, ...] = ()
@@ -96,7 +97,14 @@ class Step:
             return f"COPY {self.source} {self.args[0]}"
         if self.kind == "env":
             return "ENV " + " ".join(f"{k}={v}" for k, v in self.env)
+        if self.kind == "service":
+            return f"SERVICE {self.args[0]}: {self.args[1]}"
         return f"WORKDIR {self.args[0]}"
+
+    def service(self) -> Service:
+        """The :class:`Service` a ``service`` step declares."""
+        name, start, ready, stop, timeout, grace = self.args
+        return Service(name, start, ready or None, stop or None, float(timeout), float(grace))
 
     def material(self) -> dict[str, Any]:
         """The canonical form hashed into the setup key (host paths and times left out)."""
@@ -114,6 +122,28 @@ class Step:
             m["is_dir"] = self.source.is_dir()
             m["mode"] = self.mode
         return m
+
+
+@dataclass(frozen=True)
+class Service:
+    """A server a snapshot runs: every sandbox of it starts ``start`` (in the background, output
+    in the service's log) and is handed out once ``ready`` succeeds; ``stop`` ends it cleanly
+    (default: SIGTERM to its process group, SIGKILL after ``grace`` seconds). Made by
+    :meth:`Image.service <pytest_sandbox.Image.service>`."""
+
+    name: str
+    start: str
+    ready: str | None = None
+    stop: str | None = None
+    timeout: float = 60.0
+    grace: float = 10.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Service:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def _check_abs(path: str, what: str) -> str:
@@ -319,6 +349,39 @@ class Image:
         if not src.exists():
             raise ConfigError(f"copy() source {src} does not exist; fix the path")
         return self._add(Step("copy", (dest,), source=src, mode=mode))
+
+    def service(
+        self,
+        name: str,
+        *,
+        start: str,
+        ready: str | None = None,
+        stop: str | None = None,
+        timeout: float = 60.0,
+        grace: float = 10.0,
+    ) -> Image:
+        """Declare a server every sandbox of this image runs, ready before the sandbox is handed out.
+
+        ``start`` is a shell command run in the background (a daemon may fork away; a foreground
+        server stays its child), its output kept in the service's log. ``ready`` is a shell
+        command polled until it succeeds (up to ``timeout`` seconds, then a clear error with the
+        log); without it the service counts as ready once started. ``stop`` ends it cleanly
+        before a snapshot is frozen (default: SIGTERM to its process group, SIGKILL after
+        ``grace`` seconds), so forks never pay crash recovery. Later steps run with it up;
+        several services start in recipe order.
+        """
+        for what, value in (("name", name), ("start", start)):
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"service() needs a non-empty {what}, got {value!r}")
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"service name {name!r} may hold only letters, digits, '-', '_' and '.'")
+        if any(s.kind == "service" and s.args[0] == name for s in self.steps):
+            raise ConfigError(f"the recipe already has a service named {name!r}; give each one its own name")
+        for what, num in (("timeout", timeout), ("grace", grace)):
+            if isinstance(num, bool) or not isinstance(num, (int, float)) or num <= 0:
+                raise ConfigError(f"service {what} takes a positive number of seconds, got {num!r}")
+        args = (name, start, ready or "", stop or "", str(float(timeout)), str(float(grace)))
+        return self._add(Step("service", args))
 
     def env(self, **values: Any) -> Image:
         """Set environment variables for later steps and for every command in the sandboxes."""

@@ -201,9 +201,26 @@ def pytest_runtest_makereport(
             head = f"{label}: sandbox {sb.id} from snapshot {snap.short} ({len(execs)} execs)"
             limits = _limits_of(sb)
             shown = "limits: " + ", ".join(str(s) for s in limits.values()) if limits else ""
-            parts.append("\n".join([head, *([shown] if shown else []), *(_describe(r, limits) for r in execs)]))
+            lines = [head, *([shown] if shown else []), *_describe_services(sb)]
+            parts.append("\n".join([*lines, *(_describe(r, limits) for r in execs)]))
         rep.sections.append(("sandbox", "\n\n".join(parts)))
     return rep
+
+
+def _describe_services(sb: Sandbox) -> list[str]:
+    """Each service's state and the tail of its output, for a failing test's sandbox section."""
+    if not sb.snapshot_of.services:
+        return []
+    try:
+        states = sb.services
+    except Exception as exc:  # a closed or broken sandbox still gets its report
+        return [f"services: unknown ({exc})"]
+    out = ["services: " + ", ".join(f"{s.name} {s.state}" for s in states.values())]
+    for s in states.values():
+        log = tail(s.log, 10)
+        if log:
+            out += [f"  {s.name} output:", *("  | " + x for x in log.splitlines())]
+    return out
 
 
 def _limits_of(sb: Sandbox) -> dict[str, LimitStatus]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .errors import ConfigError, ExecError
+from .image import Service
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -36,6 +37,7 @@ __all__ = [
     "LogCallback",
     "Sandbox",
     "SandboxFS",
+    "ServiceStatus",
     "Snapshot",
     "Usage",
 ]
@@ -244,6 +246,16 @@ class LimitStatus:
 
 
 @dataclass(frozen=True)
+class ServiceStatus:
+    """One service of a sandbox: ``state`` is ``ready``, ``not ready`` (its check fails now) or
+    ``stopped``; ``log`` is the tail of its output."""
+
+    name: str
+    state: str
+    log: str = ""
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """An immutable, frozen sandbox state that new sandboxes start from.
 
@@ -262,6 +274,8 @@ class Snapshot:
     description: str = ""
     name: str | None = None
     owner: str | None = None
+    services: tuple[Service, ...] = ()
+    """The servers every sandbox of this snapshot starts, in recipe order."""
 
     @property
     def short(self) -> str:
@@ -286,6 +300,7 @@ class Snapshot:
             "description": self.description,
             "name": self.name,
             "owner": self.owner,
+            "services": [x.to_json() for x in self.services],
         }
 
     @classmethod
@@ -302,6 +317,7 @@ class Snapshot:
             description=data.get("description", ""),
             name=data.get("name"),
             owner=data.get("owner"),
+            services=tuple(Service.from_json(x) for x in data.get("services", ())),
         )
 
 
@@ -374,6 +390,16 @@ class Sandbox(Protocol):
         timeout: float | None = None,
         max_output: int | None = None,
     ) -> ExecResult: ...
+
+    @property
+    def services(self) -> dict[str, ServiceStatus]:
+        """Each service of this sandbox's snapshot: ``ready``, ``not ready`` or ``stopped``, and its log."""
+        ...
+
+    def expose(self, port: int) -> tuple[str, int]:
+        """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
+        loopback (TCP), open until the sandbox closes."""
+        ...
 
     def interactive(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
         """Run ``argv`` (default: a login shell) on this process's terminal; return its exit code.

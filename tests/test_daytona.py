@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from pytest_sandbox import Backend, ConfigError, EngineUnavailableError, Image, SandboxError, Snapshot
+from pytest_sandbox import Backend, ConfigError, EngineUnavailableError, Image, Limits, SandboxError, Snapshot
+from tests.conftest import DEBIAN
+from tests.test_limits import ALLOC
 
 daytona = pytest.importorskip("daytona", reason="pip install 'pytest-sandbox[daytona]'")
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,9 +407,40 @@ def test_the_endpoint_enforces_the_resources_a_request_asks_for(daytona_backend:
         assert small.exit_code == 0 and small.result.strip() == str(256 << 20)
     finally:
         sdk.delete(sb)
+    # Its disk too: a write past 1 GiB fails inside with ENOSPC, and df shows the limit.
+    sized = sdk.create(CreateSandboxFromImageParams(image="host", resources=Resources(disk=1)))
+    try:
+        fill = sized.process.exec("dd if=/dev/zero of=/tmp/f bs=1M count=2000 2>&1; df -k --output=size / | tail -1")
+        assert "No space left on device" in fill.result, fill.result
+        assert int(fill.result.split()[-1]) <= 1 << 20
+    finally:
+        sdk.delete(sized)
     plain = sdk.create()  # no resources asked: the endpoint's defaults (1 core, 1 GiB, 10 GiB) hold
     try:
         assert (plain.cpu, plain.memory, plain.disk) == (1, 1, 10)
         assert plain.process.exec(grab).exit_code != 0
     finally:
         sdk.delete(plain)
+
+
+def test_backend_limits_size_the_snapshots_it_builds(daytona_backend: Backend, cache_dir: Path) -> None:
+    """Daytona sizes a sandbox by its snapshot: the backend's limits become the snapshot's
+    resources (whole cores and GiB), which the endpoint's local engine then holds."""
+    from pytest_sandbox.backends.daytona import DaytonaBackend
+
+    with DaytonaBackend(cache_dir, limits=Limits(cpus=1, memory="1536M", disk="2G")) as sized:
+        snap = sized.build(DEBIAN)
+        assert snap.base["snapshot"] != daytona_backend.build(DEBIAN).base["snapshot"]  # not the default-sized one
+        with sized.create(snap) as sb:
+            lim = sb.limits
+            assert (lim["cpus"].value, lim["memory"].value, lim["disk"].value) == (1.0, 2 << 30, 2 << 30)
+            assert all(lim[n].enforced for n in ("cpus", "memory", "disk")), lim
+            assert "pids" not in lim
+            df = sb.exec("df -k --output=size / | tail -1").stdout
+            assert 0.9 * (2 << 20) < int(df) <= 2 << 20, df
+            assert sb.exec(ALLOC.format(n=3 << 30)).exit_code != 0  # 3 GiB under 2 GiB
+        with sized.create(snap, limits=Limits(memory="4G", pids=100)) as other:
+            lim = other.limits
+            assert not lim["memory"].enforced and "--sandbox-limits" in lim["memory"].how
+            assert lim["memory"].value == 4 << 30
+            assert not lim["pids"].enforced and "no process limit" in lim["pids"].how

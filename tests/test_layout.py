@@ -21,6 +21,7 @@ LAYERS = {
     "_hostfs": 1,
     "_proc": 2,
     "store": 2,
+    "_services": 3,
     "_build": 3,
     "oci": 3,
     "engine": 4,

@@ -64,7 +64,8 @@ def test_sb_limits_say_how_each_limit_is_held(backend: LocalBackend, host: Snaps
         lim = sb.limits
         assert set(lim) == {"memory", "pids", "cpus", "disk"}
         assert lim["memory"].value == 300 << 20 and lim["pids"].value == 300
-        assert not lim["disk"].enforced and "disk" in lim["disk"].how
+        assert lim["disk"].enforced and lim["disk"].value == DEFAULT_LIMITS.disk_bytes
+        assert lim["disk"].how.startswith("ext4 image" if not backend.rootless else "tmpfs of")
         if backend.rootless and not backend.host.cgroups.usable:
             assert lim["pids"].how.startswith("rlimit RLIMIT_NPROC")
             assert lim["memory"].how.startswith("rlimit RLIMIT_AS")
@@ -191,3 +192,67 @@ def test_a_closed_backend_leaves_no_cgroup(backend: LocalBackend, host: Snapshot
     assert res.returncode == 0, res.stderr
     left = [Path(p) for p in res.stdout.split()]
     assert left and not any(p.exists() for p in left), [p for p in left if p.exists()]
+
+
+# -- disk --------------------------------------------------------------------------------------
+def loop_backings() -> list[str]:
+    """The files behind every loop device in use on this host."""
+    out = []
+    for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            out.append(f.read_text().strip())
+    return out
+
+
+def test_a_disk_filler_gets_enospc_and_the_host_holds_at_most_the_limit(backend: LocalBackend, host: Snapshot) -> None:
+    with backend.create(host, limits=Limits(disk="1G")) as sb:
+        assert sb.limits["disk"].enforced, sb.limits["disk"]
+        # df inside shows the limit (less a little metadata), not the host's disk.
+        size_kib = int(sb.exec("df -k --output=size / | tail -1").stdout)
+        assert 0.9 * (1 << 20) < size_kib <= 1 << 20, size_kib
+        # 5 GB asked for (the outer bound of this test); the kernel says no at about 1 GiB.
+        res = sb.exec("dd if=/dev/zero of=/tmp/big bs=1M count=5000", timeout=300)
+        assert res.exit_code != 0 and "No space left on device" in res.stderr, res
+        written = int(sb.exec("stat -c %s /tmp/big").stdout)
+        assert 0.8 * (1 << 30) < written <= 1 << 30, written
+        # The host's disk holds the sandbox's directory, its image at most about the limit.
+        held = sum(p.stat().st_blocks * 512 for p in sb._dir.rglob("*") if p.is_file() and not p.is_symlink())
+        assert held < (1 << 30) + (64 << 20), held
+        # Not in the host's mount table: the disk is mounted only in the engine's namespace.
+        assert str(sb._dir) not in Path("/proc/self/mountinfo").read_text()
+        # A full disk is the sandbox's problem, not the engine's: it frees space and goes on.
+        sb.exec("rm /tmp/big && echo again > /tmp/small").check()
+        assert sb.fs.read("/tmp/small") == b"again\n"
+    backend.store.flush()  # close() unmounts in the background; the loop device detaches itself
+    assert wait_for(lambda: not [b for b in loop_backings() if sb.id in b]), loop_backings()
+
+
+def test_disk_limits_hold_in_snapshots_and_forks(backend: LocalBackend, host: Snapshot) -> None:
+    with backend.create(host, limits=Limits(disk="300M")) as sb:
+        sb.exec("mkdir -p /work && echo kept > /work/f && rm -rf /etc/motd").check()
+        with sb.fork() as child:
+            assert child.limits["disk"].value == 300 << 20 and child.limits["disk"].enforced
+            assert child.exec("cat /work/f; test -e /etc/motd || echo gone").stdout == "kept\ngone\n"
+            res = child.exec("dd if=/dev/zero of=/work/big bs=1M count=1000")
+            assert "No space left on device" in res.stderr, res
+        assert sb.exec("test -e /work/big || echo parent-untouched").stdout == "parent-untouched\n"
+
+
+def test_a_killed_runner_leaves_no_mount_or_loop_device(backend: LocalBackend, host: Snapshot, cache_dir: Path) -> None:
+    code = f"""
+        import os
+        from pytest_sandbox.backends.local import LocalBackend
+        from pytest_sandbox.types import Limits
+        b = LocalBackend({str(cache_dir)!r})
+        sb = b.create(b.get_snapshot({host.key!r}), limits=Limits(disk="200M"))
+        sb.exec("dd if=/dev/zero of=/tmp/f bs=1M count=20 && sleep 300 &").check()
+        print(sb._dir, flush=True)
+        os.kill(os.getpid(), 9)
+    """
+    res = run_py(code, cache_dir)
+    left = res.stdout.strip()
+    assert Path(left).is_dir(), res.stderr  # its owner died with kill -9, before any clean-up
+    assert wait_for(lambda: not [b for b in loop_backings() if Path(left).name in b], 30), loop_backings()
+    assert Path(left).name not in Path("/proc/self/mountinfo").read_text()
+    backend.gc()
+    assert wait_for(lambda: not Path(left).exists(), 10)

@@ -368,10 +368,13 @@ def test_limits_from_marker_ini_and_factory_and_the_report_names_the_limit_hit(
         def test_ini_defaults(sandbox):
             assert sandbox.limits["pids"].value == 300 and sandbox.limits["memory"].value == 1 << 30
 
-        @pytest.mark.sandbox(memory="256M", pids=100, cpus=1)
+        @pytest.mark.sandbox(memory="256M", pids=100, cpus=1, disk="200M")
         def test_marker(sandbox):
             assert (sandbox.limits["pids"].value, sandbox.limits["memory"].value) == (100, 256 << 20)
             assert sandbox.limits["cpus"].value == 1
+            assert sandbox.limits["disk"].enforced and sandbox.limits["disk"].value == 200 << 20
+            full = sandbox.exec("dd if=/dev/zero of=/tmp/f bs=1M count=400")
+            assert "No space left on device" in full.stderr
 
         @pytest.mark.sandbox(pids=50)
         class TestClass:
@@ -409,3 +412,45 @@ def test_bad_limits_are_usage_errors(pytester: pytest.Pytester, run) -> None:  #
     res = run("--sandbox-limits=pids=many", "--co")
     assert res.ret == pytest.ExitCode.USAGE_ERROR
     assert "--sandbox-limits" in res.stderr.str() and "whole number" in res.stderr.str()
+
+
+@pytest.mark.parametrize("xdist", XDIST, ids=["serial", "xdist"])
+def test_services_are_ready_in_every_test_and_a_failure_shows_their_output(
+    pytester: pytest.Pytester,
+    run,  # type: ignore[no-untyped-def]
+    xdist: list[str],
+) -> None:
+    pytester.makeconftest(
+        """
+        import pytest
+        from pytest_sandbox import Image
+
+        @pytest.fixture(scope="session")
+        def sandbox_image():
+            return (Image.host()
+                    .run("mkdir -p /srv && echo hello > /srv/index.html")
+                    .service("web", start="cd /srv && echo serving; exec python3 -m http.server 8000 --bind 127.0.0.1",
+                             ready="python3 -c 'import socket; socket.create_connection((\\"127.0.0.1\\", 8000))'"))
+        """
+    )
+    pytester.makepyfile(
+        test_s="""
+        import urllib.request
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_each_fork_serves(sandbox, n):
+            host, port = sandbox.expose(8000)
+            body = urllib.request.urlopen(f"http://{host}:{port}/").read()
+            assert body == b"hello\\n"
+            sandbox.fs.write("/srv/index.html", f"changed by {n}\\n")  # the next test never sees it
+            assert sandbox.services["web"].state == "ready"
+
+        def test_fails(sandbox):
+            assert False, "look at the service"
+        """
+    )
+    result = run(*xdist)
+    result.assert_outcomes(passed=4, failed=1)
+    text = result.stdout.str()
+    assert "services: web ready" in text and "web output:" in text and "serving" in text

@@ -20,13 +20,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from .. import _proc
+from .. import _proc, _services
 from .._hostfs import HostTree
 from .._lifeline import Watchdog
-from ..errors import ConfigError, ExecTimeoutError, SandboxClosedError, SandboxFileError
-from ..image import Image
+from ..errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxClosedError, SandboxFileError
+from ..image import Image, Service
 from ..store import Store
-from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, Snapshot
+from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, ServiceStatus, Snapshot
 
 LOGIN_SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
 """What ``interactive()`` runs when given no command."""
@@ -202,8 +202,44 @@ class SandboxBase(Sandbox):
     id: str
     _closed: bool
 
+    @property
+    def running_services(self) -> list[Service]:
+        """The services started in this sandbox, in order (its snapshot's, then a build step's)."""
+        found: list[Service] = self.__dict__.setdefault("_running_services", [])
+        return found
+
+    @running_services.setter
+    def running_services(self, value: list[Service]) -> None:
+        self.__dict__["_running_services"] = value
+
     def __enter__(self: _S) -> _S:
         return self
+
+    def _start_services(self) -> None:
+        """Start the snapshot's services in recipe order, each ready before the next starts."""
+        self.running_services = []
+        for svc in self.snapshot_of.services:
+            _services.start(self, svc, self.snapshot_of.short)
+            self.running_services.append(svc)
+
+    def _stop_services(self) -> list[Service]:
+        """Stop every running service cleanly (last first); returns them, for a restart."""
+        running, self.running_services = list(self.running_services), []
+        _services.stop_all(self, running)
+        return running
+
+    @property
+    def services(self) -> dict[str, ServiceStatus]:
+        """Each service of this sandbox: ``ready``, ``not ready`` or ``stopped``, and its log."""
+        self._check_open()
+        known = list(self.snapshot_of.services)
+        known += [s for s in self.running_services if s not in known]
+        return _services.status(self, known)
+
+    def expose(self, port: int) -> tuple[str, int]:
+        """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
+        loopback (TCP), open until the sandbox closes."""
+        raise EngineUnavailableError(f"the {type(self).__name__} cannot expose ports")
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
@@ -247,6 +283,16 @@ class SandboxBase(Sandbox):
         first and last halves, with a marker between them, and ``truncated`` set.
         """
         return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)
+
+
+def refuse_services(image: Image, backend: str) -> None:
+    """Services in snapshots run on the local engine only, so far: say so before building."""
+    names = [s.args[0] for s in image.steps if s.kind == "service"]
+    if names:
+        raise EngineUnavailableError(
+            f"the {backend} backend does not run recipe services yet ({', '.join(names)}): use the local "
+            "engine (--sandbox-backend=local), or start the server in the test with sandbox.exec()"
+        )
 
 
 LABEL = "pytest-sandbox"

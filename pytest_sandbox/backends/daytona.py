@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -47,6 +48,7 @@ from ..types import (
     LogCallback,
     Snapshot,
     Usage,
+    show_limit,
 )
 from ._base import (
     KILL_TREE_SH,
@@ -54,6 +56,7 @@ from ._base import (
     RemoteBackend,
     SandboxBase,
     exec_result,
+    refuse_services,
     resolve_snapshot,
 )
 from ._daytona_fs import DaytonaFS
@@ -112,17 +115,39 @@ def _sdk() -> Any:
     return daytona
 
 
-def _remote_name(key: str) -> str:
-    return PREFIX + key
+def _remote_name(key: str, sizes: str = "") -> str:
+    return PREFIX + key + sizes
 
 
-def _recipe_meta(image: Image) -> list[dict[str, Any]]:
+_GIB = 1 << 30
+
+
+def _resources(limits: Limits) -> dict[str, int]:
+    """``limits`` as Daytona sizes a sandbox: whole cores, whole GiB of memory and of disk
+    (rounded up). Only the limits given: Daytona's own defaults hold for the rest."""
+    out = {}
+    if limits.cpus is not None:
+        out["cpu"] = max(1, math.ceil(limits.cpus))
+    if limits.memory_bytes is not None:
+        out["memory"] = max(1, -(-limits.memory_bytes // _GIB))
+    if limits.disk_bytes is not None:
+        out["disk"] = max(1, -(-limits.disk_bytes // _GIB))
+    return out
+
+
+def _sizes_tag(resources: Mapping[str, int]) -> str:
+    """The part of a remote snapshot name that says its resources: the same recipe with other
+    sizes is another Daytona snapshot, not the cached one of other sizes."""
+    return "".join(f"-{k[0]}{v}" for k, v in sorted(resources.items()))
+
+
+def _recipe_meta(image: Image, sizes: str = "") -> list[dict[str, Any]]:
     """Per prefix of the steps: its env, workdir, description, parent key and the Daytona snapshot
     holding its files (steps that only set env share their parent's)."""
     keys = image.prefix_keys()
     env: dict[str, str] = {}
     workdir = "/"
-    remote = _remote_name(keys[0])
+    remote = _remote_name(keys[0], sizes)
     rows: list[dict[str, Any]] = [
         {
             "env": {},
@@ -136,7 +161,7 @@ def _recipe_meta(image: Image) -> list[dict[str, Any]]:
         if step.kind == "env":
             env = {**env, **dict(step.env)}
         else:
-            remote = _remote_name(keys[i])
+            remote = _remote_name(keys[i], sizes)
         if step.kind == "workdir":
             workdir = str(step.args[0])
         rows.append(
@@ -158,6 +183,10 @@ class DaytonaBackend(RemoteBackend):
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None, *, limits: Limits | None = None) -> None:
         self.limits = (limits or Limits()).over(DEFAULT_LIMITS)
+        # Daytona sizes a sandbox by its snapshot: the limits given here size the snapshots this
+        # backend builds. The local defaults (half of *this* machine's memory) mean nothing there.
+        self.asked = limits or Limits()
+        self.resources = _resources(self.asked)
         sdk = _sdk()  # first: a missing SDK must give its own clear error
         self._sdk = sdk
         if not (os.environ.get("DAYTONA_API_KEY") or os.environ.get("DAYTONA_JWT_TOKEN")):
@@ -315,7 +344,7 @@ class DaytonaBackend(RemoteBackend):
         snap = snapshot if isinstance(snapshot, Snapshot) else self.get_snapshot(snapshot)
         name = snap.base.get("snapshot", "")
         # Env-only steps share their parent's Daytona snapshot: only the owner of the name deletes it.
-        if name == _remote_name(snap.key):
+        if name.startswith(_remote_name(snap.key)):
             remote = self._remote(name)
             if remote is not None:
                 self.call("delete a snapshot", self.client.snapshot.delete, remote)
@@ -327,8 +356,9 @@ class DaytonaBackend(RemoteBackend):
         machine) reuse them. A snapshot another machine is building is waited for."""
         if not isinstance(image, Image):
             raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
+        refuse_services(image, self.name)
         keys = image.prefix_keys()
-        metas = dict(zip(keys, _recipe_meta(image), strict=True))
+        metas = dict(zip(keys, _recipe_meta(image, _sizes_tag(self.resources)), strict=True))
 
         def get(key: str) -> Snapshot | None:
             meta = metas[key]
@@ -377,7 +407,8 @@ class DaytonaBackend(RemoteBackend):
         source = self._daytona_image(image, key)
         desc = meta["description"]
         log(f"[0/{len(image.steps)}] {desc}")
-        params = sdk.CreateSnapshotParams(name=meta["remote"], image=source)
+        resources = sdk.Resources(**self.resources) if self.resources else None
+        params = sdk.CreateSnapshotParams(name=meta["remote"], image=source, resources=resources)
         try:
             snap = self.call(
                 "build a snapshot",
@@ -448,11 +479,11 @@ class DaytonaBackend(RemoteBackend):
     ) -> DaytonaSandbox:
         """A new Daytona sandbox from a snapshot (an Image is built first); no network unless asked.
 
-        ``limits`` are recorded but not sent: Daytona sizes a sandbox by its snapshot's resources,
-        which this backend does not set yet (``sb.limits`` says so)."""
+        Daytona sizes a sandbox by its snapshot: the backend's limits size the snapshots it builds,
+        and ``limits`` other than those cannot be applied here (``sb.limits`` says so)."""
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
-        wanted = self.limits if limits is None else limits.over(self.limits)
+        wanted = self.asked if limits is None else limits.over(self.asked)
         return DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
 
     def usage(self, snapshot: Snapshot) -> Usage:
@@ -506,10 +537,10 @@ class DaytonaSandbox(SandboxBase):
         network: bool,
         env: dict[str, str],
         sdk_sandbox: Any = None,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: Limits | None = None,
     ) -> None:
         self.backend = backend
-        self._limits = limits
+        self._limits = backend.asked if limits is None else limits
         self.snapshot_of = snapshot
         self.network = network
         self.history: list[ExecResult] = []
@@ -536,9 +567,32 @@ class DaytonaSandbox(SandboxBase):
 
     @property
     def limits(self) -> dict[str, LimitStatus]:
-        """The limits asked for; Daytona applies its snapshot's resources instead (not these)."""
-        why = "Daytona sizes sandboxes by their snapshot's resources; this backend does not map limits yet"
-        return {name: LimitStatus(name, value, False, why) for name, value in self._limits.items()}
+        """What Daytona gave this sandbox (its snapshot's resources), and whether that is what was
+        asked: Daytona sizes in whole cores and GiB, by snapshot, and has no process limit."""
+        given = {  # what Daytona gave, and in which of its units that was asked
+            "cpus": (float(self.sdk.cpu or 0), "cpu", 1),
+            "memory": (int(self.sdk.memory or 0) * _GIB, "memory", _GIB),
+            "disk": (int(self.sdk.disk or 0) * _GIB, "disk", _GIB),
+        }
+        asked = dict(self._limits.items())
+        want = _resources(self._limits)
+        out: dict[str, LimitStatus] = {}
+        if "pids" in asked:
+            out["pids"] = LimitStatus("pids", asked["pids"], False, "Daytona sets no process limit")
+        for name, (have, unit, scale) in given.items():
+            if name not in asked:
+                out[name] = LimitStatus(name, have, True, "Daytona resources of the snapshot (its defaults)")
+            elif want[unit] * scale == have:
+                out[name] = LimitStatus(name, have, True, "Daytona resources of the snapshot, in whole units")
+            else:
+                out[name] = LimitStatus(
+                    name,
+                    asked[name],
+                    False,
+                    f"Daytona sized this sandbox by its snapshot ({show_limit(name, have)}); give the backend "
+                    "these limits (--sandbox-limits) so that it builds snapshots of that size",
+                )
+        return out
 
     def __repr__(self) -> str:
         return f"<DaytonaSandbox {self.id} of {self.snapshot_of.short}>"
@@ -676,7 +730,9 @@ class DaytonaSandbox(SandboxBase):
         labels = b.labels(**{f"{LABEL}.key": self.snapshot_of.key})
         if any(child.labels.get(k) != v for k, v in labels.items()):
             b.call("label a fork", child.set_labels, {**child.labels, **labels})
-        return DaytonaSandbox(b, self.snapshot_of, network=self.network, env=self._extra_env, sdk_sandbox=child)
+        return DaytonaSandbox(
+            b, self.snapshot_of, network=self.network, env=self._extra_env, sdk_sandbox=child, limits=self._limits
+        )
 
     def close(self) -> None:
         """Delete the sandbox and everything running in it. Idempotent."""

@@ -63,6 +63,7 @@ from ._base import (
     exec_result,
     extract_tar,
     file_error,
+    refuse_services,
     resolve_snapshot,
     sandbox_path,
     stat_info,
@@ -274,6 +275,7 @@ class DockerBackend(RemoteBackend):
 
         ``rebuild`` works as on the local engine: steps are rebuilt, the base is kept.
         """
+        refuse_services(image, self.name)
         return build_recipe(
             image,
             get=self._get,

@@ -33,19 +33,24 @@ from ..engine import layers as _layers
 from ..engine import pause as _pause
 from ..engine.bases import Bases
 from ..engine.cgroups import Cgroup
+from ..engine.disk import Disk
+from ..engine.expose import Exposure, Forwarder, SocketMaker
 from ..engine.host import DEFAULT_ENV, HOLDER, Host, UserNamespace
 from ..engine.ids import IdMap
 from ..engine.limits import rlimits_for
 from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
 from ..engine.spawn import Confined, Spawner
-from ..errors import SandboxClosedError, SandboxError, say_once
+from ..errors import ConfigError, SandboxClosedError, SandboxError, ServiceError, say_once
 from ..image import Image, Step
 from ..store import Store, disk_usage, format_size, new_id, rmtree
 from ..types import DEFAULT_LIMITS, ExecResult, Limits, LimitStatus, LogCallback, Snapshot, Usage
 from ._base import LOGIN_SHELL, BackendBase, SandboxBase, exec_result, resolve_snapshot
 
 __all__ = ["LocalBackend", "LocalSandbox"]
+
+# docker's default --shm-size: /dev/shm is memory outside the disk limit, so it gets a small one.
+SHM_SIZE = 64 << 20
 
 
 class LocalBackend(BackendBase):
@@ -67,6 +72,10 @@ class LocalBackend(BackendBase):
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
         self._closed = False
+        self._forwarder = Forwarder()
+        self._maker: SocketMaker | None = None
+        # A snapshot whose services failed fails every later create() at once, not after a wait.
+        self._service_failures: dict[str, ServiceError] = {}
         self._slots: Spares[tuple[Cgroup, Confined]] = Spares(self._new_slot, _drop_slot)
         self._pool: WarmPool[LocalSandbox] = WarmPool(
             lambda snap: LocalSandbox(self, snap, network=False, env={}, limits=self.limits)
@@ -100,6 +109,16 @@ class LocalBackend(BackendBase):
         except BaseException:
             cg.remove()
             raise
+
+    def socket_maker(self) -> SocketMaker:
+        """The helper that makes sockets inside sandboxes' networks (started on first need)."""
+        with self._lock:
+            if self._maker is None:
+                enter = []
+                if self.rootless:  # the sandboxes' user namespace holds the right to enter them
+                    enter = [self.host.nsenter, "-t", str(self.userns.pid), "-U", "--preserve-credentials", "--"]
+                self._maker = SocketMaker(enter)
+            return self._maker
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """The size of ``snapshot``'s own layer and when a sandbox last started from it."""
@@ -180,6 +199,7 @@ class LocalBackend(BackendBase):
                 workdir=workdir,
                 parent=parent.key,
                 description=step.describe(),
+                services=parent.services,
             )
             with self.store.shared():
                 self.store.put(snap)
@@ -207,6 +227,9 @@ class LocalBackend(BackendBase):
         """
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
+        failed = self._service_failures.get(snapshot.key)
+        if failed is not None:
+            raise ServiceError(failed.name, failed.snapshot, failed.reason + " (as before)", failed.log)
         wanted = self.limits if limits is None else limits.over(self.limits)
         # Spares run with the backend's limits: another set gets a sandbox of its own.
         sb = self._pool.take(snapshot) if not network and wanted == self.limits else None
@@ -227,6 +250,9 @@ class LocalBackend(BackendBase):
         self._slots.close()
         for sb in list(self._live):
             sb.close()
+        self._forwarder.close()
+        if self._maker is not None:
+            self._maker.close()
         if self._ephemeral:
             with contextlib.suppress(Exception):
                 self.store.remove(self._ephemeral)
@@ -262,6 +288,7 @@ class LocalSandbox(SandboxBase):
         self._env = {**DEFAULT_ENV, **dict(snapshot.env), **env}
         self._closed = False
         self._fs: SafeFS | None = None
+        self._exposed: dict[int, Exposure] = {}
         store = backend.store
         with store.shared():
             if not all(store.layer_path(x).is_dir() for x in snapshot.layers):
@@ -269,20 +296,32 @@ class LocalSandbox(SandboxBase):
                     f"snapshot {snapshot.short} lost its layers (removed or pruned); build it again"
                 )
             self._dir = store.register_sandbox(self.id, {"layers": list(snapshot.layers), "snapshot": snapshot.key})
+        # Where the writable layer lives (its disk, once mounted), as the host and as bwrap see it.
+        self._disk: Disk | None = None
+        self._scratch, self._scratch_launch = self._dir, backend.launch_path(self._dir)
         try:
             self._confine()
             self._start()
         except BaseException:
-            store.discard(self._dir, then=self._drop_cgroup)
+            store.discard(self._dir, then=self._release)
             raise
         store.touch(snapshot)
+        try:
+            self._start_services()
+        except ServiceError as exc:
+            backend._service_failures.setdefault(snapshot.key, exc)
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
 
     def _set_env(self, env: dict[str, str]) -> None:
         self._extra_env = env
         self._env = {**DEFAULT_ENV, **dict(self.snapshot_of.env), **env}
 
     def _confine(self) -> None:
-        """The sandbox's cgroup and limits (or, without cgroups, the rlimits that can stand in)."""
+        """The sandbox's cgroup, disk and limits (or, without cgroups, the rlimits that stand in)."""
         host = self.backend.host
         if host.cgroups.usable:
             # A cgroup made ahead of need, its helper already inside: only the limits are set here.
@@ -292,19 +331,35 @@ class LocalSandbox(SandboxBase):
         else:
             why = host.cgroups.reason
             self._prlimit, self._status = rlimits_for(self._limits, host.prlimit)
+        size = self._limits.disk_bytes
+        if size is not None:
+            self._status["disk"] = self._make_disk(size)
         for name, value in self._limits.items():
             if name not in self._status:
-                reason = "the local engine does not limit disk yet" if name == "disk" else why
-                self._status[name] = LimitStatus(name, value, False, reason)
+                self._status[name] = LimitStatus(name, value, False, why)
         unenforced = [s for s in self._status.values() if not s.enforced]
         if unenforced:
             say_once("; ".join(str(s) for s in unenforced))
 
-    def _drop_cgroup(self) -> None:
+    def _make_disk(self, size: int) -> LimitStatus:
+        disks = self.backend.host.disks
+        if not disks.usable:
+            return LimitStatus("disk", size, False, disks.reason)
+        try:
+            self._disk = disks.make(self._dir, size)
+        except SandboxError as exc:
+            return LimitStatus("disk", size, False, str(exc))
+        self._scratch, self._scratch_launch = self._disk.path, self._disk.launch
+        return LimitStatus("disk", size, True, self._disk.how)
+
+    def _release(self) -> None:
+        """What the sandbox holds outside its directory: its helper, cgroup and disk mount."""
         if self._helper is not None:
             self._helper.close()
         if self._cgroup is not None:
             self._cgroup.remove()
+        if self._disk is not None:
+            self._disk.release()
 
     @property
     def limits(self) -> dict[str, LimitStatus]:
@@ -317,12 +372,16 @@ class LocalSandbox(SandboxBase):
     def _start(self) -> None:
         b = self.backend
         argv = b.bwrap_launcher()
-        argv += b.host.mount_args(self.snapshot_of, self._dir)
+        argv += b.host.mount_args(self.snapshot_of, self._scratch, self._scratch_launch)
         argv += [
             "--proc",
             "/proc",
             "--dev",
             "/dev",
+            "--perms",
+            "1777",
+            "--size",
+            str(SHM_SIZE),
             "--tmpfs",
             "/dev/shm",
             *b.host.kernel_view,
@@ -478,6 +537,24 @@ class LocalSandbox(SandboxBase):
         code = child.wait()
         return 128 - code if code < 0 else code
 
+    def expose(self, port: int) -> tuple[str, int]:
+        """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
+        loopback (TCP: a database, an HTTP server), open until the sandbox closes. A networked
+        sandbox shares the host's network: its ports are reachable as they are."""
+        self._check_open()
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"expose() takes a TCP port number (1-65535), got {port!r}")
+        if self.network:
+            return ("127.0.0.1", port)
+        with self.backend._lock:
+            exp = self._exposed.get(port)
+        if exp is None:
+            maker, pid = self.backend.socket_maker(), self.pid
+            exp = self.backend._forwarder.open(port, lambda: maker.socket_in(pid))
+            with self.backend._lock:
+                self._exposed[port] = exp
+        return exp.address
+
     @property
     def fs(self) -> SafeFS:
         """Files inside the sandbox (read, write, upload, download, listdir, exists, remove)."""
@@ -502,18 +579,21 @@ class LocalSandbox(SandboxBase):
     ) -> Snapshot:
         self._check_open()
         b, store, parent = self.backend, self.backend.store, self.snapshot_of
+        services = tuple(parent.services) + tuple(s for s in self.running_services if s not in parent.services)
+        # Stopped cleanly first: the copy holds a shut-down service, so forks never pay recovery.
+        self._stop_services()
         tmp = store.tmp_dir()
         try:
             changed = False
             # Stopped processes cannot change, rename or swap what is being copied.
             with _pause.paused(self.pid, self._cgroup):
-                for sub in sorted((self._dir / "u").iterdir()):
+                for sub in sorted((self._scratch / "u").iterdir()):
                     if any(sub.iterdir()):
                         dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
                         _layers.copy_tree(sub, dest)
                         changed = True
                 if changed:  # the layer's top directory is the sandbox's /, whatever was copied
-                    _layers.copy_tree(self._dir / "u" / "root", tmp / "layer", top_only=True)
+                    _layers.copy_tree(self._scratch / "u" / "root", tmp / "layer", top_only=True)
             layers = list(parent.layers)
             with store.shared():
                 if changed:
@@ -532,6 +612,7 @@ class LocalSandbox(SandboxBase):
                     description=description or f"snapshot of sandbox {self.id}",
                     name=name,
                     owner=store.owner if ephemeral else None,
+                    services=services,
                 )
                 store.put(snap)
             if ephemeral:
@@ -544,14 +625,21 @@ class LocalSandbox(SandboxBase):
         """Freeze this sandbox's current files into a new snapshot; the sandbox keeps running.
 
         Costs what changed since the sandbox started, not the image size. Processes are not
-        part of a snapshot: sandboxes created from it start with only the files.
+        part of a snapshot, but services are: they are stopped cleanly for the copy and started
+        again here, and every sandbox created from the snapshot starts them.
         """
-        return self._freeze(name=name)
+        try:
+            return self._freeze(name=name)
+        finally:
+            self._start_services()
 
     def fork(self) -> LocalSandbox:
         """A new sandbox from this one's current state (an ephemeral snapshot, removed when the
         backend closes). Branches see the state, not each other's later writes."""
-        snap = self._freeze(ephemeral=True, description=f"fork of sandbox {self.id}")
+        try:
+            snap = self._freeze(ephemeral=True, description=f"fork of sandbox {self.id}")
+        finally:
+            self._start_services()
         return self.backend.create(snap, network=self.network, env=self._extra_env, limits=self._limits)
 
     def close(self) -> None:
@@ -559,6 +647,9 @@ class LocalSandbox(SandboxBase):
         if self._closed:
             return
         self._closed = True
+        for exp in list(self._exposed.values()):
+            with contextlib.suppress(Exception):
+                exp.close()
         with contextlib.suppress(ProcessLookupError, AttributeError):
             os.kill(self.pid, 9)  # pid 1 of the sandbox's pid namespace: the kernel kills the rest
         proc = getattr(self, "_proc", None)
@@ -568,7 +659,7 @@ class LocalSandbox(SandboxBase):
                 proc.stdin.close()
         # Reaping bwrap and deleting the writable layer happen in the background: the namespace is
         # already dead, and a test suite should not wait for its teardown.
-        self.backend.store.discard(self._dir, wait_for=proc, then=self._drop_cgroup)
+        self.backend.store.discard(self._dir, wait_for=proc, then=self._release)
         with self.backend._lock:
             self.backend._live.discard(self)
 

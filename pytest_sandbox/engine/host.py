@@ -20,6 +20,7 @@ from ..store import Store, new_id, write_atomic
 from ..types import Snapshot
 from . import seccomp
 from .cgroups import Cgroups
+from .disk import Disks
 from .ids import IdMap, root_map
 from .spawn import Spawner
 
@@ -151,7 +152,10 @@ class UserNamespace:
                 f"if libc.mount({str(store_root).encode()!r},{MOUNT_POINT.encode()!r},None,0x1000,None)!=0:"
                 " fail('bind the store')",
             ]
-        lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')", "os.write(1,b'u')"]
+            lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')"]
+        else:  # with a mount namespace of its own, for the sandboxes' disks (engine/disk.py)
+            lines += ["if libc.unshare(0x10000000|0x20000)!=0: fail('unshare')"]
+        lines += ["os.write(1,b'u')"]
         self.helper = Helper(lines, reply=True)
         answer = self.helper.read_reply()
         if answer != b"u":
@@ -209,6 +213,12 @@ class Host:
         self._userns: UserNamespace | None = None
         self._lock = threading.Lock()
         self.spawner = Spawner()
+        self.disks = Disks(
+            rootless=self.ids is None,
+            nsenter=self._nsenter,
+            helper_pid=lambda: self.userns.pid,
+            launch_path=self.launch_path,
+        )
         self.prlimit = shutil.which("prlimit") or next(
             (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
         )
@@ -263,11 +273,12 @@ class Host:
     def bwrap_launcher(self) -> list[str]:
         """The command line that starts bwrap the way every sandbox is started.
 
-        bwrap starts inside the helper's user namespace (and, as root, its mount namespace, where
-        the store is), as root there: rootless keeping our ids, as root dropping to the range's.
+        bwrap starts inside the helper's user and mount namespaces (where, as root, the store is,
+        and where the sandboxes' disks are mounted), as root there: rootless keeping our ids, as
+        root dropping to the range's.
         Entering it with nsenter, rather than bwrap --userns FD, leaves no fd of it inside.
         """
-        enter = ["-U", "--preserve-credentials"] if self.ids is None else ["-U", "-m"]
+        enter = ["-U", "--preserve-credentials", "-m"] if self.ids is None else ["-U", "-m"]
         return [self._nsenter, "-t", str(self.userns.pid), *enter, "--", self.bwrap_launch]
 
     def launch_path(self, path: Path) -> str:
@@ -280,7 +291,9 @@ class Host:
     def nsenter(self) -> str:
         return self._nsenter
 
-    def mount_args(self, snap: Snapshot, run_dir: Path) -> list[str]:
+    def mount_args(self, snap: Snapshot, scratch: Path, launch: str) -> list[str]:
+        """bwrap's overlay options for ``snap``, with upper and work directories made in
+        ``scratch`` (the sandbox's directory, or its disk), which bwrap sees at ``launch``."""
         args: list[str] = []
         layers = [self.store.layer_path(layer) for layer in snap.layers]
         mounts: list[tuple[str, str, list[str]]] = [("root", "/", [self.launch_path(p) for p in layers])]
@@ -289,7 +302,7 @@ class Host:
                 subs = [f"/{d}"] + [self.launch_path(p / d) for p in layers[1:] if (p / d).is_dir()]
                 mounts.append((d, f"/{d}", subs))
         for name, target, lowers in mounts:
-            upper, work = run_dir / "u" / name, run_dir / "w" / name
+            upper, work = scratch / "u" / name, scratch / "w" / name
             upper.mkdir(parents=True)
             work.mkdir(parents=True)
             if self.ids is not None:  # sandbox root mounts the overlay and owns its upper layer
@@ -297,7 +310,7 @@ class Host:
                     os.chown(d, *self.ids.root)
             for lower in lowers:
                 args += ["--overlay-src", lower]
-            args += ["--overlay", self.launch_path(upper), self.launch_path(work), target]
+            args += ["--overlay", f"{launch}/u/{name}", f"{launch}/w/{name}", target]
         return args
 
     def needs_squash(self, layers: Sequence[str]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
@@ -23,53 +24,96 @@ T = TypeVar("T")
 class WarmPool(Generic[S]):
     """Sandboxes started ahead of time for snapshots that are forked again and again.
 
-    A snapshot forked a second time gets one pre-started sandbox (network off, the default)
-    waiting for its next create(), refilled by a background thread: what a test suite sees as
-    fork time is then only the handover. One-off snapshots (a search tree's nodes) never pay
-    for a spare.
+    A snapshot forked a second time gets a pre-started sandbox (network off, the default, and
+    its services ready) waiting for its next create(), refilled by background threads: what a
+    test suite sees as fork time is then only the handover. A create() that finds none ready
+    asks for one more to be kept for that snapshot, up to ``max_depth``; at most ``max_spares``
+    wait or are being started at once over all snapshots, so the pool never holds more live
+    services than a machine of this size can run. One-off snapshots (a search tree's nodes)
+    never pay for a spare.
     """
 
     HOT_AFTER = 2
 
-    def __init__(self, start: Callable[[Snapshot], S]) -> None:
+    def __init__(self, start: Callable[[Snapshot], S], max_depth: int = 4, max_spares: int | None = None) -> None:
         self._start = start
         self._lock = threading.Lock()
-        self._ready: dict[str, S] = {}
+        self._ready: dict[str, list[S]] = {}
         self._uses: dict[str, int] = {}
-        self._pending: set[str] = set()
+        self._depth: dict[str, int] = {}
+        self._filling: dict[str, int] = {}
+        self._fills: set[threading.Thread] = set()
         self._closed = False
+        cores = os.cpu_count() or 1
+        self.max_depth = max_depth
+        self.max_spares = max_spares if max_spares is not None else max(2, min(8, 2 * cores))
+        # Starts run side by side up to the number of cores: more only queue for the CPU.
+        self._parallel = max(1, min(cores, 4))
 
     def take(self, snap: Snapshot) -> S | None:
+        key = snap.key
         with self._lock:
-            self._uses[snap.key] = uses = self._uses.get(snap.key, 0) + 1
-            sb = self._ready.pop(snap.key, None)
-            refill = uses >= self.HOT_AFTER and snap.key not in self._pending and not self._closed
-            if refill:
-                self._pending.add(snap.key)
+            self._uses[key] = uses = self._uses.get(key, 0) + 1
+            ready = self._ready.get(key, [])
+            sb = ready.pop(0) if ready else None
+            starts = 0
+            if uses >= self.HOT_AFTER and not self._closed:
+                depth = self._depth.get(key, 1)
+                if sb is None and uses > self.HOT_AFTER:  # a miss on a hot snapshot: keep one more
+                    depth = self._depth[key] = min(depth + 1, self.max_depth)
+                filling = self._filling.get(key, 0)
+                held = sum(len(x) for x in self._ready.values()) + sum(self._filling.values())
+                starts = max(0, min(depth - len(ready) - filling, self._parallel - filling, self.max_spares - held))
+                self._filling[key] = filling + starts
+            threads = [
+                threading.Thread(target=self._fill, args=(snap,), daemon=True, name="sandbox-pool")
+                for _ in range(starts)
+            ]
+            self._fills.update(threads)
         if sb is not None and not sb.alive():  # died while waiting: do not hand it out
             sb.close()
             sb = None
-        if refill:
-            threading.Thread(target=self._fill, args=(snap,), daemon=True, name="sandbox-pool").start()
+        for t in threads:
+            t.start()
         return sb
 
     def _fill(self, snap: Snapshot) -> None:
-        try:
-            sb = self._start(snap)
-        except Exception:  # the next create() reports the problem itself, in the caller's thread
-            sb = None
-        with self._lock:
-            self._pending.discard(snap.key)
-            if sb is not None and not self._closed and snap.key not in self._ready:
-                self._ready[snap.key] = sb
+        key = snap.key
+        while True:
+            try:
+                sb: S | None = self._start(snap)
+            except Exception:  # the next create() reports the problem itself, in the caller's thread
                 sb = None
-        if sb is not None:
-            sb.close()
+            with self._lock:
+                if sb is not None and not self._closed:
+                    self._ready.setdefault(key, []).append(sb)
+                    sb = None
+                ready = self._ready.get(key, [])
+                held = sum(len(x) for x in self._ready.values()) + sum(self._filling.values())
+                again = (
+                    not self._closed
+                    and sb is None
+                    and len(ready) + self._filling[key] - 1 < self._depth.get(key, 1)
+                    and held - 1 < self.max_spares
+                )
+                if not again:
+                    self._filling[key] -= 1
+                    self._fills.discard(threading.current_thread())
+            if sb is not None:
+                sb.close()
+            if not again:
+                return
 
     def close(self) -> None:
+        """Close the spares, after the ones being started: a start that finished after close()
+        would hold its cgroup and disk past the backend's own clean-up."""
         with self._lock:
             self._closed = True
-            spares = list(self._ready.values())
+            fills = list(self._fills)
+        for t in fills:
+            t.join(timeout=60)
+        with self._lock:
+            spares = [sb for ready in self._ready.values() for sb in ready]
             self._ready.clear()
         for sb in spares:
             sb.close()
@@ -120,9 +164,13 @@ class Spares(Generic[T]):
                 return
 
     def close(self) -> None:
+        """Discard the spares, after the one being made (it is discarded as it finishes)."""
         with self._lock:
             self._closed = True
             spares, self._ready = self._ready, []
+            thread = self._thread
         self._wanted.set()
         for item in spares:
             self._discard(item)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)

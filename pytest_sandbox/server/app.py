@@ -248,7 +248,10 @@ class Api:
         name, image_name, info = body.text("name"), body.opt_text("imageName"), body.opt_obj("buildInfo")
         dockerfile = info.text("dockerfileContent") if info else None
         context = bool(info.text_list("contextHashes")) if info else False
-        rec = await self._call(self._meta, lambda: self.state.create_snapshot(name, image_name, dockerfile, context))
+        sizes = {k: body.opt_int(k) for k in ("cpu", "memory", "disk")}
+        rec = await self._call(
+            self._meta, lambda: self.state.create_snapshot(name, image_name, dockerfile, context, sizes)
+        )
         return _ok(models.snapshot_json(rec))
 
     async def no_object_storage(self, request: web.Request) -> web.Response:

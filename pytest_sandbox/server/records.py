@@ -39,6 +39,10 @@ class SnapshotRecord:
     updated: float = field(default_factory=time.time)
     error: str | None = None
     source_sandbox_id: str | None = None
+    cpu: int = 1
+    """Cores, GiB of memory and GiB of disk of the sandboxes made from it (Daytona's defaults)."""
+    memory: int = 1
+    disk: int = 10
     logs: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

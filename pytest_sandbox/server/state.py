@@ -13,7 +13,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import filelock
@@ -152,17 +152,24 @@ class EndpointState:
             raise ApiError(400, str(exc)) from exc
 
     def create_snapshot(
-        self, name: str, image_name: str | None, dockerfile: str | None, has_context: bool = False
+        self,
+        name: str,
+        image_name: str | None,
+        dockerfile: str | None,
+        has_context: bool = False,
+        sizes: Mapping[str, int | None] | None = None,
     ) -> SnapshotRecord:
         """Start building a snapshot from an image reference or a Dockerfile; it is ``pending``
-        until the build thread takes it, then ``building``, then ``active`` or ``build_failed``."""
+        until the build thread takes it, then ``building``, then ``active`` or ``build_failed``.
+        ``sizes`` (cpu, memory, disk) are those of every sandbox made from it."""
         if has_context:
             raise ApiError(400, "COPY/ADD of local files is not supported by the local Daytona endpoint")
         image = self._image(dockerfile or None, image_name or "")
+        rec = SnapshotRecord(id=str(uuid.uuid4()), name=name, image_name=image_name or name)
+        _set_sizes(rec, sizes or {})
         with self._lock:
             if any(r.name == name for r in self._snaps.values()):
                 raise ApiError(409, f"Snapshot with name {name} already exists")
-            rec = SnapshotRecord(id=str(uuid.uuid4()), name=name, image_name=image_name or name)
             self._snaps[rec.id] = rec
 
         def work() -> None:
@@ -228,12 +235,9 @@ class EndpointState:
             auto_stop=15 if spec.auto_stop is None else spec.auto_stop,
             auto_delete=-1 if spec.auto_delete is None else spec.auto_delete,
         )
-        for name in ("cpu", "memory", "disk"):
-            value = getattr(spec, name)
-            if value is not None:
-                if value < 1:
-                    raise ApiError(400, f"{name} must be at least 1, got {value}")
-                setattr(box, name, value)
+        if image is None and spec.snapshot:  # Daytona sizes a sandbox by its snapshot
+            box.cpu, box.memory, box.disk = rec.cpu, rec.memory, rec.disk
+        _set_sizes(box, {name: getattr(spec, name) for name in ("cpu", "memory", "disk")})
         self._register(box)
         if image is not None:
             box.state = "pending_build"
@@ -358,6 +362,7 @@ class EndpointState:
             if any(r.name == name for r in self._snaps.values()):
                 raise ApiError(409, f"Snapshot with name {name} already exists")
             rec = SnapshotRecord(id=str(uuid.uuid4()), name=name, image_name=name, source_sandbox_id=box.id)
+            rec.cpu, rec.memory, rec.disk = box.cpu, box.memory, box.disk  # its sandboxes' sizes
             self._snaps[rec.id] = rec
         try:
             with box.lock:
@@ -405,3 +410,13 @@ class EndpointState:
         for box in boxes:
             with contextlib.suppress(Exception):  # the others must still go
                 self._destroy(box)
+
+
+def _set_sizes(rec: SnapshotRecord | SandboxRecord, sizes: Mapping[str, int | None]) -> None:
+    """Set the cpu, memory and disk a request gave (whole cores and GiB, at least 1)."""
+    for name in ("cpu", "memory", "disk"):
+        value = sizes.get(name)
+        if value is not None:
+            if value < 1:
+                raise ApiError(400, f"{name} must be at least 1, got {value}")
+            setattr(rec, name, value)

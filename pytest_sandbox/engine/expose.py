@@ -1,0 +1,197 @@
+"""Reaching a port on a sandbox's loopback from the host: ``sandbox.expose(port)``.
+
+A sandbox without network has a network namespace of its own with only loopback, which no host
+process can connect into. Two parts bridge it:
+
+- :class:`SocketMaker`, a small process that may enter the sandboxes' network namespaces (root
+  may; rootless it lives in the sandboxes' user namespace, where it holds that right). Asked
+  for a sandbox's init pid, it makes a TCP socket inside that namespace and passes the file
+  descriptor back over a Unix socket. A socket keeps the namespace it was made in, so the
+  runner connects it itself. The maker exits when the runner does (EOF on its socket).
+- :class:`Forwarder`, one asyncio loop thread per backend: a listener on host 127.0.0.1 per
+  exposed port, each accepted connection piped to a socket from the maker, with flow control
+  (asyncio streams; the standard library's, so no dependency for a few dozen lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from ..errors import SandboxError
+
+__all__ = ["Exposure", "Forwarder", "SocketMaker"]
+
+_MAKER = """
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ch = socket.socket(fileno=int(sys.argv[1]))
+home = os.open("/proc/self/ns/net", os.O_RDONLY)
+while True:
+    msg = ch.recv(64)
+    if not msg:
+        break
+    try:
+        fd = os.open("/proc/%d/ns/net" % int(msg), os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            libc.setns(home, 0x40000000)
+            os.close(fd)
+        socket.send_fds(ch, [b"ok"], [s.fileno()])
+        s.close()
+    except Exception as exc:
+        ch.send(("error: %s" % exc).encode())
+"""
+
+
+class SocketMaker:
+    """Makes TCP sockets inside sandboxes' network namespaces (see the module docstring).
+
+    ``launcher`` is the command line it starts through: nothing as root, ``nsenter`` into the
+    sandboxes' user namespace rootless.
+    """
+
+    def __init__(self, launcher: Sequence[str]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        try:
+            self._proc = subprocess.Popen(
+                [*launcher, sys.executable, "-c", _MAKER, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def socket_in(self, pid: int) -> socket.socket:
+        """A new, unconnected TCP socket in the network namespace of process ``pid``."""
+        with self._lock:
+            try:
+                self._sock.send(str(pid).encode())
+                msg, fds, _flags, _addr = socket.recv_fds(self._sock, 512, 1)
+            except OSError as exc:
+                raise SandboxError(f"the port forwarder's helper is gone ({exc}); open a new backend") from exc
+        if not fds:
+            reason = msg.decode(errors="replace") or "its helper exited"
+            raise SandboxError(f"cannot reach into the sandbox's network: {reason}")
+        return socket.socket(fileno=fds[0])
+
+    def close(self) -> None:
+        self._sock.close()
+        with contextlib.suppress(Exception):
+            self._proc.wait(timeout=5)
+
+
+class Exposure:
+    """One exposed port: ``address`` on host loopback; :meth:`close` stops listening and ends
+    its connections."""
+
+    def __init__(self, forwarder: Forwarder, server: asyncio.Server, address: tuple[str, int]) -> None:
+        self._forwarder = forwarder
+        self._server = server
+        self.address = address
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def close(self) -> None:
+        self._forwarder.call(self._close)
+
+    async def _close(self) -> None:
+        self._server.close()
+        for w in list(self.writers):
+            w.close()
+
+
+class Forwarder:
+    """One event loop thread, started on first use, for every exposed port of a backend."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=loop.run_forever, daemon=True, name="sandbox-expose")
+                self._thread.start()
+                self._loop = loop
+            return self._loop
+
+    def call(self, make: Callable[[], object]) -> object:
+        """Run coroutine function ``make`` on the loop and wait for its result."""
+        loop = self._ensure()
+        coro = make()
+        assert asyncio.iscoroutine(coro)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=30)
+
+    def open(self, port: int, connect: Callable[[], socket.socket]) -> Exposure:
+        """Listen on a free port of host 127.0.0.1; each connection goes to ``port`` through a
+        socket from ``connect()`` (made in the sandbox's network namespace)."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        holder: list[Exposure] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            exp = holder[0]
+            exp.writers.add(writer)
+            inner_w: asyncio.StreamWriter | None = None
+            try:
+                inner = connect()
+                inner.setblocking(False)
+                try:
+                    await asyncio.get_running_loop().sock_connect(inner, ("127.0.0.1", port))
+                except OSError:
+                    inner.close()
+                    return  # nothing listens there: the client sees its connection closed
+                inner_r, inner_w = await asyncio.open_connection(sock=inner)
+                exp.writers.add(inner_w)
+                await asyncio.gather(_pipe(reader, inner_w), _pipe(inner_r, writer))
+            except (OSError, SandboxError):
+                pass
+            finally:
+                for w in (writer, inner_w):
+                    if w is not None:
+                        exp.writers.discard(w)
+                        w.close()
+
+        async def serve() -> Exposure:
+            server = await asyncio.start_server(handle, sock=listener)
+            exp = Exposure(self, server, ("127.0.0.1", listener.getsockname()[1]))
+            holder.append(exp)
+            return exp
+
+        result = self.call(serve)
+        assert isinstance(result, Exposure)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            loop.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then pass the half-close on (a client may wait for the server's end)."""
+    with contextlib.suppress(OSError):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
