@@ -444,3 +444,10 @@ def test_backend_limits_size_the_snapshots_it_builds(daytona_backend: Backend, c
             assert not lim["memory"].enforced and "--sandbox-limits" in lim["memory"].how
             assert lim["memory"].value == 4 << 30
             assert not lim["pids"].enforced and "no process limit" in lim["pids"].how
+
+
+def test_expose_says_daytona_forwards_http_through_preview_links(
+    daytona_backend: Backend, daytona_debian: Snapshot
+) -> None:
+    with daytona_backend.create(daytona_debian) as sb, pytest.raises(EngineUnavailableError, match="preview link"):
+        sb.expose(5432)

@@ -186,3 +186,22 @@ def test_limits_become_docker_flags_and_an_oom_is_reported(docker_backend: Backe
     with docker_backend.create(docker_debian) as sb:  # the defaults hold without configuration
         host = sb.container.attrs["HostConfig"]  # type: ignore[attr-defined]
         assert host["PidsLimit"] == 4096 and host["Memory"] > 0
+
+
+def test_expose_reaches_a_port_on_the_containers_loopback(docker_backend: Backend, docker_debian: Snapshot) -> None:
+    import urllib.request
+
+    with docker_backend.create(docker_debian) as sb:
+        if os.geteuid() != 0:
+            with pytest.raises(EngineUnavailableError, match="needs root"):
+                sb.expose(8000)
+            return
+        sb.exec("mkdir -p /srv && echo from-docker > /srv/i.html").check()
+        sb.exec("cd /srv && python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &").check()
+        sb.exec("for i in $(seq 100); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))' "
+                "2>/dev/null && break; sleep 0.1; done").check()  # fmt: skip
+        host, port = sb.expose(8000)
+        with urllib.request.urlopen(f"http://{host}:{port}/i.html", timeout=10) as r:
+            assert r.read() == b"from-docker\n"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{host}:{port}/i.html", timeout=5)

@@ -594,6 +594,14 @@ class DaytonaSandbox(SandboxBase):
                 )
         return out
 
+    def expose(self, port: int) -> tuple[str, int]:
+        """Not on Daytona: it reaches a sandbox's ports through preview links, for HTTP only."""
+        raise EngineUnavailableError(
+            f"Daytona reaches a sandbox's ports through HTTP(S) preview links only, not as TCP: for an HTTP "
+            f"server use sandbox.sdk.get_preview_link({port}) (a URL and a token); for other protocols use "
+            "the local engine or docker"
+        )
+
     def __repr__(self) -> str:
         return f"<DaytonaSandbox {self.id} of {self.snapshot_of.short}>"
 

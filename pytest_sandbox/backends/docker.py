@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Literal
 from .._build import build_env, build_recipe, host_ca_bundle, mmdebstrap_tar, run_step
 from .._proc import CLIP_SH, TRUNCATED
 from ..engine.cgroups import oom_kill_count
+from ..engine.expose import Exposure, Forwarder, SocketMaker
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -412,10 +414,26 @@ class DockerBackend(RemoteBackend):
                 removed += 1
         return removed + self.store.gc()
 
+    @functools.cached_property
+    def forwarder(self) -> Forwarder:
+        """The event loop that carries every exposed port's connections (started on first use)."""
+        return Forwarder()
+
+    def socket_maker(self) -> SocketMaker:
+        """The helper that makes sockets inside containers' networks (started on first use)."""
+        with self._lock:
+            maker: SocketMaker = self.__dict__.get("_maker") or SocketMaker([])
+            self.__dict__["_maker"] = maker
+            return maker
+
     def _release(self) -> None:
         for key in self._ephemeral:
             with contextlib.suppress(Exception):
                 self.remove_snapshot(key)
+        if "forwarder" in self.__dict__:
+            self.forwarder.close()
+        if "_maker" in self.__dict__:
+            self.__dict__["_maker"].close()
 
 
 class DockerSandbox(SandboxBase):
@@ -598,6 +616,28 @@ class DockerSandbox(SandboxBase):
         envs = [f"--env={k}={v}" for k, v in {**self._extra_env, **(env or {})}.items()]
         return subprocess.call([cli, "exec", "-i", *tty, *envs, self.container.id, *(argv or LOGIN_SHELL)])
 
+    def expose(self, port: int) -> tuple[str, int]:
+        """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the container's
+        loopback (TCP), open until the sandbox closes. The forwarder enters the container's
+        network namespace, so it needs root and the engine on this machine."""
+        self._check_open()
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"expose() takes a TCP port number (1-65535), got {port!r}")
+        where = os.environ.get("DOCKER_HOST") or "unix://"
+        if os.geteuid() != 0 or not where.startswith("unix://"):
+            raise EngineUnavailableError(
+                "expose() on the docker backend enters the container's network namespace: it needs root "
+                "and a Docker engine on this machine (DOCKER_HOST unix://). Use the local engine, or "
+                "network=True and the container's own ports."
+            )
+        exposed: dict[int, Exposure] = self.__dict__.setdefault("_exposed", {})
+        if port not in exposed:
+            self.container.reload()
+            pid = int(self.container.attrs["State"]["Pid"])
+            maker = self.backend.socket_maker()
+            exposed[port] = self.backend.forwarder.open(port, lambda: maker.socket_in(pid))
+        return exposed[port].address
+
     def fork(self) -> DockerSandbox:
         """A new container from this one's current state (an ephemeral snapshot)."""
         snap = self.snapshot(ephemeral=True)
@@ -608,6 +648,9 @@ class DockerSandbox(SandboxBase):
         if self._closed:
             return
         self._closed = True
+        for exp in self.__dict__.get("_exposed", {}).values():
+            with contextlib.suppress(Exception):
+                exp.close()
         with contextlib.suppress(Exception):
             self.container.remove(force=True)
         with self.backend._lock:
