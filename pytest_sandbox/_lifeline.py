@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 __all__ = [
+    "Channel",
     "Helper",
     "Watchdog",
     "descendants",
@@ -70,6 +72,43 @@ class Helper:
         with contextlib.suppress(Exception):
             self.proc.kill()
             self.proc.wait()
+
+
+class Channel:
+    """A helper that serves requests: ``script`` reads each request from the Unix socket whose
+    fd is ``sys.argv[1]`` and answers it (optionally with fds). The socket is its lifeline: it
+    sees EOF when we close it or die, and exits. ``launcher`` is the command line it starts
+    through (e.g. ``nsenter`` into a namespace). One request at a time, from any thread."""
+
+    def __init__(self, script: str, launcher: Sequence[str] = ()) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        try:
+            self.proc = subprocess.Popen(
+                [*launcher, sys.executable, "-c", script, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def call(self, request: bytes, max_fds: int = 0) -> tuple[bytes, list[int]]:
+        """Send ``request``; the answer and the fds that came with it. OSError if it is gone."""
+        with self._lock:
+            self._sock.send(request)
+            if max_fds:
+                msg, fds, _flags, _addr = socket.recv_fds(self._sock, 4096, max_fds)
+                return msg, fds
+            return self._sock.recv(4096), []
+
+    def close(self) -> None:
+        self._sock.close()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
 
 
 class Watchdog:

@@ -377,8 +377,12 @@ class Store:
         """Create a sandbox's directory and meta (call with :meth:`shared` held)."""
         d = self.root / "r" / sid
         d.mkdir()
-        (d / "meta.json").write_text(json.dumps({**meta, "owner": self.owner}))
+        self.set_sandbox_meta(d, meta)
         return d
+
+    def set_sandbox_meta(self, d: Path, meta: dict[str, Any]) -> None:
+        """Write what a sandbox directory holds (its layers, which gc then keeps), ours."""
+        write_atomic(d / "meta.json", json.dumps({**meta, "owner": self.owner}))
 
     def sandboxes(self) -> list[tuple[Path, dict[str, Any]]]:
         out = []

@@ -77,6 +77,9 @@ class LocalBackend(BackendBase):
         # A snapshot whose services failed fails every later create() at once, not after a wait.
         self._service_failures: dict[str, ServiceError] = {}
         self._slots: Spares[tuple[Cgroup, Confined]] = Spares(self._new_slot, _drop_slot)
+        # Sandbox directories with a disk of the default size already mounted: mounting costs
+        # more than the rest of a fork, so a fork (a search tree's node) does not wait for it.
+        self._scratch: Spares[tuple[str, Path, Disk]] = Spares(self._new_scratch, self._drop_scratch)
         self._pool: WarmPool[LocalSandbox] = WarmPool(
             lambda snap: LocalSandbox(self, snap, network=False, env={}, limits=self.limits)
         )
@@ -109,6 +112,32 @@ class LocalBackend(BackendBase):
         except BaseException:
             cg.remove()
             raise
+
+    def _new_scratch(self) -> tuple[str, Path, Disk]:
+        sid = new_id(6)
+        size = self.limits.disk_bytes
+        assert size is not None
+        with self.store.shared():
+            d = self.store.register_sandbox(sid, {"layers": [], "spare": True})
+        try:
+            return sid, d, self.host.disks.make(d, size)
+        except BaseException:
+            self.store.discard(d)
+            raise
+
+    def _drop_scratch(self, item: tuple[str, Path, Disk]) -> None:
+        self.store.discard(item[1], then=item[2].release)
+
+    def take_scratch(self, limits: Limits) -> tuple[str, Path, Disk] | None:
+        """A spare sandbox directory with its disk mounted, when ``limits`` ask for the default
+        disk and disks can be made here; else None (the sandbox makes its own)."""
+        disks = self.host.disks
+        if limits.disk_bytes != self.limits.disk_bytes or not disks.usable or not disks.ext4:
+            return None
+        try:
+            return self._scratch.take()
+        except SandboxError:
+            return None
 
     def socket_maker(self) -> SocketMaker:
         """The helper that makes sockets inside sandboxes' networks (started on first need)."""
@@ -231,8 +260,10 @@ class LocalBackend(BackendBase):
         if failed is not None:
             raise ServiceError(failed.name, failed.snapshot, failed.reason + " (as before)", failed.log)
         wanted = self.limits if limits is None else limits.over(self.limits)
-        # Spares run with the backend's limits: another set gets a sandbox of its own.
-        sb = self._pool.take(snapshot) if not network and wanted == self.limits else None
+        # Spares run with the backend's limits, and their services started with the snapshot's
+        # environment: other limits, or extra env for services, get a sandbox of their own.
+        pooled = not network and wanted == self.limits and not (env and snapshot.services)
+        sb = self._pool.take(snapshot) if pooled else None
         if sb is None:
             sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
         else:
@@ -248,6 +279,7 @@ class LocalBackend(BackendBase):
         self._closed = True
         self._pool.close()
         self._slots.close()
+        self._scratch.close()
         for sb in list(self._live):
             sb.close()
         self._forwarder.close()
@@ -295,10 +327,17 @@ class LocalSandbox(SandboxBase):
                 raise SandboxClosedError(
                     f"snapshot {snapshot.short} lost its layers (removed or pruned); build it again"
                 )
-            self._dir = store.register_sandbox(self.id, {"layers": list(snapshot.layers), "snapshot": snapshot.key})
-        # Where the writable layer lives (its disk, once mounted), as the host and as bwrap see it.
-        self._disk: Disk | None = None
-        self._scratch, self._scratch_launch = self._dir, backend.launch_path(self._dir)
+            meta = {"layers": list(snapshot.layers), "snapshot": snapshot.key}
+            # Where the writable layer lives (its disk, once mounted), as the host and as bwrap see it.
+            self._disk: Disk | None = None
+            spare = backend.take_scratch(limits)
+            if spare is not None:
+                self.id, self._dir, self._disk = spare
+                store.set_sandbox_meta(self._dir, meta)
+                self._scratch, self._scratch_launch = self._disk.path, self._disk.launch
+            else:
+                self._dir = store.register_sandbox(self.id, meta)
+                self._scratch, self._scratch_launch = self._dir, backend.launch_path(self._dir)
         try:
             self._confine()
             self._start()
@@ -332,7 +371,9 @@ class LocalSandbox(SandboxBase):
             why = host.cgroups.reason
             self._prlimit, self._status = rlimits_for(self._limits, host.prlimit)
         size = self._limits.disk_bytes
-        if size is not None:
+        if self._disk is not None:
+            self._status["disk"] = LimitStatus("disk", self._disk.size, True, self._disk.how)
+        elif size is not None:
             self._status["disk"] = self._make_disk(size)
         for name, value in self._limits.items():
             if name not in self._status:

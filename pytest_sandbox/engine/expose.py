@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from .._lifeline import Channel
 from ..errors import SandboxError
 
 __all__ = ["Exposure", "Forwarder", "SocketMaker"]
@@ -60,38 +59,21 @@ class SocketMaker:
     """
 
     def __init__(self, launcher: Sequence[str]) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._lock = threading.Lock()
-        try:
-            self._proc = subprocess.Popen(
-                [*launcher, sys.executable, "-c", _MAKER, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            theirs.close()
-        self._sock = ours
+        self._channel = Channel(_MAKER, launcher)
 
     def socket_in(self, pid: int) -> socket.socket:
         """A new, unconnected TCP socket in the network namespace of process ``pid``."""
-        with self._lock:
-            try:
-                self._sock.send(str(pid).encode())
-                msg, fds, _flags, _addr = socket.recv_fds(self._sock, 512, 1)
-            except OSError as exc:
-                raise SandboxError(f"the port forwarder's helper is gone ({exc}); open a new backend") from exc
+        try:
+            msg, fds = self._channel.call(str(pid).encode(), max_fds=1)
+        except OSError as exc:
+            raise SandboxError(f"the port forwarder's helper is gone ({exc}); open a new backend") from exc
         if not fds:
             reason = msg.decode(errors="replace") or "its helper exited"
             raise SandboxError(f"cannot reach into the sandbox's network: {reason}")
         return socket.socket(fileno=fds[0])
 
     def close(self) -> None:
-        self._sock.close()
-        with contextlib.suppress(Exception):
-            self._proc.wait(timeout=5)
+        self._channel.close()
 
 
 class Exposure:

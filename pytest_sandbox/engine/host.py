@@ -218,6 +218,7 @@ class Host:
             nsenter=self._nsenter,
             helper_pid=lambda: self.userns.pid,
             launch_path=self.launch_path,
+            templates=store.root / "d",
         )
         self.prlimit = shutil.which("prlimit") or next(
             (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
@@ -318,6 +319,7 @@ class Host:
         return len(layers) > MAX_LAYERS or size > MAX_LAYER_OPTION_BYTES
 
     def close(self) -> None:
+        self.disks.close()
         if self._userns is not None:
             self._userns.close()
         self.spawner.close()
