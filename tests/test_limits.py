@@ -256,3 +256,37 @@ def test_a_killed_runner_leaves_no_mount_or_loop_device(backend: LocalBackend, h
     assert Path(left).name not in Path("/proc/self/mountinfo").read_text()
     backend.gc()
     assert wait_for(lambda: not Path(left).exists(), 10)
+
+
+# -- cgroup v2 delegation (pure path logic: this machine has cgroup v1) ------------------------
+def test_rootless_cgroup_v2_goes_below_the_subtree_systemd_delegates(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pytest_sandbox.engine.cgroups import Cgroups
+
+    own = "/user.slice/user-1001.slice/user@1001.service/app.slice/run-1.scope"
+    parts = own.strip("/").split("/")
+    root = tmp_path / "cg"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    for depth in range(1, len(parts) + 1):
+        d = root.joinpath(*parts[:depth])
+        d.mkdir()
+        (d / "cgroup.controllers").write_text("cpu memory pids\n")
+        (d / "cgroup.subtree_control").write_text("")
+    # The slices above the user's service belong to root, as systemd makes them; the service
+    # and below to the user.
+    uid = os.geteuid()
+    if uid == 0:
+        uid = 1001
+        for depth in range(1, len(parts) + 1):
+            os.chown(root.joinpath(*parts[:depth]), 12345 if depth < 3 else uid, 0)
+        monkeypatch.setattr(os, "geteuid", lambda: uid)
+    else:
+        for depth in (1, 2):
+            root.joinpath(*parts[:depth], "cgroup.subtree_control").chmod(0o444)
+    cg = Cgroups("abc", root=root, own=own)
+    service = root.joinpath(*parts[:3])
+    assert cg.version == 2 and cg.dirs == {"unified": service / "pytest-sandbox" / "abc"}, cg.reason
+    assert (service / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    # Nothing delegated (a plain login without a user session): said, not pretended.
+    none = Cgroups("abc", root=root, own="/system.slice/ssh.service")
+    assert not none.usable and "systemd-run --user" in none.reason

@@ -1,8 +1,9 @@
 """One cgroup per sandbox, for its limits (memory, pids, cpu) and for freezing it.
 
 cgroup v1 (one hierarchy per controller, as on this project's CI machines) and v2 (the unified
-hierarchy most current distributions use) are both handled. Sandboxes live below
-``pytest-sandbox/<store>/<owner>/<sandbox>``: ``<store>`` names the cache directory (another cache
+hierarchy most current distributions use) are both handled; rootless, v2 is used below the cgroup
+systemd delegates to the user's session (``user@UID.service``), where there is one. Sandboxes
+live below ``pytest-sandbox/<store>/<owner>/<sandbox>``: ``<store>`` names the cache directory (another cache
 on this host judges its own owners), ``<owner>`` its owner token, so ``gc`` finds what a crashed
 process left and removes it. Where no cgroup can be made (rootless without a delegated cgroup), the engine
 falls back to rlimits for what they can cover and says what is not enforced.
@@ -36,8 +37,10 @@ def _write(path: Path, value: str) -> None:
 class Cgroups:
     """This machine's cgroup setup, as far as this process may use it."""
 
-    def __init__(self, group: str, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, group: str, root: Path = CGROUP_ROOT, own: str | None = None) -> None:
         self.group = group
+        # This process's cgroup (v2), where a rootless user's delegated subtree is found.
+        self._own = own if own is not None else _own_cgroup()
         self._wanted: set[str] = set()
         self.version = 0
         self.dirs: dict[str, Path] = {}  # controller -> the directory our sandboxes go below
@@ -62,13 +65,33 @@ class Cgroups:
         self.version = 1
 
     def _v2(self, root: Path) -> None:
-        parent = root / PARENT / self.group
+        base = root if os.geteuid() == 0 else self._delegated(root)
+        if base is None:
+            self.reason = (
+                "rootless, and no cgroup is delegated to this user (a systemd user session delegates one: "
+                "log in through it, or run under `systemd-run --user --scope`)"
+            )
+            return
+        parent = base / PARENT / self.group
         parent.mkdir(parents=True, exist_ok=True)
-        self._wanted = {"memory", "pids", "cpu"} & set((root / "cgroup.controllers").read_text().split())
-        for d in (root, root / PARENT, parent):
+        self._wanted = {"memory", "pids", "cpu"} & set((base / "cgroup.controllers").read_text().split())
+        for d in (base, base / PARENT, parent):
             _enable(d, self._wanted)
         self.dirs = {"unified": parent}
         self.version = 2
+
+    def _delegated(self, root: Path) -> Path | None:
+        """The highest cgroup above this process's that this user owns and may divide: systemd
+        delegates ``user@UID.service`` to a user session. Our own cgroup holds processes, so the
+        sandboxes go below an ancestor that holds none (v2 lets no cgroup have both)."""
+        parts = [p for p in self._own.split("/") if p]
+        uid = os.geteuid()
+        for depth in range(1, len(parts)):  # the highest first; never our own leaf
+            d = root.joinpath(*parts[:depth])
+            with contextlib.suppress(OSError):
+                if d.stat().st_uid == uid and os.access(d / "cgroup.subtree_control", os.W_OK):
+                    return d
+        return None
 
     @property
     def usable(self) -> bool:
@@ -133,8 +156,21 @@ def oom_kill_count(path: Path) -> int | None:
     return 0
 
 
+def _own_cgroup() -> str:
+    """This process's cgroup v2 path (``0::/user.slice/...`` in /proc/self/cgroup), or ""."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    return ""
+
+
 def _enable(d: Path, controllers: set[str]) -> None:
-    missing = controllers - set((d / "cgroup.subtree_control").read_text().split())
+    try:
+        on = set((d / "cgroup.subtree_control").read_text().split())
+    except FileNotFoundError:  # a cgroup just made shows its files at once; a plain directory not
+        on = set()
+    missing = controllers - on
     if missing:
         _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(missing)))
 

@@ -208,7 +208,7 @@ class Host:
             self._prepare_root_store(self.ids)
         # Named by the cache directory: another cache on this host judges its own owners.
         self.cgroups = Cgroups(hashlib.sha256(str(store.root).encode()).hexdigest()[:12])
-        if self.ids is None and not self.cgroups.usable:
+        if self.ids is None and not self.cgroups.usable and not self.cgroups.reason.startswith("rootless"):
             self.cgroups.reason = "rootless, and no cgroup is delegated to this user"
         self._userns: UserNamespace | None = None
         self._lock = threading.Lock()
