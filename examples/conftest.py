@@ -69,7 +69,7 @@ def postgres_image(base: Image) -> Image:
         .service(
             "postgres",
             start=f"exec runuser -u postgres -- {PG}/postgres -D {PG_DATA} "
-            "-c config_file=/etc/postgresql/15/main/postgresql.conf",
+            "-c config_file=/etc/postgresql/15/main/postgresql.conf -c ssl=off",
             ready=f"{PG}/pg_isready -q -h /var/run/postgresql",
             stop=f"runuser -u postgres -- {PG}/pg_ctl stop -m fast -w -D {PG_DATA}",
         )

@@ -39,7 +39,7 @@ POSTGRES = (
     .service(
         "postgres",
         start=f"exec runuser -u postgres -- {PG_BIN}/postgres -D {PG_DATA} "
-        "-c config_file=/etc/postgresql/15/main/postgresql.conf",
+        "-c config_file=/etc/postgresql/15/main/postgresql.conf -c ssl=off",
         ready=f"{PG_BIN}/pg_isready -q -h /var/run/postgresql",
         stop=f"runuser -u postgres -- {PG_BIN}/pg_ctl stop -m fast -w -D {PG_DATA}",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -42,6 +43,7 @@ class WarmPool(Generic[S]):
         self._uses: dict[str, int] = {}
         self._depth: dict[str, int] = {}
         self._filling: dict[str, int] = {}
+        self._last: dict[str, float] = {}
         self._fills: set[threading.Thread] = set()
         self._closed = False
         cores = os.cpu_count() or 1
@@ -52,8 +54,10 @@ class WarmPool(Generic[S]):
 
     def take(self, snap: Snapshot) -> S | None:
         key = snap.key
+        evicted: list[S] = []
         with self._lock:
             self._uses[key] = uses = self._uses.get(key, 0) + 1
+            self._last[key] = time.monotonic()
             ready = self._ready.get(key, [])
             sb = ready.pop(0) if ready else None
             starts = 0
@@ -62,20 +66,34 @@ class WarmPool(Generic[S]):
                 if sb is None and uses > self.HOT_AFTER:  # a miss on a hot snapshot: keep one more
                     depth = self._depth[key] = min(depth + 1, self.max_depth)
                 filling = self._filling.get(key, 0)
+                want = max(0, min(depth - len(ready) - filling, self._parallel - filling))
                 held = sum(len(x) for x in self._ready.values()) + sum(self._filling.values())
-                starts = max(0, min(depth - len(ready) - filling, self._parallel - filling, self.max_spares - held))
+                # No room: the spares of the snapshot used longest ago make way (one suite moves on
+                # from one image to the next; its old spares would hold the pool for nothing).
+                while held + want > self.max_spares and (victim := self._stalest(key)) is not None:
+                    evicted.append(self._ready[victim].pop())
+                    self._depth[victim] = max(1, self._depth.get(victim, 1) - 1)
+                    held -= 1
+                starts = max(0, min(want, self.max_spares - held))
                 self._filling[key] = filling + starts
             threads = [
                 threading.Thread(target=self._fill, args=(snap,), daemon=True, name="sandbox-pool")
                 for _ in range(starts)
             ]
             self._fills.update(threads)
+        for old in evicted:
+            old.close()
         if sb is not None and not sb.alive():  # died while waiting: do not hand it out
             sb.close()
             sb = None
         for t in threads:
             t.start()
         return sb
+
+    def _stalest(self, but: str) -> str | None:
+        """The snapshot other than ``but`` with spares waiting that was taken from longest ago."""
+        keys = [k for k, ready in self._ready.items() if ready and k != but]
+        return min(keys, key=lambda k: self._last.get(k, 0.0)) if keys else None
 
     def _fill(self, snap: Snapshot) -> None:
         key = snap.key
