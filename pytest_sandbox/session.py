@@ -19,7 +19,7 @@ from typing import Any
 import filelock
 
 from .backends import open_backend, resolve_backend
-from .errors import ConfigError, SandboxError, SnapshotBuildError
+from .errors import ConfigError, SandboxError, ServiceError, SnapshotBuildError
 from .image import Image
 from .store import format_age
 from .types import Backend, Limits, Sandbox, Snapshot
@@ -76,6 +76,7 @@ class SessionManager:
         self._snapshots: dict[str, Snapshot] = {}
         self._failures: dict[str, SnapshotBuildError | str] = {}
         self._reported: set[str] = set()
+        self._service_failed: set[str] = set()  # snapshots whose services failed, shown once
         self.kept: list[tuple[str, Snapshot]] = []
 
     def resolved_name(self) -> str:
@@ -170,7 +171,17 @@ class SessionManager:
         """Fork a sandbox (timed for the summary line)."""
         snap = self.snapshot(what) if isinstance(what, Image) else what
         start = time.perf_counter()
-        sb = self.backend.create(snap, network=network, env=env, limits=limits)
+        try:
+            sb = self.backend.create(snap, network=network, env=env, limits=limits)
+        except ServiceError as exc:
+            # Its output once (the first test that hit it); the later ones refer to that.
+            if snap.key in self._service_failed:
+                raise SandboxError(
+                    f"service {exc.name!r} of snapshot {snap.short} failed earlier in this run: {exc.reason} "
+                    "(its output is shown once, above)"
+                ) from None
+            self._service_failed.add(snap.key)
+            raise
         self.stats.forks.append(time.perf_counter() - start)
         return sb
 

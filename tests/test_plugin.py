@@ -454,3 +454,34 @@ def test_services_are_ready_in_every_test_and_a_failure_shows_their_output(
     result.assert_outcomes(passed=4, failed=1)
     text = result.stdout.str()
     assert "services: web ready" in text and "web output:" in text and "serving" in text
+
+
+def test_a_failing_service_is_reported_once_with_its_output(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    pytester.makeconftest(
+        """
+        import pytest
+        from pytest_sandbox import Image
+
+        @pytest.fixture(scope="session")
+        def sandbox_image():
+            # It starts while the recipe builds; a later step breaks it for every sandbox.
+            return (Image.host()
+                    .service("db", start="test ! -e /etc/broken || { echo the-db-$((6*7)); exit 3; };"
+                             " touch /dev/shm/up; exec sleep 1000", ready="test -e /dev/shm/up")
+                    .run("touch /etc/broken"))
+        """
+    )
+    pytester.makepyfile(
+        test_f="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_uses_db(sandbox, n):
+            pass
+        """
+    )
+    result = run()
+    result.assert_outcomes(errors=3)
+    text = result.stdout.str()
+    assert text.count("the-db-42") == 1, text  # its output, once
+    assert text.count("failed earlier in this run") == 2
