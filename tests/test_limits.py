@@ -290,3 +290,46 @@ def test_rootless_cgroup_v2_goes_below_the_subtree_systemd_delegates(tmp_path: P
     # Nothing delegated (a plain login without a user session): said, not pretended.
     none = Cgroups("abc", root=root, own="/system.slice/ssh.service")
     assert not none.usable and "systemd-run --user" in none.reason
+
+
+def test_cgroup_v2_for_real_on_a_unified_hierarchy(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The v2 code on a real cgroup2 hierarchy: this machine's hybrid setup mounts one (without
+    controllers, which v1 holds) at /sys/fs/cgroup/unified; a pure v2 host has it at the root.
+    Commands are born in the sandbox's cgroup, snapshot() freezes it, close() removes it, and
+    limits without their controller are said not enforced."""
+    from pytest_sandbox import Image
+    from pytest_sandbox.engine import cgroups, host
+
+    unified = next(
+        (p for p in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")) if (p / "cgroup.controllers").is_file()),
+        None,
+    )
+    if os.geteuid() != 0 or unified is None:
+        pytest.skip("needs root and a cgroup v2 hierarchy")
+    real = cgroups.Cgroups
+    monkeypatch.setattr(host, "Cgroups", lambda group: real(group, root=unified))
+    have = set((unified / "cgroup.controllers").read_text().split())
+    with LocalBackend(tmp_path / "cache") as b:
+        assert b.host.cgroups.version == 2
+        snap = b.build(Image.host())
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            sb = b.create(snap, limits=Limits(memory="300M", pids=300))
+        with sb:
+            cg = sb._cgroup
+            assert cg is not None and cg.version == 2
+            for name, ctl in (("memory", "memory"), ("pids", "pids")):
+                assert sb.limits[name].enforced == (ctl in have), sb.limits[name]
+                if ctl not in have:
+                    assert "not enabled" in sb.limits[name].how
+            before = len(cg.pids())
+            sb.exec("sleep 30 & sleep 30 &").check()
+            assert len(cg.pids()) == before + 2  # born in the cgroup, through the sandbox's helper
+            with cg.frozen() as ok:
+                assert ok and "frozen 1" in (cg.dirs["unified"] / "cgroup.events").read_text()
+            sb.exec("echo x > /tmp/f").check()
+            child = sb.snapshot()  # pauses through cgroup.freeze
+            with b.create(child) as c:
+                assert c.fs.read("/tmp/f") == b"x\n"
+        assert gone(cg.dirs.values())
+    assert not (unified / "pytest-sandbox" / b.host.cgroups.group / b.store.owner).exists()

@@ -366,7 +366,8 @@ class LocalSandbox(SandboxBase):
             # A cgroup made ahead of need, its helper already inside: only the limits are set here.
             self._cgroup, self._helper = self.backend._slots.take()
             self._status = self._cgroup.apply(self._limits)
-            why = f"the cgroup v{host.cgroups.version} controller is not mounted"
+            v = host.cgroups.version
+            why = f"its cgroup v{v} controller is not {'enabled for our cgroups' if v == 2 else 'mounted'}"
         else:
             why = host.cgroups.reason
             self._prlimit, self._status = rlimits_for(self._limits, host.prlimit)

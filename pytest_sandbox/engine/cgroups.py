@@ -194,35 +194,33 @@ class Cgroup:
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
     def apply(self, limits: Limits) -> dict[str, LimitStatus]:
-        """Set ``limits``; returns how each is held."""
+        """Set ``limits``; returns how each is held. A limit whose controller this cgroup lacks
+        (v2 without it delegated or enabled, v1 without it mounted) is left out: the caller
+        says it is not enforced."""
         kind = f"cgroup v{self.version}"
         out: dict[str, LimitStatus] = {}
         mem = limits.memory_bytes
-        if mem is not None:
-            if self.version == 2:
-                _write(self.dirs["unified"] / "memory.max", str(mem))
-                with contextlib.suppress(OSError):
-                    _write(self.dirs["unified"] / "memory.swap.max", "0")
-            else:
-                d = self.dirs["memory"]
-                _write(d / "memory.limit_in_bytes", str(mem))
-                # Without swap accounting memsw does not exist; swap then extends the limit.
-                with contextlib.suppress(OSError):
-                    _write(d / "memory.memsw.limit_in_bytes", str(mem))
+        limit_file = self._file("memory", "memory.limit_in_bytes", "memory.max")
+        if mem is not None and limit_file is not None and limit_file.exists():
+            _write(limit_file, str(mem))
+            # Without swap accounting the swap files do not exist; swap then extends the limit.
+            swap = self._file("memory", "memory.memsw.limit_in_bytes", "memory.swap.max")
+            with contextlib.suppress(OSError):
+                if swap is not None:
+                    _write(swap, "0" if self.version == 2 else str(mem))
             out["memory"] = LimitStatus("memory", mem, True, f"{kind} memory")
-        if limits.pids is not None:
-            f = self._file("pids", "pids.max", "pids.max")
-            assert f is not None
-            _write(f, str(limits.pids))
+        pids_file = self._file("pids", "pids.max", "pids.max")
+        if limits.pids is not None and pids_file is not None and pids_file.exists():
+            _write(pids_file, str(limits.pids))
             out["pids"] = LimitStatus("pids", limits.pids, True, f"{kind} pids")
-        if limits.cpus is not None:
+        cpu_file = self._file("cpu", "cpu.cfs_quota_us", "cpu.max")
+        if limits.cpus is not None and cpu_file is not None and cpu_file.exists():
             quota = max(1000, int(limits.cpus * _PERIOD))
             if self.version == 2:
-                _write(self.dirs["unified"] / "cpu.max", f"{quota} {_PERIOD}")
+                _write(cpu_file, f"{quota} {_PERIOD}")
             else:
-                d = self.dirs["cpu"]
-                _write(d / "cpu.cfs_period_us", str(_PERIOD))
-                _write(d / "cpu.cfs_quota_us", str(quota))
+                _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(_PERIOD))
+                _write(cpu_file, str(quota))
             out["cpus"] = LimitStatus("cpus", limits.cpus, True, f"{kind} cpu")
         return out
 
