@@ -177,7 +177,8 @@ class SessionManager:
             # Its output once (the first test that hit it); the later ones refer to that.
             if snap.key in self._service_failed:
                 raise SandboxError(
-                    f"service {exc.name!r} of snapshot {snap.short} failed earlier in this run: {exc.reason} "
+                    f"service {exc.name!r} of snapshot {snap.short} failed earlier in this run: "
+                    f"{exc.reason.removesuffix(' (as before)')} "
                     "(its output is shown once, above)"
                 ) from None
             self._service_failed.add(snap.key)

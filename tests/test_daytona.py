@@ -446,8 +446,23 @@ def test_backend_limits_size_the_snapshots_it_builds(daytona_backend: Backend, c
             assert not lim["pids"].enforced and "no process limit" in lim["pids"].how
 
 
-def test_expose_says_daytona_forwards_http_through_preview_links(
-    daytona_backend: Backend, daytona_debian: Snapshot
-) -> None:
-    with daytona_backend.create(daytona_debian) as sb, pytest.raises(EngineUnavailableError, match="preview link"):
-        sb.expose(5432)
+def test_expose_is_the_preview_link_for_http(daytona_backend: Backend, daytona_debian: Snapshot) -> None:
+    """Daytona reaches a sandbox's HTTP ports through preview links; the endpoint's link is the
+    port on this machine's loopback (the local engine's expose), with no token."""
+    import urllib.request
+
+    with daytona_backend.create(daytona_debian) as sb:
+        sb.exec("mkdir -p /srv && echo from-daytona > /srv/i.html").check()
+        sb.exec("cd /srv && python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &").check()
+        sb.exec(
+            "for i in $(seq 100); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))' "
+            "2>/dev/null && break; sleep 0.1; done"
+        ).check()
+        host, port = sb.expose(8000)
+        assert sb.expose(8000) == (host, port)
+        token = sb.preview_token(8000)  # type: ignore[attr-defined]
+        req = urllib.request.Request(f"http://{host}:{port}/i.html", headers={"X-Daytona-Preview-Token": token})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.read() == b"from-daytona\n"
+        with pytest.raises(ConfigError):
+            sb.expose(70000)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox import Image, ServiceError, Snapshot, SnapshotBuildError
+from pytest_sandbox import ConfigError, Image, ServiceError, Snapshot, SnapshotBuildError
 from pytest_sandbox.backends.local import LocalBackend
 
 PORT = 8000
@@ -174,8 +174,6 @@ def test_a_service_failing_in_sandboxes_is_reported_once_then_at_once(backend: L
 
 
 def test_bad_service_declarations_are_config_errors() -> None:
-    from pytest_sandbox import ConfigError
-
     with pytest.raises(ConfigError, match="name"):
         Image.host().service("no spaces", start="x")
     with pytest.raises(ConfigError, match="start"):
@@ -216,3 +214,18 @@ def test_postgres_in_every_fork_reachable_from_the_host(
         assert "in production" in log
         started = a.services["postgres"]
         assert started.state == "ready" and "automatic recovery" not in started.log, started.log
+
+
+def test_an_exposed_port_is_the_hosts_not_the_sandboxs(backend: LocalBackend, web: Snapshot) -> None:
+    # The host side of expose() lives on the host's loopback. A sandbox without network has a
+    # loopback of its own: the same address there reaches nothing (not the host, not a sibling).
+    with backend.create(web) as sb, backend.create(web) as other:
+        _, port = sb.expose(PORT)
+        probe = f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), timeout=3)'"
+        for box in (sb, other):
+            res = box.exec(probe)
+            assert res.exit_code != 0 and "Connection refused" in res.stderr, res
+        with pytest.raises(ConfigError):
+            sb.expose(0)
+        with pytest.raises(ConfigError):
+            sb.expose(True)  # type: ignore[arg-type]

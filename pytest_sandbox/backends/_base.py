@@ -285,6 +285,12 @@ class SandboxBase(Sandbox):
         return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)
 
 
+def check_port(port: object) -> None:
+    """A TCP port number for expose(), or a ConfigError saying what was given."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"expose() takes a TCP port number (1-65535), got {port!r}")
+
+
 def refuse_services(image: Image, backend: str) -> None:
     """Services in snapshots run on the local engine only, so far: say so before building."""
     names = [s.args[0] for s in image.steps if s.kind == "service"]

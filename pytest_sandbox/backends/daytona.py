@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,7 @@ from ._base import (
     LABEL,
     RemoteBackend,
     SandboxBase,
+    check_port,
     exec_result,
     refuse_services,
     resolve_snapshot,
@@ -203,7 +205,9 @@ class DaytonaBackend(RemoteBackend):
         except sdk.DaytonaError as exc:
             raise ConfigError(f"the Daytona SDK refused its configuration: {exc}") from exc
         self.store = Store(cache_dir)  # build locks, the owner token and snapshot records
-        self._records = self.store.root / "daytona"
+        # Records of the snapshots this backend made, apart per size: one recipe built with other
+        # resources is another Daytona snapshot under the same setup key.
+        self._records = self.store.root / ("daytona" + _sizes_tag(self.resources))
         self._records.mkdir(exist_ok=True)
         self._start_session(_WATCHDOG)
 
@@ -595,12 +599,26 @@ class DaytonaSandbox(SandboxBase):
         return out
 
     def expose(self, port: int) -> tuple[str, int]:
-        """Not on Daytona: it reaches a sandbox's ports through preview links, for HTTP only."""
-        raise EngineUnavailableError(
-            f"Daytona reaches a sandbox's ports through HTTP(S) preview links only, not as TCP: for an HTTP "
-            f"server use sandbox.sdk.get_preview_link({port}) (a URL and a token); for other protocols use "
-            "the local engine or docker"
-        )
+        """HTTP only, through Daytona's preview link: the ``(host, port)`` of the link (443 for
+        https). A private sandbox's link needs the ``X-Daytona-Preview-Token`` header, whose value
+        is ``preview_token(port)``. Other protocols cannot be reached on Daytona."""
+        self._check_open()
+        check_port(port)
+        link = self._preview(port)
+        url = urllib.parse.urlsplit(str(link.url))
+        if url.hostname is None:
+            raise SandboxError(f"Daytona gave no usable preview link for port {port}: {link.url!r}")
+        return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+
+    def preview_token(self, port: int) -> str:
+        """The token a request to a private sandbox's preview link of ``port`` carries."""
+        return str(self._preview(port).token or "")
+
+    def _preview(self, port: int) -> Any:
+        links: dict[int, Any] = self.__dict__.setdefault("_links", {})
+        if port not in links:
+            links[port] = self.backend.call(f"get the preview link of port {port}", self.sdk.get_preview_link, port)
+        return links[port]
 
     def __repr__(self) -> str:
         return f"<DaytonaSandbox {self.id} of {self.snapshot_of.short}>"

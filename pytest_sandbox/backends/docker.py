@@ -62,6 +62,7 @@ from ._base import (
     STAT_SH,
     RemoteBackend,
     SandboxBase,
+    check_port,
     exec_result,
     extract_tar,
     file_error,
@@ -621,8 +622,7 @@ class DockerSandbox(SandboxBase):
         loopback (TCP), open until the sandbox closes. The forwarder enters the container's
         network namespace, so it needs root and the engine on this machine."""
         self._check_open()
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"expose() takes a TCP port number (1-65535), got {port!r}")
+        check_port(port)
         where = os.environ.get("DOCKER_HOST") or "unix://"
         if os.geteuid() != 0 or not where.startswith("unix://"):
             raise EngineUnavailableError(

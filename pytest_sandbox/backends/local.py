@@ -41,11 +41,11 @@ from ..engine.limits import rlimits_for
 from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
 from ..engine.spawn import Confined, Spawner
-from ..errors import ConfigError, SandboxClosedError, SandboxError, ServiceError, say_once
+from ..errors import SandboxClosedError, SandboxError, ServiceError, say_once
 from ..image import Image, Step
 from ..store import Store, disk_usage, format_size, new_id, rmtree
 from ..types import DEFAULT_LIMITS, ExecResult, Limits, LimitStatus, LogCallback, Snapshot, Usage
-from ._base import LOGIN_SHELL, BackendBase, SandboxBase, exec_result, resolve_snapshot
+from ._base import LOGIN_SHELL, BackendBase, SandboxBase, check_port, exec_result, resolve_snapshot
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
@@ -79,7 +79,7 @@ class LocalBackend(BackendBase):
         self._slots: Spares[tuple[Cgroup, Confined]] = Spares(self._new_slot, _drop_slot)
         # Sandbox directories with a disk of the default size already mounted: mounting costs
         # more than the rest of a fork, so a fork (a search tree's node) does not wait for it.
-        self._scratch: Spares[tuple[str, Path, Disk]] = Spares(self._new_scratch, self._drop_scratch)
+        self._ready_disks: Spares[tuple[str, Path, Disk]] = Spares(self._new_disk_dir, self._drop_disk_dir)
         self._pool: WarmPool[LocalSandbox] = WarmPool(
             lambda snap: LocalSandbox(self, snap, network=False, env={}, limits=self.limits)
         )
@@ -113,7 +113,7 @@ class LocalBackend(BackendBase):
             cg.remove()
             raise
 
-    def _new_scratch(self) -> tuple[str, Path, Disk]:
+    def _new_disk_dir(self) -> tuple[str, Path, Disk]:
         sid = new_id(6)
         size = self.limits.disk_bytes
         assert size is not None
@@ -125,17 +125,17 @@ class LocalBackend(BackendBase):
             self.store.discard(d)
             raise
 
-    def _drop_scratch(self, item: tuple[str, Path, Disk]) -> None:
+    def _drop_disk_dir(self, item: tuple[str, Path, Disk]) -> None:
         self.store.discard(item[1], then=item[2].release)
 
-    def take_scratch(self, limits: Limits) -> tuple[str, Path, Disk] | None:
+    def take_disk_dir(self, limits: Limits) -> tuple[str, Path, Disk] | None:
         """A spare sandbox directory with its disk mounted, when ``limits`` ask for the default
         disk and disks can be made here; else None (the sandbox makes its own)."""
         disks = self.host.disks
         if limits.disk_bytes != self.limits.disk_bytes or not disks.usable or not disks.ext4:
             return None
         try:
-            return self._scratch.take()
+            return self._ready_disks.take()
         except SandboxError:
             return None
 
@@ -279,7 +279,7 @@ class LocalBackend(BackendBase):
         self._closed = True
         self._pool.close()
         self._slots.close()
-        self._scratch.close()
+        self._ready_disks.close()
         for sb in list(self._live):
             sb.close()
         self._forwarder.close()
@@ -330,7 +330,7 @@ class LocalSandbox(SandboxBase):
             meta = {"layers": list(snapshot.layers), "snapshot": snapshot.key}
             # Where the writable layer lives (its disk, once mounted), as the host and as bwrap see it.
             self._disk: Disk | None = None
-            spare = backend.take_scratch(limits)
+            spare = backend.take_disk_dir(limits)
             if spare is not None:
                 self.id, self._dir, self._disk = spare
                 store.set_sandbox_meta(self._dir, meta)
@@ -584,8 +584,7 @@ class LocalSandbox(SandboxBase):
         loopback (TCP: a database, an HTTP server), open until the sandbox closes. A networked
         sandbox shares the host's network: its ports are reachable as they are."""
         self._check_open()
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"expose() takes a TCP port number (1-65535), got {port!r}")
+        check_port(port)
         if self.network:
             return ("127.0.0.1", port)
         with self.backend._lock:

@@ -10,13 +10,14 @@ Covered (REST under ``/api``, the toolbox under ``/toolbox/<sandbox id>``):
 - snapshots: create from an image reference or a declarative image (FROM, RUN, ENV, WORKDIR),
   get, list, delete, build logs;
 - sandboxes: create (from a snapshot, an image, or the default), get, list with a label filter,
-  delete, start, stop, fork, create_snapshot, labels, auto-stop and auto-delete intervals;
+  delete, start, stop, fork, create_snapshot, labels, auto-stop and auto-delete intervals, and
+  preview links (a port of the sandbox on this machine's loopback, through the backend's expose);
 - toolbox: ``process/execute``, and files (bulk upload and download, info, list, create folder,
   delete, move, permissions).
 
-Not covered: sessions, PTY, git, LSP, code interpreter, computer use, volumes, previews, and the
-socket.io event stream (the SDK falls back to polling). Image references resolve as the plugin's
-marker resolves them: ``host`` is the host's /usr and /etc, ``debian:SUITE`` a Debian minbase built
+Not covered: sessions, PTY, git, LSP, code interpreter, computer use, volumes, signed previews,
+and the socket.io event stream (the SDK falls back to polling). Image references resolve as the
+plugin's marker resolves them: ``host`` is the host's /usr and /etc, ``debian:SUITE`` a Debian minbase built
 locally with mmdebstrap, anything else a registry image.
 
 Modules: :mod:`.dockerfile` (declarative images as recipes), :mod:`.records` (what is kept of

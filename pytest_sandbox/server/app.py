@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from aiohttp import BodyPartReader, MultipartWriter, hdrs, web
 from aiohttp.web_urldispatcher import MatchInfoError
 
+from ..errors import SandboxError
 from . import models
 from .models import Body, Query
 from .records import DAEMON, ApiError, SandboxRecord, SandboxSpec
@@ -80,6 +81,7 @@ class Api:
             ("POST", f"{api}/sandbox", self.create_sandbox),
             ("GET", f"{api}/sandbox", self.list_sandboxes),
             ("GET", f"{box}/toolbox-proxy-url", self.get_toolbox_url),
+            ("GET", box + "/ports/{port:[0-9]+}/preview-url", self.get_preview_url),
             ("GET", f"{box}/build-logs-url", self.sandbox_logs_url),
             ("GET", f"{box}/build-logs", self.sandbox_logs),
             ("GET", box, self.get_sandbox),
@@ -369,6 +371,23 @@ class Api:
         sid = request.match_info["sid"]
         await self._call(self._meta, lambda: self.state.sandbox(sid))
         return _ok({"url": self.toolbox_url})
+
+    async def get_preview_url(self, request: web.Request) -> web.Response:
+        """GET /api/sandbox/{id}/ports/{port}/preview-url: the sandbox's port on this machine's
+        loopback (the backend's expose()), where Daytona gives a proxied HTTPS link; no token."""
+        sid, port = request.match_info["sid"], int(request.match_info["port"])
+        if not 0 < port < 65536:
+            raise ApiError(400, f"port must be 1-65535, got {port}")
+
+        def link() -> dict[str, str]:
+            box, sb = self.state.running(sid)
+            try:
+                host, local = sb.expose(port)
+            except SandboxError as exc:
+                raise ApiError(400, f"cannot preview port {port}: {exc}") from exc
+            return {"sandboxId": box.id, "url": f"http://{host}:{local}", "token": ""}
+
+        return _ok(await self._call(self._work, link))
 
     async def sandbox_logs_url(self, request: web.Request) -> web.Response:
         """GET /api/sandbox/{id}/build-logs-url."""
