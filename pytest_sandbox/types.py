@@ -396,9 +396,10 @@ class Sandbox(Protocol):
         """Each service of this sandbox's snapshot: ``ready``, ``not ready`` or ``stopped``, and its log."""
         ...
 
-    def expose(self, port: int) -> tuple[str, int]:
-        """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
-        loopback (TCP), open until the sandbox closes."""
+    def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
+        """A ``(host, port)`` that reaches ``port`` on the sandbox's loopback, open until the
+        sandbox closes: on this machine's loopback for ``tcp`` (any protocol over TCP); a backend
+        that forwards only HTTP (Daytona's preview links) takes ``protocol="http"``."""
         ...
 
     def interactive(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

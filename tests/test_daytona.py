@@ -458,11 +458,15 @@ def test_expose_is_the_preview_link_for_http(daytona_backend: Backend, daytona_d
             "for i in $(seq 100); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))' "
             "2>/dev/null && break; sleep 0.1; done"
         ).check()
-        host, port = sb.expose(8000)
-        assert sb.expose(8000) == (host, port)
+        with pytest.raises(EngineUnavailableError, match="preview links only"):
+            sb.expose(8000)  # as TCP: Daytona cannot
+        host, port = sb.expose(8000, protocol="http")
+        assert sb.expose(8000, protocol="http") == (host, port)
         token = sb.preview_token(8000)  # type: ignore[attr-defined]
         req = urllib.request.Request(f"http://{host}:{port}/i.html", headers={"X-Daytona-Preview-Token": token})
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.read() == b"from-daytona\n"
         with pytest.raises(ConfigError):
-            sb.expose(70000)
+            sb.expose(70000, protocol="http")
+        with pytest.raises(ConfigError, match="protocol"):
+            sb.expose(8000, protocol="udp")

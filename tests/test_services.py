@@ -229,3 +229,6 @@ def test_an_exposed_port_is_the_hosts_not_the_sandboxs(backend: LocalBackend, we
             sb.expose(0)
         with pytest.raises(ConfigError):
             sb.expose(True)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="protocol"):
+            sb.expose(PORT, protocol="udp")
+        assert get(sb.expose(PORT, protocol="http")) == b"hello\n"  # http is TCP here

@@ -236,7 +236,7 @@ class SandboxBase(Sandbox):
         known += [s for s in self.running_services if s not in known]
         return _services.status(self, known)
 
-    def expose(self, port: int) -> tuple[str, int]:
+    def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
         """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
         loopback (TCP), open until the sandbox closes."""
         raise EngineUnavailableError(f"the {type(self).__name__} cannot expose ports")
@@ -285,10 +285,12 @@ class SandboxBase(Sandbox):
         return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)
 
 
-def check_port(port: object) -> None:
-    """A TCP port number for expose(), or a ConfigError saying what was given."""
+def check_port(port: object, protocol: object = "tcp") -> None:
+    """A TCP port number and a protocol (``tcp`` or ``http``) for expose(), or a ConfigError."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"expose() takes a TCP port number (1-65535), got {port!r}")
+    if protocol not in ("tcp", "http"):
+        raise ConfigError(f"expose() takes protocol='tcp' (any protocol over TCP) or 'http', got {protocol!r}")
 
 
 def refuse_services(image: Image, backend: str) -> None:

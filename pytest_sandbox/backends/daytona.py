@@ -598,12 +598,19 @@ class DaytonaSandbox(SandboxBase):
                 )
         return out
 
-    def expose(self, port: int) -> tuple[str, int]:
-        """HTTP only, through Daytona's preview link: the ``(host, port)`` of the link (443 for
-        https). A private sandbox's link needs the ``X-Daytona-Preview-Token`` header, whose value
-        is ``preview_token(port)``. Other protocols cannot be reached on Daytona."""
+    def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
+        """``protocol="http"`` only, through Daytona's preview link: the ``(host, port)`` of the
+        link (443 for https). A private sandbox's link needs the ``X-Daytona-Preview-Token``
+        header, whose value is ``preview_token(port)``. Other protocols cannot reach a Daytona
+        sandbox, and ``tcp`` (the default) says so."""
         self._check_open()
-        check_port(port)
+        check_port(port, protocol)
+        if protocol != "http":
+            raise EngineUnavailableError(
+                f"Daytona reaches a sandbox's ports through HTTP(S) preview links only, so port {port} cannot be "
+                "exposed as TCP (a database, a raw protocol): for an HTTP server call expose(port, protocol='http'); "
+                "for other protocols use the local engine or docker"
+            )
         link = self._preview(port)
         url = urllib.parse.urlsplit(str(link.url))
         if url.hostname is None:

@@ -617,12 +617,12 @@ class DockerSandbox(SandboxBase):
         envs = [f"--env={k}={v}" for k, v in {**self._extra_env, **(env or {})}.items()]
         return subprocess.call([cli, "exec", "-i", *tty, *envs, self.container.id, *(argv or LOGIN_SHELL)])
 
-    def expose(self, port: int) -> tuple[str, int]:
+    def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
         """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the container's
         loopback (TCP), open until the sandbox closes. The forwarder enters the container's
         network namespace, so it needs root and the engine on this machine."""
         self._check_open()
-        check_port(port)
+        check_port(port, protocol)
         where = os.environ.get("DOCKER_HOST") or "unix://"
         if os.geteuid() != 0 or not where.startswith("unix://"):
             raise EngineUnavailableError(

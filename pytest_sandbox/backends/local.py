@@ -579,12 +579,12 @@ class LocalSandbox(SandboxBase):
         code = child.wait()
         return 128 - code if code < 0 else code
 
-    def expose(self, port: int) -> tuple[str, int]:
+    def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
         """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
         loopback (TCP: a database, an HTTP server), open until the sandbox closes. A networked
         sandbox shares the host's network: its ports are reachable as they are."""
         self._check_open()
-        check_port(port)
+        check_port(port, protocol)
         if self.network:
             return ("127.0.0.1", port)
         with self.backend._lock:

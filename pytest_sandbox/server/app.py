@@ -382,7 +382,7 @@ class Api:
         def link() -> dict[str, str]:
             box, sb = self.state.running(sid)
             try:
-                host, local = sb.expose(port)
+                host, local = sb.expose(port, protocol="http")
             except SandboxError as exc:
                 raise ApiError(400, f"cannot preview port {port}: {exc}") from exc
             return {"sandboxId": box.id, "url": f"http://{host}:{local}", "token": ""}
