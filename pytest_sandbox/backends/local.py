@@ -132,7 +132,7 @@ class LocalBackend(BackendBase):
         """A spare sandbox directory with its disk mounted, when ``limits`` ask for the default
         disk and disks can be made here; else None (the sandbox makes its own)."""
         disks = self.host.disks
-        if limits.disk_bytes != self.limits.disk_bytes or not disks.usable or not disks.ext4:
+        if limits.disk_bytes != self.limits.disk_bytes or not disks.ext4:
             return None
         try:
             return self._ready_disks.take()
@@ -384,11 +384,8 @@ class LocalSandbox(SandboxBase):
             say_once("; ".join(str(s) for s in unenforced))
 
     def _make_disk(self, size: int) -> LimitStatus:
-        disks = self.backend.host.disks
-        if not disks.usable:
-            return LimitStatus("disk", size, False, disks.reason)
         try:
-            self._disk = disks.make(self._dir, size)
+            self._disk = self.backend.host.disks.make(self._dir, size)
         except SandboxError as exc:
             return LimitStatus("disk", size, False, str(exc))
         self._scratch, self._scratch_launch = self._disk.path, self._disk.launch

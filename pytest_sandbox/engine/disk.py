@@ -180,11 +180,6 @@ class Disks:
             else:
                 self.ext4 = True
 
-    @property
-    def usable(self) -> bool:
-        """Whether a disk can be made here at all (a tmpfs always can, in the helper's namespace)."""
-        return True
-
     def _ask(self, op: str, a: str, b: str) -> None:
         """One request to the mounter (started on first need, in the helper's namespace)."""
         with self._lock:
