@@ -122,12 +122,15 @@ def build_recipe(
     build_step: Callable[[Snapshot, Step, str, int, int, LogCallback], Snapshot],
     on_log: LogCallback | None,
     rebuild: bool | float,
+    fetch: Callable[[str], Snapshot | None] | None = None,
 ) -> Snapshot:
     """The build loop every backend shares: one snapshot per prefix of the steps, each built under
     its key's lock by the first process to get there and reused by the others.
 
     ``rebuild=True`` ignores cached step snapshots; a timestamp ignores those created before it
     (so parallel workers of one run still build once). The base is always reused when present.
+    ``fetch`` (a shared cache: ``--sandbox-cache-from``) is asked for the deepest key missing
+    here, deepest first, before anything is built; only the steps after what it gives are built.
     """
     if not isinstance(image, Image):
         raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
@@ -146,9 +149,21 @@ def build_recipe(
     hit = cached(keys[-1])
     if hit is not None:
         return hit
-    with lock(keys[0]):
-        current = get(keys[0]) or build_base(image, keys[0], log)
-    for i, step in enumerate(image.steps, start=1):
+    start, current = 0, None
+    if fetch is not None and rebuild is False:
+        for i in range(n, -1, -1):
+            if get(keys[i]) is not None:
+                break  # this machine has that far: build the rest from it
+            got = fetch(keys[i])
+            if got is not None:
+                if i == n:
+                    return got
+                start, current = i, got
+                break
+    if current is None:
+        with lock(keys[0]):
+            current = get(keys[0]) or build_base(image, keys[0], log)
+    for i, step in enumerate(image.steps[start:], start=start + 1):
         with lock(keys[i]):
             hit = cached(keys[i])
             if hit is not None:

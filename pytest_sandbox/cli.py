@@ -2,6 +2,11 @@
 
 pytest-sandbox ls                 snapshots: key, size, age, parent, description
 pytest-sandbox build MOD:ATTR     build the Image that MOD.ATTR names (or returns, if callable)
+                                  (--push REPO: then push it; --cache-from REPO: pull what is there)
+pytest-sandbox push KEY REPO      push a snapshot and its parents, tagged by key
+pytest-sandbox pull REPO:KEY      pull a pushed snapshot into the cache, under its key
+pytest-sandbox export KEY -o F    write a snapshot as an OCI image layout archive
+pytest-sandbox import F           read such an archive into the cache
 pytest-sandbox shell SNAPSHOT     an interactive shell in a fresh fork of SNAPSHOT
 pytest-sandbox rm SNAPSHOT...     delete snapshots
 pytest-sandbox prune [--older-than DAYS]   delete snapshots unused for that long (default: all)
@@ -69,6 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("build", help="build an Image named MODULE:ATTR")
     b.add_argument("spec")
     b.add_argument("--rebuild", action="store_true", help="ignore cached snapshots of its keys")
+    b.add_argument("--push", metavar="REPO", help="push the snapshot (and its parents) to this registry repository")
+    b.add_argument("--cache-from", metavar="REPO", help="pull the deepest step found in this repository first")
+    pu = sub.add_parser("push", help="push a snapshot and its parents to a registry, tagged by key")
+    pu.add_argument("snapshot", help="key, key prefix or name")
+    pu.add_argument("repository", help="e.g. registry.example/team/env (no tag: the keys are the tags)")
+    pl = sub.add_parser("pull", help="pull a pushed snapshot (REPO:KEY, or REPO@sha256:... to pin it)")
+    pl.add_argument("reference")
+    ex = sub.add_parser("export", help="write a snapshot (and its parents) as an OCI image layout archive")
+    ex.add_argument("snapshot", help="key, key prefix or name")
+    ex.add_argument("-o", "--output", required=True, help="the archive to write (e.g. env.tar)")
+    im = sub.add_parser("import", help="read an archive written by export into the cache")
+    im.add_argument("archive")
     s = sub.add_parser("shell", help="interactive shell in a fresh fork of a snapshot")
     s.add_argument("snapshot")
     s.add_argument("--network", action="store_true", help="give the sandbox the host's network")
@@ -127,8 +144,30 @@ def _run(args: argparse.Namespace, backend: Backend) -> int:
     if args.cmd == "build":
         image = _load_image(args.spec)
         start = time.perf_counter()
-        snap = backend.build(image, on_log=print, rebuild=args.rebuild)
+        snap = backend.build(image, on_log=print, rebuild=args.rebuild, cache_from=args.cache_from)
         print(f"snapshot {snap.key} ready in {time.perf_counter() - start:.1f}s")
+        if args.push:
+            print(backend.push(snap, args.push, on_log=print))
+        return 0
+    if args.cmd == "push":
+        print(backend.push(args.snapshot, args.repository, on_log=print))
+        return 0
+    if args.cmd == "pull":
+        snap = backend.pull(args.reference, on_log=print)
+        print(snap.key)
+        return 0
+    if args.cmd in ("export", "import"):
+        name = "export" if args.cmd == "export" else "import_archive"
+        method = getattr(backend, name, None)
+        if method is None:
+            where = f"not {backend.name}'s"
+            print(f"pytest-sandbox: error: {args.cmd} works on the local engine's cache, {where}", file=sys.stderr)
+            return 2
+        if args.cmd == "export":
+            method(args.snapshot, args.output, on_log=print)
+        else:
+            for snap in method(args.archive, on_log=print):
+                print(snap.key)
         return 0
     if args.cmd == "shell":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -72,7 +72,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="every sandbox's limits, e.g. 'memory=2G pids=4096 cpus=2 disk=10G' (default: memory half "
         "the RAM, pids=4096, disk=10G). ini: sandbox_limits",
     )
+    group.addoption(
+        "--sandbox-cache-from",
+        default=None,
+        metavar="REPOSITORY",
+        help="a registry repository of pushed snapshots (e.g. registry.example/team/env): pull the deepest "
+        "step of each recipe found there instead of building it. ini: sandbox_cache_from",
+    )
+    group.addoption(
+        "--sandbox-cache-to",
+        default=None,
+        metavar="REPOSITORY",
+        help="push every snapshot this run builds to that registry repository, tagged by key. ini: sandbox_cache_to",
+    )
     parser.addini("sandbox_backend", "default for --sandbox-backend", default="auto")
+    parser.addini("sandbox_cache_from", "default for --sandbox-cache-from", default="")
+    parser.addini("sandbox_cache_to", "default for --sandbox-cache-to", default="")
     parser.addini("sandbox_limits", "default for --sandbox-limits", default="")
     parser.addini("sandbox_cache_dir", "default for --sandbox-cache-dir", default="")
     parser.addini("sandbox_rebuild", "default for --sandbox-rebuild", type="bool", default=False)
@@ -128,6 +143,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id=run_id,
         run_start=run_start,
         log=_log(config),
+        cache_from=str(_option(config, "cache_from") or "") or None,
+        cache_to=str(_option(config, "cache_to") or "") or None,
     )
 
 

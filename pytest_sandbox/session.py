@@ -35,19 +35,25 @@ class Stats:
 
     built: int = 0
     reused: int = 0
+    pulled: int = 0
     forks: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"built": self.built, "reused": self.reused, "forks": self.forks}
+        return {"built": self.built, "reused": self.reused, "pulled": self.pulled, "forks": self.forks}
 
     def merge(self, data: Mapping[str, Any]) -> None:
         self.built += int(data.get("built", 0))
         self.reused += int(data.get("reused", 0))
+        self.pulled += int(data.get("pulled", 0))
         self.forks.extend(float(x) for x in data.get("forks", ()))
 
     def summary(self) -> str:
         med = f", median fork {statistics.median(self.forks) * 1000:.1f} ms" if self.forks else ""
-        return f"sandbox: {self.built} snapshots built, {self.reused} reused, {len(self.forks)} sandboxes forked{med}"
+        pulled = f", {self.pulled} pulled" if self.pulled else ""
+        return (
+            f"sandbox: {self.built} snapshots built{pulled}, {self.reused} reused, "
+            f"{len(self.forks)} sandboxes forked{med}"
+        )
 
 
 class SessionManager:
@@ -63,8 +69,12 @@ class SessionManager:
         run_id: str = "",
         run_start: float | None = None,
         log: Callable[[str], None] = print,
+        cache_from: str | None = None,
+        cache_to: str | None = None,
     ) -> None:
         self.backend_name = backend
+        self.cache_from = cache_from
+        self.cache_to = cache_to
         self.cache_dir = cache_dir
         self.rebuild = rebuild
         self.limits = limits
@@ -124,15 +134,19 @@ class SessionManager:
         start = time.perf_counter()
         steps = len(image.steps)
         built = [False]
+        pulled = [False]
 
         def on_log(line: str) -> None:
             if line.startswith("["):  # a step header: "[n/m] DESCRIPTION"
                 built[0] = True
                 self.log(f"sandbox: building {key[:12]} {line} ({time.perf_counter() - start:.1f}s)")
+            elif line.startswith(("pulled ", "cache-from ")):
+                pulled[0] = pulled[0] or line.startswith("pulled ")
+                self.log(f"sandbox: {line}")
 
         rebuild: bool | float = self.run_start if self.rebuild else False
         try:
-            snap = self.backend.build(image, on_log=on_log, rebuild=rebuild)
+            snap = self.backend.build(image, on_log=on_log, rebuild=rebuild, cache_from=self.cache_from)
         except SnapshotBuildError as exc:
             self._failures[key] = exc
             self._reported.add(key)  # this raise shows the output; later ones refer to it
@@ -143,11 +157,24 @@ class SessionManager:
         if built[0]:
             self.stats.built += 1
             self.log(f"sandbox: snapshot {key[:12]} built in {time.perf_counter() - start:.1f}s ({steps} steps)")
+            if self.cache_to:
+                self._push(snap)
+        elif pulled[0]:
+            self.stats.pulled += 1
         else:
             self.stats.reused += 1
             self.log(f"sandbox: snapshot {key[:12]} reused (built {format_age(time.time() - snap.created)} ago)")
         self._snapshots[key] = snap
         return snap
+
+    def _push(self, snap: Snapshot) -> None:
+        """``--sandbox-cache-to``: share what this run built. A push that fails is said, and the
+        run goes on (its tests do not depend on the cache)."""
+        assert self.cache_to is not None
+        try:
+            self.backend.push(snap, self.cache_to, on_log=lambda line: self.log(f"sandbox: {line}"))
+        except SandboxError as exc:
+            self.log(f"sandbox: cache-to {self.cache_to}: pushing {snap.short} failed: {exc}")
 
     def _failure(self, key: str) -> SandboxError:
         """A build failure, with its full output the first time only."""

@@ -420,7 +420,27 @@ class Backend(Protocol):
 
     name: str
 
-    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot: ...
+    def build(
+        self,
+        image: Image,
+        *,
+        on_log: LogCallback | None = None,
+        rebuild: bool | float = False,
+        cache_from: str | None = None,
+    ) -> Snapshot:
+        """The snapshot of ``image``, built once per setup key. ``cache_from`` is a registry
+        repository of pushed snapshots: the deepest step of the recipe found there is pulled,
+        and only the steps after it are built."""
+        ...
+
+    def push(self, snapshot: Snapshot | str, repository: str, *, on_log: LogCallback | None = None) -> str:
+        """Push ``snapshot`` (and its parents) to ``repository``, tagged by key; returns the
+        reference of ``snapshot``'s image (``REPOSITORY:KEY``)."""
+        ...
+
+    def pull(self, reference: str, *, on_log: LogCallback | None = None) -> Snapshot:
+        """The snapshot pushed at ``reference`` (``REPOSITORY:KEY``), under its key."""
+        ...
 
     def create(
         self,

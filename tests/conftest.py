@@ -198,8 +198,9 @@ def daytona_debian(daytona_backend: Backend) -> Snapshot:
 
 
 # -- a real registry on 127.0.0.1 ------------------------------------------------------------
-def start_registry(root: Path, auth: str = "") -> tuple[subprocess.Popen[bytes], str]:
-    """Debian's docker-registry (the CNCF distribution registry) serving ``root`` on a free port."""
+def start_registry(root: Path, auth: str = "", storage: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """Debian's docker-registry (the CNCF distribution registry) serving ``root`` on a free port;
+    ``auth`` and ``storage`` are more YAML for its config's top level and its storage section."""
     binary = shutil.which("docker-registry")
     if binary is None:
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
@@ -209,6 +210,7 @@ def start_registry(root: Path, auth: str = "") -> tuple[subprocess.Popen[bytes],
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yml").write_text(
         f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n  delete:\n    enabled: true\n"
+        f"{storage}"
         f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
     )
     proc = subprocess.Popen(

@@ -15,15 +15,23 @@ import socket
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 from .. import _proc, _services
+from .._build import host_ca_bundle
 from .._hostfs import HostTree
 from .._lifeline import Watchdog
-from ..errors import ConfigError, EngineUnavailableError, ExecTimeoutError, SandboxClosedError, SandboxFileError
+from ..errors import (
+    ConfigError,
+    EngineUnavailableError,
+    ExecTimeoutError,
+    SandboxClosedError,
+    SandboxError,
+    SandboxFileError,
+)
 from ..image import Image, Service
 from ..store import Store
 from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, ServiceStatus, Snapshot
@@ -303,6 +311,52 @@ def refuse_services(image: Image, backend: str) -> None:
         )
 
 
+_cache_said: set[str] = set()
+_cache_down: dict[str, float] = {}
+CACHE_RETRY = 300.0
+"""Seconds a registry that failed is left alone before builds ask it again."""
+
+
+def cache_fetcher(
+    repository: str, pull: Callable[[str], Snapshot], log: LogCallback
+) -> Callable[[str], Snapshot | None]:
+    """``build(cache_from=repository)``'s lookup for one recipe: a key the registry has is pulled
+    with ``pull``. A registry that cannot be used (unreachable, refusing, a pull that fails)
+    makes the build go on from what there is; the reason is said once per process, and the
+    registry is not asked again for :data:`CACHE_RETRY` seconds."""
+    from ..oci import Reference, RegistryClient  # the registry client only for cache users
+
+    try:
+        ref = Reference.parse(repository)
+    except ConfigError as exc:
+        raise ConfigError(f"--sandbox-cache-from / cache_from: {exc}") from None
+    repo = f"{ref.registry}/{ref.repository}"
+    client = RegistryClient(ca_file=host_ca_bundle())
+
+    def give_up(message: str) -> None:
+        _cache_down[repo] = time.monotonic()
+        if message not in _cache_said:
+            _cache_said.add(message)
+            log(message)
+
+    def fetch(key: str) -> Snapshot | None:
+        if time.monotonic() - _cache_down.get(repo, -CACHE_RETRY) < CACHE_RETRY:
+            return None
+        try:
+            if not client.has_manifest(ref, key):
+                return None
+        except SandboxError as exc:
+            give_up(f"cache-from {repo} cannot be used ({exc}); building instead")
+            return None
+        try:
+            return pull(f"{repo}:{key}")
+        except SandboxError as exc:
+            give_up(f"cache-from {repo}: pulling {key[:12]} failed ({exc}); building it instead")
+            return None
+
+    return fetch
+
+
 LABEL = "pytest-sandbox"
 """The label every remote sandbox, container and image of this project carries."""
 
@@ -326,6 +380,19 @@ class BackendBase:
     def _check_backend_open(self) -> None:
         if self._closed:
             raise SandboxClosedError("this backend was closed; open a new one with open_backend()")
+
+    name: str
+
+    def push(self, snapshot: Snapshot | str, repository: str, *, on_log: LogCallback | None = None) -> str:
+        """Push a snapshot to a registry (see the README for which backends can)."""
+        raise EngineUnavailableError(
+            f"the {self.name} backend cannot push snapshots to a registry: push from the local engine "
+            "(or docker), whose images every backend can start from"
+        )
+
+    def pull(self, reference: str, *, on_log: LogCallback | None = None) -> Snapshot:
+        """Pull a pushed snapshot (see the README for which backends can)."""
+        raise EngineUnavailableError(f"the {self.name} backend cannot pull snapshots from a registry")
 
 
 class RemoteBackend(BackendBase):

@@ -56,6 +56,7 @@ from ._base import (
     LABEL,
     RemoteBackend,
     SandboxBase,
+    cache_fetcher,
     check_port,
     exec_result,
     refuse_services,
@@ -355,9 +356,20 @@ class DaytonaBackend(RemoteBackend):
         self._record_path(snap.key).unlink(missing_ok=True)
 
     # -- building ------------------------------------------------------------------------------
-    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot:
+    def build(
+        self,
+        image: Image,
+        *,
+        on_log: LogCallback | None = None,
+        rebuild: bool | float = False,
+        cache_from: str | None = None,
+    ) -> Snapshot:
         """Build ``image`` once per setup key into Daytona snapshots; later calls (from any
-        machine) reuse them. A snapshot another machine is building is waited for."""
+        machine) reuse them. A snapshot another machine is building is waited for.
+
+        ``cache_from`` names a registry repository of snapshots pushed from the local engine or
+        docker: Daytona makes the snapshot of the deepest key found there from that image (the
+        registry must be one Daytona can pull from), and only the later steps are built."""
         if not isinstance(image, Image):
             raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
         refuse_services(image, self.name)
@@ -377,6 +389,17 @@ class DaytonaBackend(RemoteBackend):
         def build_step(parent: Snapshot, step: Step, key: str, i: int, n: int, log: LogCallback) -> Snapshot:
             return self._build_step(parent, step, key, metas[key], i, n, log)
 
+        log = on_log or (lambda _line: None)
+
+        def from_image(reference: str) -> Snapshot:
+            key = reference.rpartition(":")[2]
+            with self.store.build_lock(key):
+                snap = get(key)
+                if snap is None:  # not made by another process meanwhile
+                    snap = self._create_from(key, metas[key], reference, len(image.steps), log)
+                    log(f"pulled {snap.short} from {reference.rpartition(':')[0]}")
+            return snap
+
         return build_recipe(
             image,
             get=get,
@@ -385,6 +408,7 @@ class DaytonaBackend(RemoteBackend):
             build_step=build_step,
             on_log=on_log,
             rebuild=rebuild,
+            fetch=cache_fetcher(cache_from, from_image, log) if cache_from else None,
         )
 
     def _daytona_image(self, image: Image, key: str) -> Any:
@@ -407,10 +431,13 @@ class DaytonaBackend(RemoteBackend):
         )
 
     def _build_base(self, image: Image, key: str, meta: Mapping[str, Any], log: LogCallback) -> Snapshot:
+        log(f"[0/{len(image.steps)}] {meta['description']}")
+        return self._create_from(key, meta, self._daytona_image(image, key), len(image.steps), log)
+
+    def _create_from(self, key: str, meta: Mapping[str, Any], source: Any, nsteps: int, log: LogCallback) -> Snapshot:
+        """The Daytona snapshot of ``key`` made from ``source`` (an image reference or recipe)."""
         sdk = self._sdk
-        source = self._daytona_image(image, key)
         desc = meta["description"]
-        log(f"[0/{len(image.steps)}] {desc}")
         resources = sdk.Resources(**self.resources) if self.resources else None
         params = sdk.CreateSnapshotParams(name=meta["remote"], image=source, resources=resources)
         try:
@@ -430,11 +457,11 @@ class DaytonaBackend(RemoteBackend):
             raise SnapshotBuildError(
                 key=key,
                 step_index=0,
-                step_count=len(image.steps),
+                step_count=nsteps,
                 step=desc,
                 exit_code=None,
                 output=str(exc),
-                reason="Daytona could not build the base",
+                reason=f"Daytona could not make a snapshot from {source if isinstance(source, str) else 'the base'}",
             ) from exc
         return self._snapshot(key, meta, _timestamp(snap.created_at))
 

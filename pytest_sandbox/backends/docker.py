@@ -34,6 +34,7 @@ from ..engine.expose import Exposure, Forwarder, SocketMaker
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
+    RegistryError,
     SandboxError,
     SandboxFileError,
     SnapshotBuildError,
@@ -62,6 +63,7 @@ from ._base import (
     STAT_SH,
     RemoteBackend,
     SandboxBase,
+    cache_fetcher,
     check_port,
     exec_result,
     extract_tar,
@@ -273,12 +275,21 @@ class DockerBackend(RemoteBackend):
         return snap
 
     # -- building ------------------------------------------------------------------------------
-    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot:
+    def build(
+        self,
+        image: Image,
+        *,
+        on_log: LogCallback | None = None,
+        rebuild: bool | float = False,
+        cache_from: str | None = None,
+    ) -> Snapshot:
         """Build ``image`` once per setup key into tagged images; later calls reuse them.
 
         ``rebuild`` works as on the local engine: steps are rebuilt, the base is kept.
+        ``cache_from`` names a registry repository of pushed snapshots to pull from first.
         """
         refuse_services(image, self.name)
+        log = on_log or (lambda _line: None)
         return build_recipe(
             image,
             get=self._get,
@@ -287,7 +298,65 @@ class DockerBackend(RemoteBackend):
             build_step=self._build_step,
             on_log=on_log,
             rebuild=rebuild,
+            fetch=cache_fetcher(cache_from, lambda ref: self.pull(ref, on_log=log), log) if cache_from else None,
         )
+
+    # -- sharing -------------------------------------------------------------------------------
+    def pull(self, reference: str, *, on_log: LogCallback | None = None) -> Snapshot:
+        """``docker pull REPOSITORY:KEY`` (a snapshot pushed from any backend), kept as the
+        snapshot of that key."""
+        repo, _, key = reference.rpartition(":")
+        if not repo or "/" in key or not key:
+            raise ConfigError(f"pull takes REPOSITORY:KEY, got {reference!r}")
+        with self.store.build_lock(key):
+            have = self._get(key)
+            if have is not None:
+                return have
+            try:
+                img = self.client.images.pull(repo, tag=key)
+            except self._errors.APIError as exc:
+                raise RegistryError(f"docker could not pull {reference}: {exc.explanation or exc}") from exc
+            labels = (img.attrs.get("Config") or {}).get("Labels") or {}
+            if labels.get(LABEL) != "1":
+                raise RegistryError(f"{reference} is not a pytest-sandbox snapshot (no {LABEL} label)")
+            container = self.client.containers.create(img.id, command=_HOLDER, labels=self.labels())
+            try:
+                snap = self._commit(
+                    container,
+                    key,
+                    parent=labels.get(f"{LABEL}.parent") or None,
+                    description=labels.get(f"{LABEL}.description", ""),
+                )
+            finally:
+                container.remove(force=True)
+                with contextlib.suppress(self._errors.APIError):
+                    self.client.images.remove(reference)
+        if on_log is not None:
+            on_log(f"pulled {snap.short} from {repo}")
+        return snap
+
+    def push(self, snapshot: Snapshot | str, repository: str, *, on_log: LogCallback | None = None) -> str:
+        """``docker push`` of ``snapshot`` and its parents, tagged by key, to ``repository``."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.get_snapshot(snapshot)
+        chain = [snap]
+        while chain[-1].parent:
+            parent = self._get(chain[-1].parent)
+            if parent is None:
+                break
+            chain.append(parent)
+        for s in reversed(chain):
+            target = f"{repository}:{s.key}"
+            self.client.images.get(f"{REPO}:{s.key}").tag(repository, tag=s.key)
+            try:
+                for line in self.client.images.push(repository, tag=s.key, stream=True, decode=True):
+                    if line.get("error"):
+                        raise RegistryError(f"docker could not push {target}: {line['error']}")
+            finally:
+                with contextlib.suppress(self._errors.APIError):
+                    self.client.images.remove(target)
+        if on_log is not None:
+            on_log(f"pushed {snap.short} to {repository} ({len(chain)} tags)")
+        return f"{repository}:{snap.key}"
 
     def _build_base(self, image: Image, key: str, log: LogCallback) -> Snapshot:
         b = image.base

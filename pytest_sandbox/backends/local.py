@@ -40,12 +40,21 @@ from ..engine.ids import IdMap
 from ..engine.limits import rlimits_for
 from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
+from ..engine.share import Shares
 from ..engine.spawn import Confined, Spawner
 from ..errors import SandboxClosedError, SandboxError, ServiceError, say_once
 from ..image import Image, Step
 from ..store import Store, disk_usage, format_size, new_id, rmtree
 from ..types import DEFAULT_LIMITS, ExecResult, Limits, LimitStatus, LogCallback, Snapshot, Usage
-from ._base import LOGIN_SHELL, BackendBase, SandboxBase, check_port, exec_result, resolve_snapshot
+from ._base import (
+    LOGIN_SHELL,
+    BackendBase,
+    SandboxBase,
+    cache_fetcher,
+    check_port,
+    exec_result,
+    resolve_snapshot,
+)
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
@@ -68,6 +77,7 @@ class LocalBackend(BackendBase):
         self.ids: IdMap | None = self.host.ids
         self.rootless = self.ids is None
         self._bases = Bases(self.store, self.ids, self.name)
+        self._shares = Shares(self.store, self.ids, self._bases.registry, self.name)
         self._lock = threading.Lock()
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
@@ -195,14 +205,24 @@ class LocalBackend(BackendBase):
         return self.store.prune(older_than)
 
     # -- building ----------------------------------------------------------------------------
-    def build(self, image: Image, *, on_log: LogCallback | None = None, rebuild: bool | float = False) -> Snapshot:
+    def build(
+        self,
+        image: Image,
+        *,
+        on_log: LogCallback | None = None,
+        rebuild: bool | float = False,
+        cache_from: str | None = None,
+    ) -> Snapshot:
         """Build ``image`` once per setup key and return its snapshot; later calls reuse it.
 
         ``rebuild=True`` ignores cached snapshots of this recipe's steps; a timestamp ignores only
         those created before it (so parallel workers of one run still build once). The base
         (a Debian rootfs, an unpacked tarball) is kept: ``pytest-sandbox rm`` it to refresh it.
+        ``cache_from`` names a registry repository of pushed snapshots to pull from first.
         """
-        image = self._bases.pin(image, on_log or (lambda _line: None))
+        log = on_log or (lambda _line: None)
+        image = self._bases.pin(image, log)
+        fetch = cache_fetcher(cache_from, lambda ref: self.pull(ref, on_log=log), log) if cache_from else None
         snap = build_recipe(
             image,
             get=self.store.get,
@@ -211,9 +231,34 @@ class LocalBackend(BackendBase):
             build_step=self._build_step,
             on_log=on_log,
             rebuild=rebuild,
+            fetch=fetch,
         )
         self.store.touch(snap)
         return snap
+
+    # -- sharing -----------------------------------------------------------------------------
+    def push(self, snapshot: Snapshot | str, repository: str, *, on_log: LogCallback | None = None) -> str:
+        """Push ``snapshot`` and its parents to ``repository`` as OCI images tagged by key;
+        layers the registry has are not sent again. Returns ``REPOSITORY:KEY``."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.store.find(snapshot)
+        return self._shares.push(snap, repository, on_log or (lambda _line: None))[-1]
+
+    def pull(self, reference: str, *, on_log: LogCallback | None = None) -> Snapshot:
+        """Pull ``REPOSITORY:KEY`` (or ``REPOSITORY@sha256:...``, pinned) into the cache under
+        its key; layers already here are not downloaded again."""
+        return self._shares.pull(reference, on_log or (lambda _line: None))
+
+    def export(
+        self, snapshot: Snapshot | str, dest: str | os.PathLike[str], *, on_log: LogCallback | None = None
+    ) -> Path:
+        """Write ``snapshot`` and its parents to ``dest`` as an OCI image layout archive
+        (``docker load``, ``skopeo copy oci-archive:`` and :meth:`import_archive` read it)."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.store.find(snapshot)
+        return self._shares.export(snap, Path(dest), on_log or (lambda _line: None))
+
+    def import_archive(self, path: str | os.PathLike[str], *, on_log: LogCallback | None = None) -> list[Snapshot]:
+        """Every snapshot of an archive written by :meth:`export`, into the cache under its key."""
+        return self._shares.import_archive(Path(path), on_log or (lambda _line: None))
 
     def _build_step(self, parent: Snapshot, step: Step, key: str, i: int, n: int, log: LogCallback) -> Snapshot:
         env = dict(parent.env)

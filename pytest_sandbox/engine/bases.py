@@ -74,7 +74,8 @@ class Bases:
             rmtree(tmp)
 
     # -- registry bases ----------------------------------------------------------------------
-    def _registry(self) -> RegistryClient:
+    def registry(self) -> RegistryClient:
+        """The registry client (made on first use)."""
         if self._registry_client is None:
             self._registry_client = RegistryClient(ca_file=host_ca_bundle())
         return self._registry_client
@@ -103,7 +104,7 @@ class Bases:
         except (OSError, ValueError):
             known = {}
         try:
-            digest, manifest = self._registry().resolve(ref)
+            digest, manifest = self.registry().resolve(ref)
         except RegistryError as exc:
             last = known.get(str(ref))
             if last is None or not isinstance(exc.__cause__, OSError):
@@ -138,7 +139,7 @@ class Bases:
         desc = image.describe().splitlines()[0]
         log(f"[0/{len(image.steps)}] {desc}")
         ref = Reference.parse(b.ref)
-        client = self._registry()
+        client = self.registry()
         tmp = self.store.tmp_dir()
         try:
             cached = self._oci_file("manifests", b.digest)
@@ -169,7 +170,7 @@ class Bases:
                         blob = tmp / "blob"
                         with blob.open("wb") as out:
                             client.download(ref, digest, size, out)
-                        skipped = unpack_layer(blob, tmp / lid, f"layer {digest} of {ref}", ids=self.ids)
+                        skipped = unpack_layer(blob, tmp / lid, f"layer {digest} of {ref}", ids=self.ids).skipped
                         if skipped:
                             log(
                                 f"    layer {digest[7:19]}: {skipped} device nodes skipped (a sandbox has its own /dev)"

@@ -41,6 +41,13 @@ class IdMap:
     def gid(self, n: int) -> int:
         return self.gid_base + (n if 0 <= n < self.count else 65534)
 
+    def inside_uid(self, host: int) -> int:
+        """The id a host uid of this range has inside (the overflow id 65534 for others)."""
+        return host - self.uid_base if 0 <= host - self.uid_base < self.count else 65534
+
+    def inside_gid(self, host: int) -> int:
+        return host - self.gid_base if 0 <= host - self.gid_base < self.count else 65534
+
     @property
     def root(self) -> tuple[int, int]:
         """Host uid and gid of root inside."""

@@ -14,19 +14,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import os
 import shutil
 import stat
 import tarfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .._hostfs import rmtree_at
 from ..errors import RegistryError, SandboxError
 from .ids import IdMap
 from .layers import OPAQUE
 
-__all__ = ["LayerError", "layer_id", "unpack_layer"]
+__all__ = ["OPAQUE_MARKER", "WHITEOUT", "LayerError", "Unpacked", "layer_id", "unpack_layer"]
 
 WHITEOUT = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -39,6 +42,42 @@ class LayerError(RegistryError):
 def layer_id(digest: str) -> str:
     """The layer store's name for an OCI layer (digests are unique; 128 bits of it are plenty)."""
     return "oci-" + digest.split(":", 1)[1][:32]
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """What unpacking a layer found: device nodes left out, and the tar's digest (its diff id)."""
+
+    skipped: int
+    diff_id: str
+
+
+class _Hashing:
+    """A read-only stream that hashes what passes through (the uncompressed tar: the diff id)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return "sha256:" + self.hash.hexdigest()
+
+
+def _set_xattrs(m: tarfile.TarInfo, fd: int) -> None:
+    """``user.*`` xattrs from PAX headers. overlayfs' own (``user.overlay.*``) are never taken
+    from a layer: they steer the overlay (opaque, redirects) and only the engine sets them."""
+    for key, value in m.pax_headers.items():
+        name = key.removeprefix("SCHILY.xattr.")
+        if name != key and name.startswith("user.") and not name.startswith("user.overlay."):
+            with contextlib.suppress(OSError):
+                os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
 
 
 def _open_stream(blob: IO[bytes], what: str) -> IO[bytes]:
@@ -153,6 +192,7 @@ class _Unpacker:
                             shutil.copyfileobj(data, out, 1 << 20)
                     self._owner(m, fd, None)
                     os.fchmod(fd, m.mode & 0o7777)
+                    _set_xattrs(m, fd)
                     os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
                 finally:
                     os.close(fd)
@@ -193,25 +233,29 @@ class _Unpacker:
             try:
                 self._owner(m, fd, None)
                 os.fchmod(fd, m.mode & 0o7777)
+                _set_xattrs(m, fd)
                 os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
             finally:
                 os.close(fd)
 
 
-def unpack_layer(blob: Path, dest: Path, what: str, *, ids: IdMap | None) -> int:
+def unpack_layer(blob: Path, dest: Path, what: str, *, ids: IdMap | None) -> Unpacked:
     """Unpack the layer tarball ``blob`` (plain, gzip or zstd) into the new directory ``dest``.
 
-    Returns the number of entries skipped (device nodes). Raises :class:`LayerError` for a layer
-    that tries to escape its root or is not a tar archive.
+    Returns the entries skipped (device nodes) and the tar's digest. Raises :class:`LayerError`
+    for a layer that tries to escape its root or is not a tar archive.
     """
     unpacker = _Unpacker(dest, what, ids)
     try:
         with blob.open("rb") as raw:
             try:
-                with tarfile.open(fileobj=_open_stream(raw, what), mode="r|") as tf:
+                stream = _Hashing(_open_stream(raw, what))
+                tf: Any
+                with tarfile.open(fileobj=stream, mode="r|") as tf:  # type: ignore[call-overload]
                     for member in tf:
                         unpacker.add(tf, member)
-            except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
+                diff_id = stream.drain()
+            except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
                 raise LayerError(f"{what} is not a valid (compressed) tar archive: {exc}") from exc
         unpacker.finish()
     except OSError as exc:
@@ -220,4 +264,4 @@ def unpack_layer(blob: Path, dest: Path, what: str, *, ids: IdMap | None) -> int
         raise LayerError(f"{what}: unpacking failed: {exc}") from exc
     finally:
         unpacker.close()
-    return unpacker.skipped
+    return Unpacked(unpacker.skipped, diff_id)

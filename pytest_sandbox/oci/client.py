@@ -1,5 +1,6 @@
 """A small OCI registry client: manifests, platform selection, token authentication, mirrors,
-and digest-verified blob downloads. Standard library only.
+digest-verified blob downloads, and pushes (blobs that the registry lacks, then the manifest).
+Standard library only.
 """
 
 from __future__ import annotations
@@ -7,13 +8,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import re
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from ..errors import RegistryError
@@ -56,7 +58,7 @@ class RegistryClient:
         for i, base in enumerate(endpoints):
             upstream = i == len(endpoints) - 1
             try:
-                return self._get(ref, f"{base}/v2/{ref.repository}/{path}", accept), base
+                return self._send(ref, "GET", f"{base}/v2/{ref.repository}/{path}", accept=accept), base
             except RegistryError as exc:
                 if upstream:
                     raise
@@ -71,11 +73,27 @@ class RegistryClient:
                 failures.append(f"mirror {base}: {getattr(exc, 'reason', exc)}")
         raise AssertionError("unreachable")
 
-    def _get(self, ref: Reference, url: str, accept: str | None) -> Any:
-        scope = f"repository:{ref.repository}:pull"
+    def _send(
+        self,
+        ref: Reference,
+        method: str,
+        url: str,
+        *,
+        accept: str | None = None,
+        body: Callable[[], Iterable[bytes] | bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        push: bool = False,
+        missing_ok: bool = False,
+    ) -> Any:
+        """One request, answering authentication challenges and following redirects by hand.
+        ``body`` makes the request body afresh for each try (a retry after a challenge);
+        ``missing_ok`` returns None for a 404 instead of raising."""
+        scope = f"repository:{ref.repository}:pull,push" if push else f"repository:{ref.repository}:pull"
         host = urllib.parse.urlsplit(url).netloc
         for _ in range(6):  # an auth round, then redirects
-            req = urllib.request.Request(url)
+            req = urllib.request.Request(url, data=body() if body else None, method=method)
+            for name, value in (headers or {}).items():
+                req.add_header(name, value)
             if accept:
                 req.add_header("Accept", accept)
             token = self._tokens.get((host, scope))
@@ -84,8 +102,8 @@ class RegistryClient:
             try:
                 return self._opener.open(req, timeout=60)
             except urllib.error.HTTPError as err:
-                body = err.read()
-                if err.code in (301, 302, 303, 307, 308) and err.headers.get("Location"):
+                err_body = err.read()
+                if method in ("GET", "HEAD") and err.code in (301, 302, 303, 307, 308) and err.headers.get("Location"):
                     url = urllib.parse.urljoin(url, err.headers["Location"])
                     continue
                 if err.code == 401 and not token:
@@ -93,7 +111,9 @@ class RegistryClient:
                         ref, err.headers.get("WWW-Authenticate", ""), scope
                     )
                     continue
-                raise self._error(ref, err.code, body, url) from err
+                if err.code == 404 and missing_ok:
+                    return None
+                raise self._error(ref, err.code, err_body, url, method) from err
         raise RegistryError(f"{ref}: too many redirects or authentication rounds at {url}")
 
     def _authenticate(self, ref: Reference, header: str, scope: str) -> str:
@@ -132,8 +152,19 @@ class RegistryClient:
             "them in $DOCKER_CONFIG/config.json or REGISTRY_AUTH_FILE), and check the image name."
         )
 
-    def _error(self, ref: Reference, code: int, body: bytes, url: str) -> RegistryError:
+    def _error(self, ref: Reference, code: int, body: bytes, url: str, method: str = "GET") -> RegistryError:
         codes = _registry_errors(body)
+        if method not in ("GET", "HEAD"):
+            why = ", ".join(codes) or str(code)
+            hint = (
+                f"log in with push rights (`docker login {ref.registry}`)"
+                if code in (401, 403) or "DENIED" in codes or "UNAUTHORIZED" in codes
+                else "check that the registry accepts pushes (not read-only, not a pull-through mirror)"
+            )
+            return RegistryError(
+                f"{ref.registry} refused the push to {ref.repository} ({why}, at {method} {url}): {hint}. "
+                "Nothing was tagged."
+            )
         if "NAME_UNKNOWN" in codes or (code == 404 and "/manifests/" in url and not codes):
             return RegistryError(f"image {ref.registry}/{ref.repository} does not exist; check the name")
         if "MANIFEST_UNKNOWN" in codes or (code == 404 and "/manifests/" in url):
@@ -214,17 +245,74 @@ class RegistryClient:
         """Stream blob ``digest`` into ``out``, verifying size and digest as it goes."""
         resp, _ = self._open(ref, f"blobs/{digest}")
         h, n = hashlib.sha256(), 0
-        with resp:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                h.update(chunk)
-                n += len(chunk)
-                out.write(chunk)
+        try:
+            with resp:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    h.update(chunk)
+                    n += len(chunk)
+                    out.write(chunk)
+        except (http.client.HTTPException, OSError) as exc:
+            raise RegistryError(
+                f"the download of layer {digest} of {ref} broke off after {n} bytes ({exc!r}); nothing of it was kept. "
+                "Retry; if it keeps happening, check the network or the registry."
+            ) from exc
         got = "sha256:" + h.hexdigest()
         if got != digest or (size is not None and n != size):
             raise RegistryError(
                 f"layer {digest} of {ref} does not match its digest (got {got}, {n} bytes): the registry or something "
                 "between it and here corrupted it. Nothing of it was kept; retry, or report it to the registry."
             )
+
+    # -- pushes --------------------------------------------------------------------------------
+    def _push_base(self, ref: Reference) -> str:
+        """Pushes go to the registry itself: mirrors serve pulls only."""
+        return self.config.endpoints(ref.registry)[-1]
+
+    def _push_send(self, ref: Reference, method: str, url: str, **kw: Any) -> Any:
+        try:
+            return self._send(ref, method, url, push=True, **kw)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot reach the registry {ref.registry} to push: {getattr(exc, 'reason', exc)}. Check the address "
+                "and the network."
+            ) from exc
+
+    def _head(self, ref: Reference, path: str, accept: str | None = None) -> bool:
+        url = f"{self._push_base(ref)}/v2/{ref.repository}/{path}"
+        resp = self._push_send(ref, "HEAD", url, accept=accept, missing_ok=True)
+        if resp is None:
+            return False
+        resp.close()
+        return True
+
+    def has_blob(self, ref: Reference, digest: str) -> bool:
+        """True when the repository of ``ref`` already holds blob ``digest`` (so it is not sent again)."""
+        return self._head(ref, f"blobs/{digest}")
+
+    def upload(self, ref: Reference, digest: str, size: int, chunks: Callable[[], Iterable[bytes]]) -> None:
+        """Upload one blob (monolithic: POST for a session, PUT with the digest); the registry
+        checks the digest, and refuses a body that does not match it."""
+        base = self._push_base(ref)
+        with self._push_send(ref, "POST", f"{base}/v2/{ref.repository}/blobs/uploads/", body=lambda: b"") as resp:
+            location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"{ref.registry} started an upload without a Location; it does not speak OCI pushes")
+        url = urllib.parse.urljoin(f"{base}/v2/{ref.repository}/blobs/uploads/", location)
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        with self._push_send(ref, "PUT", url, body=chunks, headers=headers):
+            pass
+
+    def has_manifest(self, ref: Reference, tag: str) -> bool:
+        """True when ``tag`` exists in the repository of ``ref`` (a HEAD: nothing is downloaded)."""
+        return self._head(ref, f"manifests/{tag}", ACCEPT)
+
+    def put_manifest(self, ref: Reference, tag: str, raw: bytes, media_type: str) -> str:
+        """Tag ``raw`` (a manifest) as ``tag``; returns its digest."""
+        url = f"{self._push_base(ref)}/v2/{ref.repository}/manifests/{tag}"
+        with self._push_send(ref, "PUT", url, body=lambda: raw, headers={"Content-Type": media_type}):
+            pass
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def select_platform(index: dict[str, Any], ref: Reference) -> str:

@@ -1,0 +1,412 @@
+"""Snapshots shared between machines through a real registry (Debian's docker-registry on
+127.0.0.1) and through OCI image layout archives. Two cache directories stand for two machines:
+A builds and pushes, B pulls (or runs with cache-from) and builds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import ConfigError, RegistryError, Snapshot
+from pytest_sandbox.backends.local import LocalBackend
+from pytest_sandbox.oci import Reference, RegistryClient
+from tests.conftest import DEBIAN, start_registry
+
+# Modes, owners, a hard link, a symlink, an xattr, a deleted base file (a whiteout) and a
+# directory replaced in a later step (an opaque directory).
+FILES = (
+    "mkdir -p /srv/app/gone /srv/opq && echo hi > /srv/app/f && (chown 1000:1001 /srv/app/f 2>/dev/null || true) && "
+    "chmod 2750 /srv/app/f && ln /srv/app/f /srv/app/hard && ln -s f /srv/app/sym && "
+    "touch /srv/opq/old && rm /etc/issue && python3 -c \"import os; os.setxattr('/srv/app/f', 'user.note', b'v')\""
+)
+STEP2 = "rm -rf /srv/opq && mkdir /srv/opq && touch /srv/opq/new && echo two > /srv/two"
+IMAGE = DEBIAN.run(FILES).run(STEP2).env(SHARED="yes").workdir("/srv")
+LOOK = (
+    "stat -c '%n %a %u %g %h %F %N' /srv/app/* /srv/two; ls -A /srv/opq; ls /etc/issue 2>&1; echo $SHARED; pwd; "
+    "python3 -c \"import os; print(os.getxattr('/srv/app/f', 'user.note'))\""
+)
+
+
+def look(backend: LocalBackend, snap: Snapshot) -> str:
+    with backend.create(snap) as sb:
+        return sb.exec(LOOK).check().stdout
+
+
+@pytest.fixture
+def machine_b(tmp_path: Path) -> Iterator[LocalBackend]:
+    """Another machine: a cache directory of its own."""
+    with LocalBackend(tmp_path / "machine-b") as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def pushed(backend: LocalBackend, debian: Snapshot, registry: str) -> tuple[str, Snapshot]:
+    """IMAGE built on machine A (the session's cache) and pushed: (repository, snapshot)."""
+    repo = f"{registry}/team/env"
+    snap = backend.build(IMAGE)
+    assert backend.push(snap, repo) == f"{repo}:{snap.key}"
+    return repo, snap
+
+
+def leftovers(b: LocalBackend) -> list[str]:
+    """What a failed pull might have left in B's store: records, layers, work in progress."""
+    root = b.store.root
+    return sorted(str(p.relative_to(root)) for sub in ("s", "l", "t") for p in (root / sub).iterdir())
+
+
+def test_machine_b_runs_what_a_pushed_without_building(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], machine_b: LocalBackend
+) -> None:
+    repo, snap = pushed
+    lines: list[str] = []
+    got = machine_b.build(IMAGE, cache_from=repo, on_log=lines.append)
+    assert got.key == snap.key
+    assert not [x for x in lines if x.startswith("[")], lines  # no step was built
+    assert [x for x in lines if x.startswith("pulled ")] == [f"pulled {snap.short} from {repo}"]
+    seen = look(machine_b, got)
+    assert seen == look(backend, snap)
+    assert "/srv/app/f 2750" in seen and "/srv/app/hard 2750" in seen and " 2 regular file" in seen
+    assert "'/srv/app/sym' -> 'f'" in seen and "new\n" in seen and "old" not in seen
+    assert "No such file" in seen and "yes\n/srv\nb'v'" in seen
+    if os.geteuid() == 0:
+        assert "/srv/app/f 2750 1000 1001" in seen
+    # The next build on B finds it by key, with nothing to do and no registry.
+    again: list[str] = []
+    assert machine_b.build(IMAGE, on_log=again.append).key == snap.key and again == []
+
+
+def test_pulled_layers_are_content_addressed_and_pushes_send_only_new_layers(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], machine_b: LocalBackend
+) -> None:
+    repo, snap = pushed
+    machine_b.pull(f"{repo}:{snap.key}")
+    child = IMAGE.run("echo child > /srv/child")
+    lines: list[str] = []
+    built = backend.build(child)
+    backend.push(built, repo, on_log=lines.append)
+    assert "1 layers sent" in lines[-1] and f"{len(snap.layers)} already there" in lines[-1], lines
+    pulled: list[str] = []
+    b_child = machine_b.pull(f"{repo}:{built.key}", on_log=pulled.append)
+    layer_lines = [x for x in pulled if x.strip().startswith("layer ")]
+    assert len(layer_lines) == 1, pulled  # the parent's layers were on B already
+    with machine_b.create(b_child) as sb:
+        assert sb.exec("cat /srv/child /srv/two").stdout == "child\ntwo\n"
+
+
+def test_partial_reuse_builds_only_the_steps_not_pushed(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], machine_b: LocalBackend
+) -> None:
+    repo, _ = pushed
+    longer = IMAGE.run("echo three > /srv/three")
+    lines: list[str] = []
+    snap = machine_b.build(longer, cache_from=repo, on_log=lines.append)
+    headers = [x for x in lines if x.startswith("[")]
+    assert headers == ["[5/5] RUN echo three > /srv/three"], lines
+    with machine_b.create(snap) as sb:
+        assert sb.exec("cat /srv/two /srv/three").stdout == "two\nthree\n"
+
+
+def test_racing_workers_pull_once(pushed: tuple[str, Snapshot], tmp_path: Path) -> None:
+    repo, _ = pushed
+    code = (
+        "import sys; from pytest_sandbox.backends.local import LocalBackend\n"
+        "from tests.test_share import IMAGE\n"
+        f"with LocalBackend({str(tmp_path / 'b')!r}) as b:\n"
+        f"    b.build(IMAGE, cache_from={repo!r}, on_log=lambda l: print(l, flush=True))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(o.count("pulled ") for o in outs) == 1, outs
+    assert not any("[" in o for o in outs), outs
+
+
+def test_export_import_round_trip_and_other_tools_read_it(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], machine_b: LocalBackend, tmp_path: Path
+) -> None:
+    _, snap = pushed
+    archive = backend.export(snap, tmp_path / "env.tar")
+    keys = [s.key for s in machine_b.import_archive(archive)]
+    assert keys[-1] == snap.key and len(keys) == 5  # the base and each of the four steps
+    assert look(machine_b, machine_b.get_snapshot(snap.key)) == look(backend, snap)
+    if shutil.which("skopeo"):
+        out = subprocess.run(
+            ["skopeo", "inspect", f"oci-archive:{archive}:{snap.key}"], capture_output=True, text=True, check=True
+        )
+        assert len(json.loads(out.stdout)["Layers"]) == len(snap.layers)
+
+
+def test_skopeo_and_docker_run_the_pushed_image(pushed: tuple[str, Snapshot]) -> None:
+    repo, snap = pushed
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (apt-get install skopeo)")
+    out = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:{snap.key}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    info = json.loads(out.stdout)
+    assert info["Labels"]["pytest-sandbox.description"] == snap.description
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{repo}:{snap.key}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    notes = json.loads(raw.stdout)["annotations"]
+    assert notes["org.pytest-sandbox.key"] == snap.key and notes["org.pytest-sandbox.parent"] == snap.parent
+    assert notes["org.pytest-sandbox.step"] == "WORKDIR /srv"
+    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.skip("no Docker engine to run the image (apt-get install docker.io, and access to its socket)")
+    run = subprocess.run(
+        ["docker", "run", "--rm", f"{repo}:{snap.key}", "sh", "-c", "cat /srv/two; stat -c '%a %u' /srv/app/f; pwd"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "two\n2750 1000\n/srv\n"
+    subprocess.run(["docker", "rmi", "-f", f"{repo}:{snap.key}"], capture_output=True)
+
+
+def test_docker_backend_finds_a_pushed_key(docker_backend, pushed: tuple[str, Snapshot]) -> None:  # type: ignore[no-untyped-def]
+    repo, snap = pushed
+    lines: list[str] = []
+    got = docker_backend.build(IMAGE, cache_from=repo, on_log=lines.append)
+    try:
+        assert got.key == snap.key and not [x for x in lines if x.startswith("[")], lines
+        with docker_backend.create(got) as sb:
+            assert sb.exec("cat /srv/two; echo $SHARED; pwd").stdout == "two\nyes\n/srv\n"
+    finally:
+        docker_backend.remove_snapshot(got)
+
+
+def test_daytona_backend_makes_its_snapshot_from_the_pushed_image(
+    daytona_backend, pushed: tuple[str, Snapshot]
+) -> None:  # type: ignore[no-untyped-def]
+    repo, snap = pushed
+    lines: list[str] = []
+    got = daytona_backend.build(IMAGE, cache_from=repo, on_log=lines.append)
+    try:
+        assert got.key == snap.key and not [x for x in lines if x.startswith("[")], lines
+        with daytona_backend.create(got) as sb:
+            assert sb.exec("cat /srv/two; echo $SHARED; pwd").stdout == "two\nyes\n/srv\n"
+    finally:
+        daytona_backend.remove_snapshot(got)
+
+
+# -- what goes wrong --------------------------------------------------------------------------
+def test_a_registry_that_refuses_pushes_is_a_clear_error(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], tmp_path: Path
+) -> None:
+    _, snap = pushed
+    proc, addr = start_registry(tmp_path / "ro", storage="  maintenance:\n    readonly:\n      enabled: true\n")
+    try:
+        with pytest.raises(RegistryError, match=r"refused the push .*not read-only"):
+            backend.push(snap, f"{addr}/team/env")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_missing_tag_moved_tag_and_host_base(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], machine_b: LocalBackend, host: Snapshot
+) -> None:
+    repo, snap = pushed
+    with pytest.raises(RegistryError, match="has no tag"):
+        machine_b.pull(f"{repo}:{'0' * 64}")
+    # A tag copied by hand onto another key's image: refused, not filed under the wrong key.
+    ref = Reference.parse(repo)
+    client = RegistryClient()
+    _, _, raw = client.manifest(ref, snap.key)
+    client.put_manifest(ref, "f" * 64, raw, json.loads(raw)["mediaType"])
+    with pytest.raises(RegistryError, match=r"not f{12} as its tag says"):
+        machine_b.pull(f"{repo}:{'f' * 64}")
+    assert leftovers(machine_b) == []
+    with pytest.raises(ConfigError, match=r"Image.host\(\).*cannot run anywhere else"):
+        backend.push(host, repo)
+    with pytest.raises(ConfigError, match="give the repository only"):
+        backend.push(snap, f"{repo}:v1")
+
+
+def _blob_file(root: Path, digest: str) -> Path:
+    return root / "data/docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+
+
+def test_corrupt_blob_is_refused_and_nothing_is_kept(
+    backend: LocalBackend, debian: Snapshot, machine_b: LocalBackend, tmp_path: Path
+) -> None:
+    proc, addr = start_registry(tmp_path / "reg")
+    try:
+        snap = backend.build(IMAGE)
+        backend.push(snap, f"{addr}/c/env")
+        machine_b.pull(f"{addr}/c/env:{debian.key}")  # B has the base: the fallback builds only the steps
+        _, manifest = RegistryClient().resolve(Reference.parse(f"{addr}/c/env:{snap.key}"))
+        top = manifest["layers"][-1]["digest"]
+        blob = _blob_file(tmp_path / "reg", top)
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        with pytest.raises(RegistryError, match="does not match its digest"):
+            machine_b.pull(f"{addr}/c/env:{snap.key}")
+        assert machine_b.store.get(snap.key) is None
+        assert list((machine_b.store.root / "t").iterdir()) == []
+        # cache-from falls back to building (said once), and the build is right.
+        lines: list[str] = []
+        built = machine_b.build(IMAGE, cache_from=f"{addr}/c/env", on_log=lines.append)
+        assert built.key == snap.key
+        said = [x for x in lines if x.startswith("cache-from")]
+        assert len(said) == 1 and "does not match its digest" in said[0] and "building it instead" in said[0]
+        assert next(x for x in lines if x.startswith("[")).startswith("[1/4] RUN"), lines
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class _BreakingProxy:
+    """Forwards to a registry; big blobs are cut off halfway: closed (``stall=False``) or left
+    hanging (``stall=True``)."""
+
+    def __init__(self, upstream: str, stall: bool) -> None:
+        outer = self
+        self.started = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, method: str) -> None:
+                req = urllib.request.Request(f"http://{upstream}{self.path}", method=method)
+                for h in ("Accept", "Authorization"):
+                    if self.headers.get(h):
+                        req.add_header(h, self.headers[h])
+                try:
+                    resp = urllib.request.urlopen(req, timeout=30)
+                except urllib.error.HTTPError as err:
+                    resp = err
+                body = resp.read() if method == "GET" else b""
+                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.end_headers()
+                if "/blobs/" in self.path and len(body) > 1 << 20:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    outer.started.set()
+                    if stall:
+                        time.sleep(600)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_HEAD(self) -> None:
+                self._forward("HEAD")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_a_download_cut_off_midway_is_an_error_and_leaves_nothing(
+    pushed: tuple[str, Snapshot], machine_b: LocalBackend
+) -> None:
+    repo, snap = pushed
+    proxy = _BreakingProxy(repo.split("/", 1)[0], stall=False)
+    path = repo.split("/", 1)[1]
+    with pytest.raises(RegistryError, match=r"broke off|does not match its digest"):
+        machine_b.pull(f"{proxy.address}/{path}:{snap.key}")
+    assert leftovers(machine_b) == []
+    proxy.server.shutdown()
+
+
+def test_a_pull_killed_midway_leaves_nothing_after_gc(pushed: tuple[str, Snapshot], tmp_path: Path) -> None:
+    repo, snap = pushed
+    proxy = _BreakingProxy(repo.split("/", 1)[0], stall=True)
+    cache = tmp_path / "b"
+    code = (
+        "from pytest_sandbox.backends.local import LocalBackend\n"
+        f"with LocalBackend({str(cache)!r}) as b:\n"
+        f"    b.pull({proxy.address + '/' + repo.split('/', 1)[1] + ':' + snap.key!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert proxy.started.wait(120)
+        time.sleep(0.3)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with LocalBackend(cache) as b:
+        b.gc()
+        assert leftovers(b) == []
+        assert b.pull(f"{repo}:{snap.key}").key == snap.key  # and the next pull works
+    proxy.server.shutdown()
+
+
+def test_an_unreachable_cache_falls_back_to_building_said_once(backend: LocalBackend, debian: Snapshot) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}/team/env"
+    lines: list[str] = []
+    for i in range(2):
+        backend.build(DEBIAN.run(f"echo {i} > /unreachable"), cache_from=dead, on_log=lines.append)
+    said = [x for x in lines if x.startswith("cache-from")]
+    assert len(said) == 1 and "cannot be used" in said[0] and "building instead" in said[0], lines
+
+
+def test_manifest_annotations_are_checked(pushed: tuple[str, Snapshot], machine_b: LocalBackend) -> None:
+    """A registry that serves a record with a relative workdir (or worse) is refused."""
+    repo, snap = pushed
+    ref = Reference.parse(repo)
+    client = RegistryClient()
+    _, _, raw = client.manifest(ref, snap.key)
+    doc = json.loads(raw)
+    record = json.loads(doc["annotations"]["org.pytest-sandbox.snapshot"])
+    record["workdir"] = "../../etc"
+    doc["annotations"]["org.pytest-sandbox.snapshot"] = json.dumps(record)
+    doc["annotations"]["org.pytest-sandbox.key"] = "e" * 64
+    client.put_manifest(ref, "e" * 64, json.dumps(doc).encode(), doc["mediaType"])
+    with pytest.raises(ConfigError, match="workdir annotation is malformed"):
+        machine_b.pull(f"{repo}:{'e' * 64}")
+    assert leftovers(machine_b) == []
+
+
+def test_cli_push_pull_export_import(backend: LocalBackend, pushed: tuple[str, Snapshot], tmp_path: Path) -> None:
+    repo, snap = pushed
+    cli = [sys.executable, "-m", "pytest_sandbox.cli"]
+
+    def run(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, "--cache-dir", str(cache), *args], capture_output=True, text=True, timeout=300)
+
+    pulled = run(tmp_path / "c1", "pull", f"{repo}:{snap.key}")
+    assert pulled.returncode == 0 and pulled.stdout.splitlines()[-1] == snap.key, pulled.stderr
+    exported = run(tmp_path / "c1", "export", snap.short, "-o", str(tmp_path / "e.tar"))
+    assert exported.returncode == 0, exported.stderr
+    imported = run(tmp_path / "c2", "import", str(tmp_path / "e.tar"))
+    assert imported.returncode == 0 and snap.key in imported.stdout.splitlines(), imported.stderr
+    pushed_again = run(tmp_path / "c2", "push", snap.short, repo)
+    assert pushed_again.returncode == 0 and "0 layers sent" in pushed_again.stdout, pushed_again.stdout
+    missing = run(tmp_path / "c2", "pull", f"{repo}:{'0' * 64}")
+    assert missing.returncode != 0 and "has no tag" in missing.stderr
