@@ -370,8 +370,9 @@ def test_an_unreachable_cache_falls_back_to_building_said_once(backend: LocalBac
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}/team/env"
     lines: list[str] = []
+    token = os.urandom(6).hex()
     for i in range(2):
-        backend.build(DEBIAN.run(f"echo {i} > /unreachable"), cache_from=dead, on_log=lines.append)
+        backend.build(DEBIAN.run(f"echo {token}{i} > /unreachable"), cache_from=dead, on_log=lines.append)
     said = [x for x in lines if x.startswith("cache-from")]
     assert len(said) == 1 and "cannot be used" in said[0] and "building instead" in said[0], lines
 
@@ -410,3 +411,44 @@ def test_cli_push_pull_export_import(backend: LocalBackend, pushed: tuple[str, S
     assert pushed_again.returncode == 0 and "0 layers sent" in pushed_again.stdout, pushed_again.stdout
     missing = run(tmp_path / "c2", "pull", f"{repo}:{'0' * 64}")
     assert missing.returncode != 0 and "has no tag" in missing.stderr
+
+
+def test_plugin_cache_to_then_cache_from_on_another_machine(
+    pytester: pytest.Pytester, cache_dir: Path, debian: Snapshot, registry: str, tmp_path: Path
+) -> None:
+    """Machine A runs the suite with --sandbox-cache-to; machine B (two xdist workers, an empty
+    cache) runs it with --sandbox-cache-from and builds nothing: one worker pulls, once."""
+    token = os.urandom(6).hex()
+    pytester.makeconftest(
+        f"""
+        import pytest
+        from pytest_sandbox import Image
+
+        @pytest.fixture(scope="session")
+        def sandbox_image():
+            return Image.debian("bookworm", include=["python3", "python3-pip"]).run("echo {token} > /srv/x")
+        """
+    )
+    pytester.makepyfile(
+        test_a=f"""
+        def test_one(sandbox):
+            assert sandbox.fs.read_text("/srv/x") == "{token}\\n"
+
+        def test_two(sandbox):
+            assert sandbox.exec("cat /srv/x").stdout == "{token}\\n"
+        """
+    )
+    repo = f"{registry}/plugin/env"
+    a = pytester.runpytest_subprocess(
+        f"--sandbox-cache-dir={cache_dir}", "-p", "no:cacheprovider", f"--sandbox-cache-to={repo}"
+    )
+    a.assert_outcomes(passed=2)
+    assert "1 snapshots built" in a.stdout.str() and "pushed " in a.stdout.str(), a.stdout.str()
+    b = pytester.runpytest_subprocess(
+        f"--sandbox-cache-dir={tmp_path / 'b'}", "-p", "no:cacheprovider", "-n", "2", f"--sandbox-cache-from={repo}"
+    )
+    b.assert_outcomes(passed=2)
+    out = b.stdout.str() + b.stderr.str()
+    assert "sandbox: 0 snapshots built, 1 pulled" in out, out
+    assert out.count("sandbox: pulled ") == 1, out
+    assert "building" not in out, out

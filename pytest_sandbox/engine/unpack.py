@@ -102,8 +102,18 @@ class _Unpacker:
         self.ids = ids
         self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
         self.skipped = 0
+        # Directory fds by path, so an entry does not walk from the root again: a tar lists a
+        # directory's entries together. Dropped whenever anything is removed (a directory may be
+        # what went); a cached fd is a directory this walk opened, never a symlink.
+        self._fds: dict[tuple[str, ...], int] = {}
+
+    def _forget_fds(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def close(self) -> None:
+        self._forget_fds()
         os.close(self.root)
 
     def _parts(self, name: str, member: str) -> tuple[str, ...]:
@@ -115,10 +125,17 @@ class _Unpacker:
         return parts
 
     def _dir(self, parts: tuple[str, ...], create: bool = True) -> int:
-        """An fd of the directory ``parts`` below the root, walked without following symlinks."""
-        fd = os.dup(self.root)
+        """An fd of the directory ``parts`` below the root, walked without following symlinks
+        (the caller closes it)."""
+        cached = self._fds.get(parts)
+        if cached is not None:
+            return os.dup(cached)
+        start = len(parts)
+        while start > 0 and parts[:start] not in self._fds:
+            start -= 1
+        fd = os.dup(self._fds[parts[:start]] if start else self.root)
         try:
-            for i, part in enumerate(parts):
+            for i, part in enumerate(parts[start:], start=start):
                 try:
                     nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 except FileNotFoundError:
@@ -136,6 +153,9 @@ class _Unpacker:
                     raise
                 os.close(fd)
                 fd = nfd
+            if len(self._fds) >= 256:
+                self._forget_fds()
+            self._fds[parts] = os.dup(fd)
             return fd
         except BaseException:
             os.close(fd)
@@ -149,6 +169,7 @@ class _Unpacker:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return
+            self._forget_fds()
             rmtree_at(pfd, name)
         else:
             os.unlink(name, dir_fd=pfd)
@@ -239,17 +260,18 @@ class _Unpacker:
                 os.close(fd)
 
 
-def unpack_layer(blob: Path, dest: Path, what: str, *, ids: IdMap | None) -> Unpacked:
-    """Unpack the layer tarball ``blob`` (plain, gzip or zstd) into the new directory ``dest``.
+def unpack_layer(blob: Path | IO[bytes], dest: Path, what: str, *, ids: IdMap | None) -> Unpacked:
+    """Unpack a layer into the new directory ``dest``: ``blob`` is a tarball file (plain, gzip or
+    zstd) or a stream of the plain tar (read to its end).
 
     Returns the entries skipped (device nodes) and the tar's digest. Raises :class:`LayerError`
     for a layer that tries to escape its root or is not a tar archive.
     """
     unpacker = _Unpacker(dest, what, ids)
     try:
-        with blob.open("rb") as raw:
+        with blob.open("rb") if isinstance(blob, Path) else contextlib.nullcontext(blob) as raw:
             try:
-                stream = _Hashing(_open_stream(raw, what))
+                stream = _Hashing(_open_stream(raw, what) if isinstance(blob, Path) else raw)
                 tf: Any
                 with tarfile.open(fileobj=stream, mode="r|") as tf:  # type: ignore[call-overload]
                     for member in tf:
