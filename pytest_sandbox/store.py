@@ -475,6 +475,9 @@ class Store:
         for p in (self.root / "i").glob("*.json"):  # records of layers gone, just now or before
             if not self.layer_path(p.stem).exists():
                 p.unlink()
+        for p in (self.root / "oci" / "exported").glob("*.json"):  # which blob a gone layer was pushed as
+            if not self.layer_path(p.stem).exists():
+                p.unlink(missing_ok=True)
         return removed
 
     def remove(self, keys: list[str]) -> int:

@@ -64,6 +64,17 @@ class Layout:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
         (self.root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
+    def diff_id(self, desc: dict[str, Any]) -> str:
+        """The digest of a layer's uncompressed tar, as an image config lists it."""
+        h = hashlib.sha256()
+        with gzip.open(self.root / "blobs" / "sha256" / str(desc["digest"])[7:]) as f:
+            try:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            except (OSError, EOFError):  # a deliberately broken layer: any id will do
+                return str(desc["digest"])
+        return "sha256:" + h.hexdigest()
+
     def blob(self, data: bytes, media: str) -> dict[str, Any]:
         digest = hashlib.sha256(data).hexdigest()
         (self.root / "blobs" / "sha256" / digest).write_bytes(data)
@@ -92,7 +103,7 @@ class Layout:
             "architecture": arch,
             "os": "linux",
             "config": {"Env": env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layers]},
+            "rootfs": {"type": "layers", "diff_ids": [self.diff_id(d) for d in layers]},
         }
         if workdir:
             config["config"]["WorkingDir"] = workdir  # type: ignore[index]

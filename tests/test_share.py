@@ -452,3 +452,31 @@ def test_plugin_cache_to_then_cache_from_on_another_machine(
     assert "sandbox: 0 snapshots built, 1 pulled" in out, out
     assert out.count("sandbox: pulled ") == 1, out
     assert "building" not in out, out
+
+
+def test_docker_backend_pushes_and_pulls_by_key(  # type: ignore[no-untyped-def]
+    docker_backend, docker_debian, daytona_backend, registry: str, tmp_path: Path
+) -> None:
+    """The docker backend's own push (its committed images, tagged by key), found again by key
+    after the local copy is gone, and by the daytona backend; the local engine refuses such an
+    image, saying why."""
+    repo = f"{registry}/dock/env"
+    image = DEBIAN.run(f"echo {os.urandom(4).hex()} > /srv/d")
+    snap = docker_backend.build(image)
+    try:
+        assert docker_backend.push(snap, repo) == f"{repo}:{snap.key}"
+        docker_backend.remove_snapshot(snap)
+        lines: list[str] = []
+        got = docker_backend.build(image, cache_from=repo, on_log=lines.append)
+        assert got.key == snap.key and not [x for x in lines if x.startswith("[")], lines
+        with LocalBackend(tmp_path / "c") as b, pytest.raises(RegistryError, match="not a pytest-sandbox snapshot"):
+            b.pull(f"{repo}:{snap.key}")
+        remote = daytona_backend.build(image, cache_from=repo, on_log=lines.append)
+        try:
+            with daytona_backend.create(remote) as sb:
+                assert sb.fs.exists("/srv/d")
+        finally:
+            daytona_backend.remove_snapshot(remote)
+        assert not [x for x in lines if x.startswith("[")], lines
+    finally:
+        docker_backend.remove_snapshot(snap.key)

@@ -5,6 +5,7 @@ system directories. Each becomes the first snapshot of the recipe's chain.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,11 +16,11 @@ from typing import Any
 from .._build import host_ca_bundle, mmdebstrap_tar
 from ..errors import ConfigError, RegistryError, SnapshotBuildError
 from ..image import DebianBase, HostBase, Image, RegistryBase
-from ..oci import Reference, RegistryClient, iter_layers
+from ..oci import Reference, RegistryClient
 from ..store import Store, rmtree, write_atomic
 from ..types import LogCallback, Snapshot
+from .fetch import fetch_layer
 from .ids import IdMap
-from .unpack import layer_id, unpack_layer
 
 __all__ = ["HOST_SYSTEM_DIRS", "Bases"]
 
@@ -156,27 +157,11 @@ class Bases:
             # Held from the first publish to the record: gc never sees these layers unreferenced.
             with self.store.shared():
                 layers = []
-                for digest, size, _ in iter_layers(manifest):
-                    lid = layer_id(digest)
-                    layers.append(lid)
-                    with self.store.build_lock(lid):  # one download per layer, whoever asks
-                        if self.store.layer_ok(lid):
-                            continue
-                        if self.store.layer_path(lid).exists():  # damaged or half-published: redo it
-                            self.store.forget_layer(lid)
-                            rmtree(self.store.layer_path(lid))
-                        mb = f"{size / 1e6:.1f} MB" if size else "size unknown"
-                        log(f"    layer {digest[7:19]}: {mb}")
-                        blob = tmp / "blob"
-                        with blob.open("wb") as out:
-                            client.download(ref, digest, size, out)
-                        skipped = unpack_layer(blob, tmp / lid, f"layer {digest} of {ref}", ids=self.ids).skipped
-                        if skipped:
-                            log(
-                                f"    layer {digest[7:19]}: {skipped} device nodes skipped (a sandbox has its own /dev)"
-                            )
-                        blob.unlink()
-                        self.store.publish_layer(tmp / lid, lid)
+                diff_ids = (json.loads(config_file.read_bytes()).get("rootfs") or {}).get("diff_ids") or []
+                fetch = functools.partial(client.download, ref)
+                for i, layer in enumerate(manifest.get("layers") or []):
+                    diff_id = str(diff_ids[i]) if len(diff_ids) == len(manifest["layers"]) else None
+                    layers.append(fetch_layer(self.store, self.ids, fetch, layer, diff_id, tmp, str(ref), log))
                 env = tuple(tuple(e.split("=", 1)) for e in config.get("Env") or () if "=" in e)
                 snap = Snapshot(
                     key=key,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -28,7 +27,6 @@ import os
 import stat
 import struct
 import tarfile
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -37,14 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ConfigError, RegistryError, SandboxError
+from ..errors import ConfigError, RegistryError
 from ..image import Service
 from ..oci import Reference, RegistryClient, host_platform
 from ..store import Store, rmtree, write_atomic
 from ..types import LogCallback, Snapshot
+from .fetch import DIGEST, Fetch, fetch_layer
 from .ids import IdMap
 from .layers import OPAQUE
-from .unpack import OPAQUE_MARKER, WHITEOUT, Unpacked, layer_id, unpack_layer
+from .unpack import OPAQUE_MARKER, WHITEOUT, layer_id
 
 __all__ = [
     "ANNOTATION_KEY",
@@ -242,8 +241,6 @@ class _LayerWriter:
 
 
 # -- reading images: from a registry or an archive --------------------------------------------
-Fetch = Callable[[str, int | None, IO[bytes]], None]
-"""Writes blob ``digest`` (of ``size`` bytes, when known) into a file, verifying it."""
 
 
 def _record_of(snap: Snapshot) -> dict[str, Any]:
@@ -508,67 +505,12 @@ class Shares:
 
     def _layer(self, desc: dict[str, Any], diff_id: str, fetch: Fetch, tmp: Path, what: str, log: LogCallback) -> str:
         digest = str(desc.get("digest", ""))
-        size = desc.get("size")
-        if not digest.startswith("sha256:") or len(digest) != 71:
-            raise RegistryError(f"{what}: layer digest {digest!r} is not a sha256 digest")
-        local = self._local_layer(digest)
+        local = self._local_layer(digest) if DIGEST.match(digest) else None
         if local is not None:
             return local
-        lid = layer_id(digest)
-        with self.store.build_lock(lid):  # one download per layer, whoever asks
-            if self.store.layer_ok(lid):
-                return lid
-            if self.store.layer_path(lid).exists():  # damaged or half-published: redo it
-                self.store.forget_layer(lid)
-                rmtree(self.store.layer_path(lid))
-            mb = f"{size / 1e6:.1f} MB" if isinstance(size, int) else "size unknown"
-            log(f"    layer {digest[7:19]}: {mb}")
-            unpacked = self._fetch_and_unpack(fetch, desc, tmp / lid, f"layer {digest} of {what}")
-            if unpacked.diff_id != diff_id:
-                raise RegistryError(
-                    f"{what}: layer {digest} unpacks to {unpacked.diff_id}, not the {diff_id} its config names; "
-                    "refusing it (nothing was kept)"
-                )
-            self.store.publish_layer(tmp / lid, lid)
-            self.remember(lid, LayerBlob(digest, blob_size(size), diff_id))
-            return lid
-
-    def _fetch_and_unpack(self, fetch: Fetch, desc: dict[str, Any], dest: Path, what: str) -> Unpacked:
-        """Download and unpack at once: a thread fetches the blob and gunzips it into a pipe that
-        the unpacker reads. The blob's digest is checked when the download ends, and whatever was
-        unpacked is only published by the caller after that (a bad blob leaves nothing)."""
-        digest, size = str(desc["digest"]), desc.get("size")
-        r, w = os.pipe()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, 1031, _CHUNK)  # F_SETPIPE_SZ: fewer wake-ups between the two sides
-        failed: list[BaseException] = []
-
-        def feed() -> None:
-            try:
-                with os.fdopen(w, "wb") as out:
-                    sink = _Gunzip(out) if desc.get("mediaType", LAYER_MEDIA).endswith("gzip") else out
-                    fetch(digest, size if isinstance(size, int) else None, sink)  # type: ignore[arg-type]
-                    if isinstance(sink, _Gunzip):
-                        sink.close()
-            except BaseException as exc:
-                failed.append(exc)
-
-        feeder = threading.Thread(target=feed, name="layer-download", daemon=True)
-        feeder.start()
-        try:
-            with os.fdopen(r, "rb") as src:
-                unpacked = unpack_layer(src, dest, what, ids=self.ids)
-        except SandboxError as exc:
-            feeder.join()
-            if failed and not isinstance(failed[0], BrokenPipeError):
-                raise failed[0] from exc  # the download's failure is the cause of a broken tar
-            raise
-        feeder.join()
-        if failed:
-            if isinstance(failed[0], zlib.error):
-                raise RegistryError(f"{what} is not valid gzip: {failed[0]}") from failed[0]
-            raise failed[0]
-        return unpacked
+        lid = fetch_layer(self.store, self.ids, fetch, desc, diff_id, tmp, what, log)
+        self.remember(lid, LayerBlob(digest, blob_size(desc.get("size")), diff_id))
+        return lid
 
     def has(self, repository: str, key: str) -> bool:
         """True when ``repository`` holds snapshot ``key`` (a HEAD request)."""
@@ -692,38 +634,6 @@ class Shares:
                 out.append(self._materialise(manifest, config, fetch, what, None, log)[0])
         log(f"imported {len(out)} snapshots from {path}")
         return out
-
-
-class _Gunzip:
-    """A writable that gunzips what it is given into ``out`` (members one after another). Data
-    that does not gunzip ends the output but not the download, so the blob's digest check
-    still runs and names the real fault (a corrupt blob) before :meth:`close` names this one."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-        self._z = zlib.decompressobj(31)
-        self.broken: zlib.error | None = None
-
-    def write(self, data: bytes) -> int:
-        n = len(data)
-        try:
-            while data and self.broken is None:
-                self.out.write(self._z.decompress(data))
-                data = self._z.unused_data
-                if data:  # a member ended and another begins
-                    self._z = zlib.decompressobj(31)
-        except zlib.error as exc:
-            self.broken = exc
-            self.out.close()  # the unpacker sees the end of its input
-        return n
-
-    def close(self) -> None:
-        if self.broken is None:
-            self.out.write(self._z.flush())
-            if not self._z.eof:
-                self.broken = zlib.error("the gzip stream ends early")
-        if self.broken is not None:
-            raise self.broken
 
 
 def blob_size(size: object) -> int:
