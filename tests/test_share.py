@@ -151,6 +151,17 @@ def test_export_import_round_trip_and_other_tools_read_it(
             ["skopeo", "inspect", f"oci-archive:{archive}:{snap.key}"], capture_output=True, text=True, check=True
         )
         assert len(json.loads(out.stdout)["Layers"]) == len(snap.layers)
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        tag = f"pytest-sandbox:{snap.key}"  # docker load names it as the docker backend would
+        listed = subprocess.run(["docker", "images", "--format", "{{.Tag}}", "pytest-sandbox"], capture_output=True)
+        before = set(listed.stdout.decode().split())
+        loaded = subprocess.run(["docker", "load", "-i", str(archive)], capture_output=True, text=True)
+        assert f"Loaded image: {tag}" in loaded.stdout, loaded.stderr
+        run = subprocess.run(["docker", "run", "--rm", tag, "cat", "/srv/two"], capture_output=True, text=True)
+        assert run.stdout == "two\n", run.stderr
+        for key in keys:
+            if key not in before:  # the docker backend's own images of these keys stay
+                subprocess.run(["docker", "rmi", "-f", f"pytest-sandbox:{key}"], capture_output=True)
 
 
 def test_skopeo_and_docker_run_the_pushed_image(pushed: tuple[str, Snapshot]) -> None:

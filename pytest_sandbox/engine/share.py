@@ -550,6 +550,8 @@ class Shares:
             part = dest.with_name(f".{dest.name}.part")
             with tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tf:
                 _add(tf, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+                _add(tf, "blobs")
+                _add(tf, "blobs/sha256")
                 for layer in layers:
                     path = tmp / layer
                     with path.open("wb") as out:
@@ -663,14 +665,19 @@ def _json(text: str, what: str) -> Any:
 
 
 def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 0
+    # The archive's own entries belong to whoever wrote it: tools that unpack it as that user
+    # (skopeo's oci-archive: does, and chowns) cannot give files to root.
+    info.uid, info.gid = os.geteuid(), os.getegid()
     info.uname = info.gname = ""
-    info.mode = 0o644
+    info.mode = 0o755 if info.isdir() else 0o644
     info.mtime = 0
     return info
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o644
-    tf.addfile(info, io.BytesIO(data))
+    if data is None:
+        info.type = tarfile.DIRTYPE
+    else:
+        info.size = len(data)
+    tf.addfile(_plain(info), None if data is None else io.BytesIO(data))
