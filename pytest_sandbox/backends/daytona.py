@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import math
 import os
 import shlex
 import sys
@@ -63,10 +62,10 @@ from ._base import (
     resolve_snapshot,
 )
 from ._daytona_fs import DaytonaFS
+from ._daytona_recipe import GIB, PREFIX, recipe_meta, remote_name, resources_of, sizes_tag
 
 __all__ = ["DaytonaBackend", "DaytonaSandbox"]
 
-PREFIX = "pytest-sandbox-"
 AUTO_STOP_MINUTES = 60  # the safety net for sandboxes nobody deletes: stopped after an idle hour...
 AUTO_DELETE_MINUTES = 0  # ...and deleted as soon as they stop
 _BUILD_CA = "/tmp/.psb-host-ca.crt"
@@ -118,67 +117,6 @@ def _sdk() -> Any:
     return daytona
 
 
-def _remote_name(key: str, sizes: str = "") -> str:
-    return PREFIX + key + sizes
-
-
-_GIB = 1 << 30
-
-
-def _resources(limits: Limits) -> dict[str, int]:
-    """``limits`` as Daytona sizes a sandbox: whole cores, whole GiB of memory and of disk
-    (rounded up). Only the limits given: Daytona's own defaults hold for the rest."""
-    out = {}
-    if limits.cpus is not None:
-        out["cpu"] = max(1, math.ceil(limits.cpus))
-    if limits.memory_bytes is not None:
-        out["memory"] = max(1, -(-limits.memory_bytes // _GIB))
-    if limits.disk_bytes is not None:
-        out["disk"] = max(1, -(-limits.disk_bytes // _GIB))
-    return out
-
-
-def _sizes_tag(resources: Mapping[str, int]) -> str:
-    """The part of a remote snapshot name that says its resources: the same recipe with other
-    sizes is another Daytona snapshot, not the cached one of other sizes."""
-    return "".join(f"-{k[0]}{v}" for k, v in sorted(resources.items()))
-
-
-def _recipe_meta(image: Image, sizes: str = "") -> list[dict[str, Any]]:
-    """Per prefix of the steps: its env, workdir, description, parent key and the Daytona snapshot
-    holding its files (steps that only set env share their parent's)."""
-    keys = image.prefix_keys()
-    env: dict[str, str] = {}
-    workdir = "/"
-    remote = _remote_name(keys[0], sizes)
-    rows: list[dict[str, Any]] = [
-        {
-            "env": {},
-            "workdir": "/",
-            "remote": remote,
-            "parent": None,
-            "description": image.describe().splitlines()[0],
-        }
-    ]
-    for i, step in enumerate(image.steps, start=1):
-        if step.kind == "env":
-            env = {**env, **dict(step.env)}
-        else:
-            remote = _remote_name(keys[i], sizes)
-        if step.kind == "workdir":
-            workdir = str(step.args[0])
-        rows.append(
-            {
-                "env": dict(env),
-                "workdir": workdir,
-                "remote": remote,
-                "parent": keys[i - 1],
-                "description": step.describe(),
-            }
-        )
-    return rows
-
-
 class DaytonaBackend(RemoteBackend):
     """Recipes as Daytona snapshots, sandboxes as Daytona sandboxes. ``open_backend("daytona")``."""
 
@@ -189,7 +127,7 @@ class DaytonaBackend(RemoteBackend):
         # Daytona sizes a sandbox by its snapshot: the limits given here size the snapshots this
         # backend builds. The local defaults (half of *this* machine's memory) mean nothing there.
         self.asked = limits or Limits()
-        self.resources = _resources(self.asked)
+        self.resources = resources_of(self.asked)
         sdk = _sdk()  # first: a missing SDK must give its own clear error
         self._sdk = sdk
         if not (os.environ.get("DAYTONA_API_KEY") or os.environ.get("DAYTONA_JWT_TOKEN")):
@@ -208,7 +146,7 @@ class DaytonaBackend(RemoteBackend):
         self.store = Store(cache_dir)  # build locks, the owner token and snapshot records
         # Records of the snapshots this backend made, apart per size: one recipe built with other
         # resources is another Daytona snapshot under the same setup key.
-        self._records = self.store.root / ("daytona" + _sizes_tag(self.resources))
+        self._records = self.store.root / ("daytona" + sizes_tag(self.resources))
         self._records.mkdir(exist_ok=True)
         self._start_session(_WATCHDOG)
 
@@ -349,7 +287,7 @@ class DaytonaBackend(RemoteBackend):
         snap = snapshot if isinstance(snapshot, Snapshot) else self.get_snapshot(snapshot)
         name = snap.base.get("snapshot", "")
         # Env-only steps share their parent's Daytona snapshot: only the owner of the name deletes it.
-        if name.startswith(_remote_name(snap.key)):
+        if name.startswith(remote_name(snap.key)):
             remote = self._remote(name)
             if remote is not None:
                 self.call("delete a snapshot", self.client.snapshot.delete, remote)
@@ -374,7 +312,7 @@ class DaytonaBackend(RemoteBackend):
             raise ConfigError(f"build() takes an Image, got {type(image).__name__}")
         refuse_services(image, self.name)
         keys = image.prefix_keys()
-        metas = dict(zip(keys, _recipe_meta(image, _sizes_tag(self.resources)), strict=True))
+        metas = dict(zip(keys, recipe_meta(image, sizes_tag(self.resources)), strict=True))
 
         def get(key: str) -> Snapshot | None:
             meta = metas[key]
@@ -602,11 +540,11 @@ class DaytonaSandbox(SandboxBase):
         asked: Daytona sizes in whole cores and GiB, by snapshot, and has no process limit."""
         given = {  # what Daytona gave, and in which of its units that was asked
             "cpus": (float(self.sdk.cpu or 0), "cpu", 1),
-            "memory": (int(self.sdk.memory or 0) * _GIB, "memory", _GIB),
-            "disk": (int(self.sdk.disk or 0) * _GIB, "disk", _GIB),
+            "memory": (int(self.sdk.memory or 0) * GIB, "memory", GIB),
+            "disk": (int(self.sdk.disk or 0) * GIB, "disk", GIB),
         }
         asked = dict(self._limits.items())
-        want = _resources(self._limits)
+        want = resources_of(self._limits)
         out: dict[str, LimitStatus] = {}
         if "pids" in asked:
             out["pids"] = LimitStatus("pids", asked["pids"], False, "Daytona sets no process limit")
@@ -768,12 +706,12 @@ class DaytonaSandbox(SandboxBase):
         self._check_open()
         key = "x" + new_id(8)
         parent = self.snapshot_of
-        self.backend.call("snapshot a sandbox", self.sdk.create_snapshot, _remote_name(key), timeout=0)
+        self.backend.call("snapshot a sandbox", self.sdk.create_snapshot, remote_name(key), timeout=0)
         return self.backend._put(
             Snapshot(
                 key=key,
                 backend=self.backend.name,
-                base={"snapshot": _remote_name(key)},
+                base={"snapshot": remote_name(key)},
                 env=parent.env,
                 workdir=parent.workdir,
                 parent=parent.key,
