@@ -8,6 +8,8 @@
 - :mod:`.safefs`   host-side file access inside a running sandbox that cannot lead out of it
 - :mod:`.layers`   copying, merging and squashing overlay layers
 - :mod:`.unpack`   registry layer tarballs into overlay layers (whiteouts, owners)
+- :mod:`.fetch`    layer blobs downloaded, verified and unpacked at once, once per digest
+- :mod:`.share`    snapshots as OCI images: push, pull, export and import archives
 - :mod:`.ids`      where sandbox ids land on the host, and host writes made as sandbox root
 - :mod:`.seccomp`  the system call filter; :mod:`.spawn` the filtered process spawner
 - :mod:`.pause`    stopping every process of a sandbox while it is copied
