@@ -8,7 +8,9 @@ through the snapshot store's locks and files, so they hold across workers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -140,8 +142,10 @@ class SessionManager:
             if line.startswith("["):  # a step header: "[n/m] DESCRIPTION"
                 built[0] = True
                 self.log(f"sandbox: building {key[:12]} {line} ({time.perf_counter() - start:.1f}s)")
-            elif line.startswith(("pulled ", "cache-from ")):
-                pulled[0] = pulled[0] or line.startswith("pulled ")
+            elif line.startswith("pulled "):
+                pulled[0] = True
+                self.log(f"sandbox: {line}")
+            elif line.startswith("cache-from ") and self._first_in_run(line):
                 self.log(f"sandbox: {line}")
 
         rebuild: bool | float = self.run_start if self.rebuild else False
@@ -166,6 +170,20 @@ class SessionManager:
             self.log(f"sandbox: snapshot {key[:12]} reused (built {format_age(time.time() - snap.created)} ago)")
         self._snapshots[key] = snap
         return snap
+
+    def _first_in_run(self, message: str) -> bool:
+        """True for the first worker of this run to say ``message`` (a marker file per run)."""
+        store = getattr(self.backend, "store", None)
+        if store is None or not self.run_id:
+            return True
+        digest = hashlib.sha256(message.encode()).hexdigest()[:16]
+        try:
+            os.close(os.open(Path(store.root) / "k" / f"{self.run_id}.said.{digest}", os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def _push(self, snap: Snapshot) -> None:
         """``--sandbox-cache-to``: share what this run built. A push that fails is said, and the

@@ -454,6 +454,10 @@ class Store:
                     self.delete(snap.key)
                     removed += 1
             removed += self._remove_unreferenced()
+            for p in (self.root / "k").glob("*.said.*"):  # a run's "said once" markers, a day on
+                with contextlib.suppress(OSError):
+                    if time.time() - p.stat().st_mtime > 86400:
+                        p.unlink()
             for p in (self.root / "o").glob("*.lock"):
                 if not self.owner_alive(p.stem):
                     with contextlib.suppress(FileNotFoundError):

@@ -5,6 +5,7 @@ A builds and pushes, B pulls (or runs with cache-from) and builds nothing.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -491,3 +492,75 @@ def test_docker_backend_pushes_and_pulls_by_key(  # type: ignore[no-untyped-def]
         assert not [x for x in lines if x.startswith("[")], lines
     finally:
         docker_backend.remove_snapshot(snap.key)
+
+
+def test_push_and_pull_with_credentials(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry behind htpasswd: no credentials and wrong ones are errors naming `docker login`;
+    the docker config's credentials push and pull (the registry client registry bases use)."""
+    crypt = pytest.importorskip("crypt", reason="htpasswd needs bcrypt from the crypt module")
+    (tmp_path / "htpasswd").write_text(f"psb:{crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {tmp_path / 'htpasswd'}\n"
+    proc, reg = start_registry(tmp_path / "registry", auth)
+    _, snap = pushed
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("DOCKER_AUTH_CONFIG", raising=False)
+
+    def login(secret: str | None) -> None:
+        auths = {} if secret is None else {reg: {"auth": base64.b64encode(f"psb:{secret}".encode()).decode()}}
+        config.write_text(json.dumps({"auths": auths}))
+        backend._bases._registry_client = None  # read the configuration again
+
+    try:
+        login(None)
+        with pytest.raises(RegistryError, match=r"requires credentials.*docker login"):
+            backend.push(snap, f"{reg}/team/env")
+        login("wrong")
+        with pytest.raises(RegistryError, match="refused the stored credentials"):
+            backend.push(snap, f"{reg}/team/env")
+        login("s3cret")
+        backend.push(snap, f"{reg}/team/env")
+        with LocalBackend(tmp_path / "b") as b:
+            assert b.pull(f"{reg}/team/env:{snap.key}").key == snap.key
+    finally:
+        backend._bases._registry_client = None
+        proc.kill()
+        proc.wait()
+
+
+def test_plugin_says_an_unusable_cache_once_per_run(pytester: pytest.Pytester, cache_dir: Path) -> None:
+    """Two workers building four recipes, one unreachable registry: the run's output says it once,
+    and the tests pass on what was built instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}/team/env"
+    token = os.urandom(6).hex()
+    pytester.makeconftest(
+        f"""
+        import pytest
+        from pytest_sandbox import Image
+
+        @pytest.fixture(scope="session")
+        def sandbox_images():
+            return {{n: Image.host().run(f"mkdir -p /work && echo {token}{{n}} > /work/x") for n in "abcd"}}
+        """
+    )
+    pytester.makepyfile(
+        test_a="""
+        import pytest
+
+        @pytest.mark.parametrize("name", "abcd")
+        def test_it(sandbox_factory, name):
+            assert sandbox_factory(name).exec("cat /work/x").ok
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        f"--sandbox-cache-dir={cache_dir}", "-p", "no:cacheprovider", "-n", "2", f"--sandbox-cache-from={dead}"
+    )
+    result.assert_outcomes(passed=4)
+    out = result.stdout.str() + result.stderr.str()
+    assert out.count(f"cache-from {dead} cannot be used") == 1, out

@@ -111,6 +111,8 @@ class RegistryClient:
                         ref, err.headers.get("WWW-Authenticate", ""), scope
                     )
                     continue
+                if err.code == 401 and token and token.startswith("Basic "):  # the credentials we sent
+                    raise self._needs_login(ref, refused=True) from err
                 if err.code == 404 and missing_ok:
                     return None
                 raise self._error(ref, err.code, err_body, url, method) from err
