@@ -564,3 +564,18 @@ def test_plugin_says_an_unusable_cache_once_per_run(pytester: pytest.Pytester, c
     result.assert_outcomes(passed=4)
     out = result.stdout.str() + result.stderr.str()
     assert out.count(f"cache-from {dead} cannot be used") == 1, out
+
+
+def test_pull_pinned_by_digest_takes_the_key_from_the_image(
+    backend: LocalBackend, pushed: tuple[str, Snapshot], machine_b: LocalBackend
+) -> None:
+    """`push` says the digest to pin; a pull by digest checks every byte against it and files
+    the snapshot under the key the image carries."""
+    repo, snap = pushed
+    lines: list[str] = []
+    backend.push(snap, repo, on_log=lines.append)
+    pinned = lines[-1].rsplit(" pin it as ", 1)[1]
+    assert pinned.startswith(f"{repo}@sha256:")
+    assert machine_b.pull(pinned).key == snap.key
+    with pytest.raises(RegistryError, match="has no digest"):
+        machine_b.pull(f"{repo}@sha256:{'0' * 64}")

@@ -434,12 +434,13 @@ class Shares:
                 digest = "sha256:" + hashlib.sha256(raw_config).hexdigest()
                 if not client.has_blob(repo, digest):
                     client.upload(repo, digest, len(raw_config), lambda raw=raw_config: [raw])  # type: ignore[misc]
-                client.put_manifest(repo, s.key, raw_manifest, MANIFEST_MEDIA)
+                manifest_digest = client.put_manifest(repo, s.key, raw_manifest, MANIFEST_MEDIA)
                 pushed.append(f"{repo.registry}/{repo.repository}:{s.key}")
             skipped = len(layers) - sent[0]
             log(
                 f"pushed {snap.short} to {repo.registry}/{repo.repository} ({len(chain)} tags): {sent[0]} layers sent "
-                f"({sent[1] / 1e6:.1f} MB), {skipped} already there"
+                f"({sent[1] / 1e6:.1f} MB), {skipped} already there; pin it as "
+                f"{repo.registry}/{repo.repository}@{manifest_digest}"
             )
             return pushed
         finally:
