@@ -7,6 +7,7 @@ between runs while developing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Backend, EngineUnavailableError, Image, Snapshot
+from pytest_sandbox import Backend, EngineUnavailableError, Image, SandboxError, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 
 pytest_plugins = ["pytester"]
@@ -66,8 +67,45 @@ def backend(cache_dir: Path) -> Iterator[LocalBackend]:
         yield b
 
 
+MISSING = "is not installed ("
+"""What the skip reason of every test that needs an optional tool says, before the way to get it.
+With PYTEST_SANDBOX_REQUIRE_TOOLS=1 (CI) such a skip fails instead: CI runs everything."""
+
+
+def needs_tool(tool: str, install: str) -> None:
+    """Skip the test, naming the package, when ``tool`` is not on PATH."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} {MISSING}{install})")
+
+
+def needs_debian(backend: Backend, image: Image = DEBIAN) -> None:
+    """A Debian base is made with mmdebstrap, unless this backend has it already."""
+    with contextlib.suppress(SandboxError):
+        if backend.get_snapshot(image.prefix_keys()[0]) is not None:
+            return
+    needs_tool("mmdebstrap", "apt-get install mmdebstrap")
+
+
+@pytest.fixture
+def mmdebstrap() -> None:
+    """For tests that build a Debian base of their own (in a fresh cache or a subprocess)."""
+    needs_tool("mmdebstrap", "apt-get install mmdebstrap")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("PYTEST_SANDBOX_REQUIRE_TOOLS") == "1":
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if MISSING in reason or "backend unavailable" in reason or "no Daytona endpoint" in reason:
+            report.outcome = "failed"
+            report.longrepr = f"a tool CI must have is missing: {reason}"
+
+
 @pytest.fixture(scope="session")
 def debian(backend: LocalBackend) -> Snapshot:
+    needs_debian(backend)
     return backend.build(DEBIAN)
 
 
@@ -106,6 +144,7 @@ def docker_backend(cache_dir: Path) -> Iterator[Backend]:
 
 @pytest.fixture(scope="session")
 def docker_debian(docker_backend: Backend) -> Snapshot:
+    needs_debian(docker_backend)
     return docker_backend.build(DEBIAN)
 
 
@@ -185,7 +224,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def daytona_backend(cache_dir: Path) -> Iterator[Backend]:
     if not os.environ.get("DAYTONA_API_URL"):
-        pytest.skip("no Daytona endpoint: pip install 'pytest-sandbox[daytona]' (the tests then start one)")
+        pytest.skip("no Daytona endpoint: the daytona SDK is not installed (pip install 'pytest-sandbox[daytona]')")
     from pytest_sandbox.backends.daytona import DaytonaBackend
 
     with DaytonaBackend(cache_dir) as b:
@@ -194,6 +233,7 @@ def daytona_backend(cache_dir: Path) -> Iterator[Backend]:
 
 @pytest.fixture(scope="session")
 def daytona_debian(daytona_backend: Backend) -> Snapshot:
+    needs_debian(daytona_backend)  # the endpoint's local engine makes it
     return daytona_backend.build(DEBIAN)
 
 
@@ -201,9 +241,9 @@ def daytona_debian(daytona_backend: Backend) -> Snapshot:
 def start_registry(root: Path, auth: str = "", storage: str = "") -> tuple[subprocess.Popen[bytes], str]:
     """Debian's docker-registry (the CNCF distribution registry) serving ``root`` on a free port;
     ``auth`` and ``storage`` are more YAML for its config's top level and its storage section."""
+    needs_tool("docker-registry", "apt-get install docker-registry")
     binary = shutil.which("docker-registry")
-    if binary is None:
-        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    assert binary is not None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

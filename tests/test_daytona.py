@@ -122,6 +122,7 @@ def test_unreachable_api_is_a_clear_error_with_the_sdk_error_chained(cache_dir: 
 
 
 @pytest.mark.endpoint_args("--api-key", "s3cret", "--target", "eu")
+@pytest.mark.usefixtures("mmdebstrap")
 def test_wrong_key_and_unknown_target(endpoint: str, cache_dir: Path) -> None:
     res = _python(
         f"""
@@ -220,6 +221,7 @@ def _holder(cache_dir: Path) -> subprocess.Popen[str]:
     return proc
 
 
+@pytest.mark.usefixtures("mmdebstrap")
 def test_kill_9_of_a_session_deletes_its_sandboxes(daytona_backend: Backend, cache_dir: Path) -> None:
     proc = _holder(cache_dir)
     assert proc.stdout is not None
@@ -233,6 +235,7 @@ def test_kill_9_of_a_session_deletes_its_sandboxes(daytona_backend: Backend, cac
     assert _sessions_sandboxes(session) == []
 
 
+@pytest.mark.usefixtures("mmdebstrap")
 def test_gc_at_start_deletes_sandboxes_of_dead_sessions(daytona_backend: Backend, cache_dir: Path) -> None:
     proc = _holder(cache_dir)
     assert proc.stdout is not None
@@ -247,6 +250,7 @@ def test_gc_at_start_deletes_sandboxes_of_dead_sessions(daytona_backend: Backend
         assert _sessions_sandboxes(session) == []
 
 
+@pytest.mark.usefixtures("mmdebstrap")
 def test_a_snapshot_another_machine_is_building_is_waited_for(daytona_backend: Backend, sdk: object) -> None:
     # "Another machine" starts building the base of a recipe through the plain SDK...
     image = Image.from_registry("debian:bookworm").run("echo step > /step")
@@ -285,6 +289,7 @@ def test_a_snapshot_another_machine_is_building_is_waited_for(daytona_backend: B
     daytona_backend.remove_snapshot(image.prefix_keys()[0])
 
 
+@pytest.mark.usefixtures("mmdebstrap")
 def test_plain_sdk_example_script(daytona_backend: Backend) -> None:
     res = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "daytona_sdk.py")], capture_output=True, text=True, timeout=600
@@ -423,6 +428,7 @@ def test_the_endpoint_enforces_the_resources_a_request_asks_for(daytona_backend:
         sdk.delete(plain)
 
 
+@pytest.mark.usefixtures("mmdebstrap")
 def test_backend_limits_size_the_snapshots_it_builds(daytona_backend: Backend, cache_dir: Path) -> None:
     """Daytona sizes a sandbox by its snapshot: the backend's limits become the snapshot's
     resources (whole cores and GiB), which the endpoint's local engine then holds."""

@@ -575,6 +575,7 @@ def test_cache_directory_is_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to switch to another host user")
+@pytest.mark.usefixtures("mmdebstrap")
 def test_setuid_file_in_the_store_is_out_of_reach_of_other_users() -> None:
     # A setuid-root shell frozen into a snapshot sits in the cache: an unprivileged host user who
     # can reach it is root. The cache is put under a world-traversable directory (as ~/.cache is

@@ -17,6 +17,7 @@ import pytest
 
 from pytest_sandbox import ConfigError, Image, ServiceError, Snapshot, SnapshotBuildError
 from pytest_sandbox.backends.local import LocalBackend
+from tests.conftest import needs_debian
 
 PORT = 8000
 WEB = (
@@ -62,6 +63,7 @@ def web(backend: LocalBackend) -> Snapshot:
 def postgres(backend: LocalBackend) -> Snapshot:
     if backend.rootless:
         pytest.skip("rootless sandboxes map one user id: PostgreSQL needs a user of its own (run as root)")
+    needs_debian(backend, POSTGRES)
     return backend.build(POSTGRES)
 
 

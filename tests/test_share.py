@@ -25,7 +25,7 @@ import pytest
 from pytest_sandbox import ConfigError, RegistryError, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.oci import Reference, RegistryClient
-from tests.conftest import DEBIAN, start_registry
+from tests.conftest import DEBIAN, needs_tool, start_registry
 
 # Modes, owners, a hard link, a symlink, an xattr, a deleted base file (a whiteout) and a
 # directory replaced in a later step (an opaque directory).
@@ -168,7 +168,7 @@ def test_export_import_round_trip_and_other_tools_read_it(
 def test_skopeo_and_docker_run_the_pushed_image(pushed: tuple[str, Snapshot]) -> None:
     repo, snap = pushed
     if shutil.which("skopeo") is None:
-        pytest.skip("skopeo is not installed (apt-get install skopeo)")
+        needs_tool("skopeo", "apt-get install skopeo")
     out = subprocess.run(
         ["skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:{snap.key}"],
         capture_output=True,
