@@ -1,4 +1,4 @@
-"""The ``pytest-sandbox`` command: inspect and manage the snapshot cache of the local engine.
+"""The pytest-sandbox command: inspect and manage the snapshot cache of the local engine.
 
 pytest-sandbox ls                 snapshots: key, size, age, parent, description
 pytest-sandbox build MOD:ATTR     build the Image that MOD.ATTR names (or returns, if callable)
@@ -11,14 +11,17 @@ pytest-sandbox shell SNAPSHOT     an interactive shell in a fresh fork of SNAPSH
 pytest-sandbox rm SNAPSHOT...     delete snapshots
 pytest-sandbox prune [--older-than DAYS]   delete snapshots unused for that long (default: all)
 pytest-sandbox gc                 remove what crashed processes left behind
-pytest-sandbox serve --daytona    a Daytona-compatible API on localhost, backed by the local engine
+pytest-sandbox serve              a Daytona-compatible API on localhost, backed by the local engine
                                   (or --backend docker)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.metadata
+import json
 import os
 import secrets
 import sys
@@ -61,7 +64,21 @@ def _load_image(spec: str) -> Image:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pytest-sandbox`` command."""
-    parser = argparse.ArgumentParser(prog="pytest-sandbox", description=__doc__.split("\n")[0])
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `pytest-sandbox ls | head`: the reader left, nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pytest-sandbox",
+        description=__doc__.split("\n")[0],
+        epilog="Exit status: 0 done, 1 an error (said on stderr, with what to do), 2 a usage error.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--cache-dir", help="snapshot cache (default: $PYTEST_SANDBOX_CACHE or XDG cache)")
     parser.add_argument(
         "--backend",
@@ -70,12 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="whose snapshots to manage (default: local)",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("ls", help="list snapshots")
+    ls = sub.add_parser("ls", help="list snapshots")
+    ls.add_argument("--json", action="store_true", help="one JSON object per snapshot, one per line")
     b = sub.add_parser("build", help="build an Image named MODULE:ATTR")
     b.add_argument("spec")
     b.add_argument("--rebuild", action="store_true", help="ignore cached snapshots of its keys")
     b.add_argument("--push", metavar="REPO", help="push the snapshot (and its parents) to this registry repository")
     b.add_argument("--cache-from", metavar="REPO", help="pull the deepest step found in this repository first")
+    b.add_argument("--json", action="store_true", help="print the snapshot as JSON (progress goes to stderr)")
     pu = sub.add_parser("push", help="push a snapshot and its parents to a registry, tagged by key")
     pu.add_argument("snapshot", help="key, key prefix or name")
     pu.add_argument("repository", help="e.g. registry.example/team/env (no tag: the keys are the tags)")
@@ -97,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("gc", help="remove leftovers of crashed processes")
     sub.add_parser("verify", help="check every layer of the cache in full; damaged ones get rebuilt")
     sv = sub.add_parser("serve", help="serve an API on localhost, backed by the local engine or another backend")
-    sv.add_argument("--daytona", action="store_true", required=True, help="speak Daytona's API (the SDK's)")
+    # The Daytona API is what it serves; the flag stays accepted so existing scripts keep working.
+    sv.add_argument("--daytona", action="store_true", help=argparse.SUPPRESS)
     sv.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -135,19 +155,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, backend)
     except SandboxError as exc:
         print(f"pytest-sandbox: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def _run(args: argparse.Namespace, backend: Backend) -> int:
     if args.cmd == "ls":
-        return _ls(backend)
+        return _ls(backend, args.json)
     if args.cmd == "build":
         image = _load_image(args.spec)
         start = time.perf_counter()
-        snap = backend.build(image, on_log=print, rebuild=args.rebuild, cache_from=args.cache_from)
-        print(f"snapshot {snap.key} ready in {time.perf_counter() - start:.1f}s")
-        if args.push:
-            print(backend.push(snap, args.push, on_log=print))
+        say = _progress if args.json else print
+        snap = backend.build(image, on_log=say, rebuild=args.rebuild, cache_from=args.cache_from)
+        say(f"snapshot {snap.key} ready in {time.perf_counter() - start:.1f}s")
+        pushed = backend.push(snap, args.push, on_log=say) if args.push else None
+        if args.json:
+            print(json.dumps({**snap.to_json(), "pushed": pushed}))
+        elif pushed:
+            print(pushed)
         return 0
     if args.cmd == "push":
         print(backend.push(args.snapshot, args.repository, on_log=print))
@@ -200,8 +224,24 @@ def _run(args: argparse.Namespace, backend: Backend) -> int:
     raise AssertionError(args.cmd)
 
 
-def _ls(backend: Backend) -> int:
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pytest-sandbox")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _ls(backend: Backend, as_json: bool = False) -> int:
     snaps = list(backend.snapshots())
+    if as_json:
+        for snap in snaps:
+            use = backend.usage(snap)
+            print(json.dumps({**snap.to_json(), "size": use.size, "last_used": use.last_used}))
+        return 0
     print(f"{'KEY':12}  {'OWN':>7}  {'AGE':>4}  {'USED':>4}  {'PARENT':12}  DESCRIPTION")
     now = time.time()
     for snap in snaps:
@@ -266,10 +306,10 @@ def _serve(args: argparse.Namespace) -> int:
                 server.shutdown()
     except SandboxError as exc:
         print(f"pytest-sandbox: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except OSError as exc:
         print(f"pytest-sandbox: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 
