@@ -148,6 +148,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The backend this run uses (and how: rootless or not, bwrap's version), the cache, the shared cache."""
+    return config.stash[manager_key].header()
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: every worker of this run shares one run id and start time."""
@@ -311,7 +316,8 @@ def _manager(request: pytest.FixtureRequest) -> SessionManager:
 
 @pytest.fixture(scope="session")
 def sandbox_backend(request: pytest.FixtureRequest) -> Backend:
-    """The backend this run uses (``--sandbox-backend``; local by default), opened on first use."""
+    """The backend this run uses (``--sandbox-backend``: auto picks local where it works, else
+    docker, else daytona), opened on first use."""
     try:
         return _manager(request).backend
     except SandboxError as exc:
@@ -320,12 +326,8 @@ def sandbox_backend(request: pytest.FixtureRequest) -> Backend:
 
 @pytest.fixture(scope="session")
 def sandbox_image() -> Image:
-    """The recipe of the default sandbox: ``Image.host()``. Override it in your conftest.py::
-
-    @pytest.fixture(scope="session")
-    def sandbox_image():
-        return Image.debian("bookworm").apt_install("git").copy("src", "/work/src")
-    """
+    """The recipe of the default sandbox, ``Image.host()`` unless your conftest.py overrides it
+    with a session fixture returning an Image, e.g. ``Image.debian("bookworm").apt_install("git")``."""
     return Image.host()
 
 

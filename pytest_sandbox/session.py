@@ -20,7 +20,7 @@ from typing import Any
 
 import filelock
 
-from .backends import open_backend, resolve_backend
+from .backends import describe_backend, open_backend, resolve_backend
 from .errors import ConfigError, SandboxError, ServiceError, SnapshotBuildError
 from .image import Image
 from .store import format_age
@@ -90,6 +90,22 @@ class SessionManager:
         self._reported: set[str] = set()
         self._service_failed: set[str] = set()  # snapshots whose services failed, shown once
         self.kept: list[tuple[str, Snapshot]] = []
+
+    def header(self) -> list[str]:
+        """What this run will use, for pytest's report header (nothing is opened)."""
+        from .store import default_cache_dir
+
+        try:
+            name = self.resolved_name()
+            what = describe_backend(name)
+        except SandboxError as exc:
+            name, what = self.backend_name, f"unusable here: {exc}"
+        cache = self.cache_dir or str(default_cache_dir())
+        lines = [f"sandbox: backend {name}" + (" (auto)" if self.backend_name == "auto" else "") + f": {what}"]
+        lines.append(f"sandbox: cache {cache}")
+        if self.cache_from or self.cache_to:
+            lines.append(f"sandbox: cache-from {self.cache_from or '-'}, cache-to {self.cache_to or '-'}")
+        return lines
 
     def resolved_name(self) -> str:
         """The backend this run uses (``auto`` resolved), without opening it."""

@@ -486,3 +486,13 @@ def test_a_failing_service_is_reported_once_with_its_output(pytester: pytest.Pyt
     text = result.stdout.str().split("short test summary info")[0]
     assert text.count("the-db-42") == 1, text
     assert text.count("failed earlier in this run") == 2
+
+
+def test_report_header_names_backend_engine_and_cache(pytester: pytest.Pytester, cache_dir: Path) -> None:
+    pytester.makepyfile(test_a="def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess(f"--sandbox-cache-dir={cache_dir}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    who = "as root" if os.geteuid() == 0 else "rootless"
+    result.stdout.fnmatch_lines(
+        [f"sandbox: backend local (auto): local engine, {who}*bubblewrap *", f"sandbox: cache {cache_dir}"]
+    )

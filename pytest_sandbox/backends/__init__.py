@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError, EngineUnavailableError
 from ..types import Backend
 
-__all__ = ["BACKENDS", "open_backend", "resolve_backend"]
+__all__ = ["describe_backend", "BACKENDS", "open_backend", "resolve_backend"]
 
 BACKENDS = ("local", "docker", "daytona")
 
@@ -55,3 +55,24 @@ def resolve_backend(name: str) -> str:
         "Alternatively run a Docker engine (pip install 'pytest-sandbox[docker]') or set "
         "DAYTONA_API_KEY (pip install 'pytest-sandbox[daytona]')."
     )
+
+
+def describe_backend(name: str) -> str:
+    """A line on what ``name`` would run on, without opening it (for pytest's report header)."""
+    if name == "local":
+        import subprocess
+
+        from ..engine.host import find_bwrap
+
+        who = "as root (sandboxes in an unprivileged id range)" if os.geteuid() == 0 else "rootless"
+        try:
+            out = subprocess.run([find_bwrap(), "--version"], capture_output=True, text=True, timeout=10)
+            bwrap = out.stdout.strip() or "bwrap (version unknown)"
+        except (EngineUnavailableError, OSError, subprocess.SubprocessError) as exc:
+            bwrap = f"no bwrap: {exc}"
+        return f"local engine, {who}, {bwrap}"
+    if name == "docker":
+        return f"docker at {os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'}"
+    if name == "daytona":
+        return f"daytona at {os.environ.get('DAYTONA_API_URL') or 'the SDK default API'}"
+    return name
