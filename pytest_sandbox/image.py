@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import stat
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -227,6 +228,17 @@ Base = HostBase | DebianBase | RootfsBase | RegistryBase
 """What a recipe starts from; ``base.kind`` names the variant."""
 
 
+def _caller_relative(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute against the directory of the file that called the method calling
+    this (two frames up), or the current directory when that is no file (``<stdin>``, ``-c``)."""
+    p = Path(path)
+    if not p.is_absolute():
+        caller = sys._getframe(2).f_code.co_filename
+        if not caller.startswith("<") and os.path.isfile(caller):
+            p = Path(caller).resolve().parent / p
+    return p.resolve()
+
+
 def is_image_ref(text: str) -> bool:
     """True when ``text`` reads as a base reference (see :meth:`Image.from_ref`) rather than a name."""
     return text in ("host", "debian") or ":" in text or "/" in text
@@ -278,8 +290,9 @@ class Image:
 
     @classmethod
     def from_rootfs(cls, path: str | os.PathLike[str]) -> Image:
-        """A root filesystem from a directory or a ``.tar`` / ``.tar.gz`` / ``.tar.xz`` archive."""
-        p = Path(path).resolve()
+        """A root filesystem from a directory or a ``.tar`` / ``.tar.gz`` / ``.tar.xz`` archive; a
+        relative path is resolved as :meth:`copy` resolves one."""
+        p = _caller_relative(path)
         if not p.exists():
             raise ConfigError(f"rootfs {p} does not exist; pass a directory or a tar archive")
         return cls(base=RootfsBase(p))
@@ -342,10 +355,12 @@ class Image:
     def copy(self, source: str | os.PathLike[str], dest: str, *, mode: int | None = None) -> Image:
         """Copy a host file or directory into the sandbox. Its *contents* are part of the key.
 
-        A relative ``source`` is resolved against the current directory now, not at build time.
+        A relative ``source`` is resolved now against the directory of the file that calls
+        ``copy()`` (your conftest.py, wherever pytest was started), or the current directory
+        when there is no such file (an interactive session); an absolute one is taken as is.
         """
         _check_abs(dest, "copy() destination")
-        src = Path(source).resolve()
+        src = _caller_relative(source)
         if not src.exists():
             raise ConfigError(f"copy() source {src} does not exist; fix the path")
         return self._add(Step("copy", (dest,), source=src, mode=mode))

@@ -496,3 +496,20 @@ def test_report_header_names_backend_engine_and_cache(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines(
         [f"sandbox: backend local (auto): local engine, {who}*bubblewrap *", f"sandbox: cache {cache_dir}"]
     )
+
+
+def test_relative_copy_paths_resolve_against_the_conftest(pytester: pytest.Pytester, cache_dir: Path) -> None:
+    """`pytest sub/` from the parent directory: the conftest's copy("data") is sub/data."""
+    sub = pytester.path / "sub"
+    (sub / "data").mkdir(parents=True)
+    (sub / "data" / "f.txt").write_text("next to the conftest")
+    (sub / "conftest.py").write_text(
+        "import pytest\nfrom pytest_sandbox import Image\n\n"
+        "@pytest.fixture(scope='session')\ndef sandbox_image():\n"
+        "    return Image.host().copy('data', '/work/data')\n"
+    )
+    (sub / "test_a.py").write_text(
+        "def test_it(sandbox):\n    assert sandbox.fs.read_text('/work/data/f.txt') == 'next to the conftest'\n"
+    )
+    result = pytester.runpytest_subprocess(f"--sandbox-cache-dir={cache_dir}", "-p", "no:cacheprovider", "sub")
+    result.assert_outcomes(passed=1)
