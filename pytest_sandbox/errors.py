@@ -112,7 +112,8 @@ class SnapshotBuildError(SandboxError):
         code = f"exit code {exit_code}" if exit_code is not None else reason
         out = tail(output)
         msg = (
-            f"step {step_index}/{step_count} `{step}` failed ({code}) while building snapshot "
+            f"{'the base' if step_index == 0 else f'step {step_index}/{step_count}'} `{step}` failed ({code}) "
+            "while building snapshot "
             f"{key[:12]}; nothing was cached. Fix the step and run again."
         )
         if out:

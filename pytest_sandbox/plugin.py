@@ -145,6 +145,7 @@ def pytest_configure(config: pytest.Config) -> None:
         log=_log(config),
         cache_from=str(_option(config, "cache_from") or "") or None,
         cache_to=str(_option(config, "cache_to") or "") or None,
+        verbosity=config.get_verbosity(),
     )
 
 
@@ -297,7 +298,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     mgr = config.stash[manager_key]
     st = mgr.stats
-    if st.built or st.reused or st.forks:
+    if st.built or st.reused or st.pulled or st.forks:
         terminalreporter.write_line(st.summary())
     kept = config.stash[kept_key]
     if kept:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,74 @@ class Stats:
         )
 
 
+HEARTBEAT = 10.0
+"""Seconds a build step runs before a "still running" line says so (and again each time after)."""
+
+
+class _Progress:
+    """One build's progress: each step's line with its own duration when it ends (verbose), a
+    "still running" line while a step takes long (so a slow base is never silent), and how many
+    steps were really built."""
+
+    def __init__(
+        self, key: str, total: int, say: Callable[[str], None], verbose: bool, heartbeat: float = HEARTBEAT
+    ) -> None:
+        self.key, self.total, self.say, self.verbose, self.heartbeat = key[:12], total, say, verbose, heartbeat
+        self.started = time.perf_counter()
+        self.step: tuple[str, float] | None = None
+        self.base = False
+        self.steps = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._due = heartbeat  # seconds into the current step of the next "still running" line
+
+    def begin(self, header: str) -> None:
+        """A step header, ``[i/n] DESCRIPTION``: the previous step has ended."""
+        with self._lock:
+            self._end_locked()
+            self.step = (header, time.perf_counter())
+            self._due = self.heartbeat
+            if header.startswith("[0/"):
+                self.base = True
+            else:
+                self.steps += 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="sandbox-progress")
+            self._thread.start()
+
+    def _end_locked(self) -> None:
+        if self.step is not None and self.verbose:
+            header, t0 = self.step
+            self.say(f"sandbox: {self.key} {header} ({time.perf_counter() - t0:.1f}s)")
+        self.step = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(0.5, self.heartbeat / 4)):
+            with self._lock:
+                if self.step is None:
+                    continue
+                header, t0 = self.step
+                elapsed = time.perf_counter() - t0
+                if elapsed >= self._due:
+                    self.say(f"sandbox: building {self.key} {header}: still running ({elapsed:.0f}s)")
+                    self._due += self.heartbeat
+
+    @property
+    def built(self) -> bool:
+        return self.base or self.steps > 0
+
+    def close(self) -> str:
+        """End the last step; returns what was built, e.g. "the base and 2 of 3 steps"."""
+        self._stop.set()
+        with self._lock:
+            self._end_locked()
+        if self._thread is not None:
+            self._thread.join()
+        of = f"{self.steps} of {self.total} step{'s' if self.total != 1 else ''}"
+        return " and ".join((["the base"] if self.base else []) + ([of] if self.steps else []))
+
+
 class SessionManager:
     """Builds each setup key once per run and forks sandboxes for tests."""
 
@@ -73,7 +142,9 @@ class SessionManager:
         log: Callable[[str], None] = print,
         cache_from: str | None = None,
         cache_to: str | None = None,
+        verbosity: int = 0,
     ) -> None:
+        self.verbosity = verbosity
         self.backend_name = backend
         self.cache_from = cache_from
         self.cache_to = cache_to
@@ -151,39 +222,45 @@ class SessionManager:
             raise self._failure(key)
         start = time.perf_counter()
         steps = len(image.steps)
-        built = [False]
+        quiet = self.verbosity < 0
+        say = (lambda _line: None) if quiet else self.log
+        progress = _Progress(key, steps, say, verbose=self.verbosity > 0)
         pulled = [False]
 
         def on_log(line: str) -> None:
             if line.startswith("["):  # a step header: "[n/m] DESCRIPTION"
-                built[0] = True
-                self.log(f"sandbox: building {key[:12]} {line} ({time.perf_counter() - start:.1f}s)")
+                progress.begin(line)
             elif line.startswith("pulled "):
                 pulled[0] = True
-                self.log(f"sandbox: {line}")
+                say(f"sandbox: {line}")
             elif line.startswith("cache-from ") and self._first_in_run(line):
-                self.log(f"sandbox: {line}")
+                self.log(f"sandbox: {line}")  # even with -q: the run is slower than it should be
 
         rebuild: bool | float = self.run_start if self.rebuild else False
         try:
             snap = self.backend.build(image, on_log=on_log, rebuild=rebuild, cache_from=self.cache_from)
         except SnapshotBuildError as exc:
+            progress.close()
             self._failures[key] = exc
             self._reported.add(key)  # this raise shows the output; later ones refer to it
             if marker is not None and self.run_id:
                 with contextlib.suppress(OSError):
                     marker.write_text(json.dumps({"run": self.run_id, "message": str(exc)}))
             raise
-        if built[0]:
+        except BaseException:
+            progress.close()
+            raise
+        what = progress.close()
+        if progress.built:
             self.stats.built += 1
-            self.log(f"sandbox: snapshot {key[:12]} built in {time.perf_counter() - start:.1f}s ({steps} steps)")
+            say(f"sandbox: snapshot {key[:12]} built in {time.perf_counter() - start:.1f}s ({what})")
             if self.cache_to:
                 self._push(snap)
         elif pulled[0]:
             self.stats.pulled += 1
         else:
             self.stats.reused += 1
-            self.log(f"sandbox: snapshot {key[:12]} reused (built {format_age(time.time() - snap.created)} ago)")
+            say(f"sandbox: snapshot {key[:12]} reused (built {format_age(time.time() - snap.created)} ago)")
         self._snapshots[key] = snap
         return snap
 

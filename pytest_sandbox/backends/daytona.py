@@ -383,7 +383,7 @@ class DaytonaBackend(RemoteBackend):
                 "build a snapshot",
                 self.client.snapshot.create,
                 params,
-                on_logs=log,
+                on_logs=lambda line: log("    " + line),  # Daytona's build output, not our step headers
                 timeout=0,
                 passthrough=(sdk.DaytonaError,),
             )
