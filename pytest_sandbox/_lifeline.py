@@ -26,6 +26,7 @@ __all__ = [
     "Watchdog",
     "descendants",
     "end_processes_using",
+    "interpreter",
     "is_zombie",
     "kill_tree",
     "pids",
@@ -74,18 +75,28 @@ class Helper:
             self.proc.wait()
 
 
+def interpreter() -> str:
+    """The Python installation under the running one (a virtualenv's base), resolved."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 class Channel:
     """A helper that serves requests: ``script`` reads each request from the Unix socket whose
     fd is ``sys.argv[1]`` and answers it (optionally with fds). The socket is its lifeline: it
     sees EOF when we close it or die, and exits. ``launcher`` is the command line it starts
-    through (e.g. ``nsenter`` into a namespace). One request at a time, from any thread."""
+    through (e.g. ``nsenter`` into a namespace). One request at a time, from any thread.
+
+    Scripts use the standard library only: through a launcher they run on the base interpreter,
+    not a virtualenv's, whose path may not exist in the namespace entered (as root, the engine's
+    mount namespace has the store over /tmp, where CI virtualenvs often live)."""
 
     def __init__(self, script: str, launcher: Sequence[str] = ()) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._lock = threading.Lock()
+        python = interpreter() if launcher else sys.executable
         try:
             self.proc = subprocess.Popen(
-                [*launcher, sys.executable, "-c", script, str(theirs.fileno())],
+                [*launcher, python, "-c", script, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._lifeline import Channel
+from .._lifeline import Channel, interpreter
 from ..errors import SandboxError
 from ..types import format_bytes
 
@@ -190,7 +190,10 @@ class Disks:
         try:
             answer, _ = mounter.call("\0".join((op, a, b)).encode())
         except OSError as exc:
-            raise SandboxError(f"the engine's mount helper is gone ({exc}); open a new backend") from exc
+            hint = ""
+            if not self._rootless and interpreter().startswith("/tmp/"):  # host.MOUNT_POINT, as root
+                hint = f": Python runs from {interpreter()}, which the engine's namespace covers; use one outside /tmp"
+            raise SandboxError(f"the engine's mount helper is gone ({exc}){hint}; open a new backend") from exc
         if answer != b"ok":
             raise SandboxError(f"{op} of the sandbox's disk failed: {answer.decode(errors='replace') or 'no answer'}")
 
