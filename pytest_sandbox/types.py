@@ -30,6 +30,8 @@ __all__ = [
     "Backend",
     "ExecResult",
     "DEFAULT_LIMITS",
+    "DOCKER_REPOSITORY",
+    "LABEL",
     "FileInfo",
     "LIMIT_NAMES",
     "LimitStatus",
@@ -41,6 +43,12 @@ __all__ = [
     "Snapshot",
     "Usage",
 ]
+
+LABEL = "pytest-sandbox"
+"""The label every remote sandbox, container and image of this project carries (and the prefix
+of the labels a snapshot image has: ``pytest-sandbox.parent``, ``.description``, ...)."""
+DOCKER_REPOSITORY = "pytest-sandbox"
+"""The repository a snapshot image has in a Docker engine: ``pytest-sandbox:<setup key>``."""
 
 DEFAULT_MAX_OUTPUT = 16 << 20
 """Bytes of stdout, and of stderr, an exec keeps by default (16 MiB each); ``max_output=`` changes it."""
@@ -281,6 +289,16 @@ class Snapshot:
     def short(self) -> str:
         """The first 12 characters of the key, as shown in listings."""
         return self.key[:12]
+
+    def lineage(self, get: Callable[[str], Snapshot | None]) -> list[Snapshot]:
+        """This snapshot and the ancestors ``get`` still finds by key, oldest first."""
+        out = [self]
+        while out[-1].parent:
+            parent = get(out[-1].parent)
+            if parent is None:
+                break
+            out.append(parent)
+        return out[::-1]
 
     @property
     def environment(self) -> dict[str, str]:

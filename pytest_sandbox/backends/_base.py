@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..image import Image, Service
 from ..store import Store
-from ..types import Backend, ExecResult, FileInfo, LogCallback, Sandbox, ServiceStatus, Snapshot
+from ..types import LABEL, Backend, ExecResult, FileInfo, LogCallback, Sandbox, ServiceStatus, Snapshot
 
 LOGIN_SHELL = ["/bin/sh", "-c", "exec bash -l 2>/dev/null || exec sh -l"]
 """What ``interactive()`` runs when given no command."""
@@ -356,9 +356,6 @@ def cache_fetcher(
 
     return fetch
 
-
-LABEL = "pytest-sandbox"
-"""The label every remote sandbox, container and image of this project carries."""
 
 _B = TypeVar("_B", bound="BackendBase")
 

@@ -40,6 +40,7 @@ from ..store import Store, match_snapshot, new_id, rmtree
 from ..types import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_OUTPUT,
+    DOCKER_REPOSITORY,
     ExecResult,
     Limits,
     LimitStatus,
@@ -64,7 +65,7 @@ from ._docker_fs import DockerFS, tar_file
 
 __all__ = ["DockerBackend", "DockerSandbox"]
 
-REPO = "pytest-sandbox"
+REPO = DOCKER_REPOSITORY
 _BUILD_CA_NAME = ".psb-host-ca.crt"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Keeps the container alive; where an image has no `sleep`, `read` blocks on the stdin Docker holds
@@ -326,13 +327,8 @@ class DockerBackend(RemoteBackend):
     def push(self, snapshot: Snapshot | str, repository: str, *, on_log: LogCallback | None = None) -> str:
         """``docker push`` of ``snapshot`` and its parents, tagged by key, to ``repository``."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.get_snapshot(snapshot)
-        chain = [snap]
-        while chain[-1].parent:
-            parent = self._get(chain[-1].parent)
-            if parent is None:
-                break
-            chain.append(parent)
-        for s in reversed(chain):
+        chain = snap.lineage(self._get)
+        for s in chain:
             target = f"{repository}:{s.key}"
             self.client.images.get(f"{REPO}:{s.key}").tag(repository, tag=s.key)
             try:

@@ -153,11 +153,12 @@ class Bases:
             config_file = self._oci_file("configs", config_digest)
             if not config_file.is_file():
                 config_file.write_bytes(client.blob(ref, config_digest))
-            config = json.loads(config_file.read_bytes()).get("config") or {}
+            image_config = json.loads(config_file.read_bytes())
+            config = image_config.get("config") or {}
             # Held from the first publish to the record: gc never sees these layers unreferenced.
             with self.store.shared():
                 layers = []
-                diff_ids = (json.loads(config_file.read_bytes()).get("rootfs") or {}).get("diff_ids") or []
+                diff_ids = (image_config.get("rootfs") or {}).get("diff_ids") or []
                 fetch = functools.partial(client.download, ref)
                 for i, layer in enumerate(manifest.get("layers") or []):
                     diff_id = str(diff_ids[i]) if len(diff_ids) == len(manifest["layers"]) else None

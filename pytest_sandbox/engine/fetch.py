@@ -75,7 +75,7 @@ def _fetch_and_unpack(fetch: Fetch, desc: dict[str, Any], dest: Path, what: str,
     unpacked is published by the caller only after that, so a bad blob leaves nothing."""
     digest, size = str(desc["digest"]), desc.get("size")
     media = str(desc.get("mediaType", ""))
-    if not (media.endswith("gzip") or media.endswith(".tar") or media.endswith("tar")):
+    if not media.endswith(("gzip", "tar")):
         blob = dest.with_name(dest.name + ".blob")  # zstd and the like: through a file
         try:
             with blob.open("wb") as out:

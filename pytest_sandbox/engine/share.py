@@ -39,8 +39,9 @@ from ..errors import ConfigError, RegistryError
 from ..image import Service
 from ..oci import Reference, RegistryClient, host_platform
 from ..store import Store, rmtree, write_atomic
-from ..types import LogCallback, Snapshot
+from ..types import DOCKER_REPOSITORY, LABEL, LogCallback, Snapshot
 from .fetch import DIGEST, Fetch, fetch_layer
+from .host import DEFAULT_ENV
 from .ids import IdMap
 from .layers import OPAQUE
 from .unpack import OPAQUE_MARKER, WHITEOUT, layer_id
@@ -62,9 +63,6 @@ ANNOTATION_PARENT = "org.pytest-sandbox.parent"
 ANNOTATION_STEP = "org.pytest-sandbox.step"
 ANNOTATION_RECORD = "org.pytest-sandbox.snapshot"
 REF_NAME = "org.opencontainers.image.ref.name"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Docker reads these labels; the docker backend lists images that carry them.
-DOCKER_LABEL = "pytest-sandbox"
 _CHUNK = 1 << 20
 _GZIP_LEVEL = 1  # fast: on a LAN or loopback the compressor, not the network, sets the pace
 
@@ -337,16 +335,6 @@ class Shares:
         return blob
 
     # -- the image of a snapshot -------------------------------------------------------------
-    def chain(self, snap: Snapshot) -> list[Snapshot]:
-        """``snap`` and the ancestors still in the store, oldest first."""
-        out = [snap]
-        while out[-1].parent:
-            parent = self.store.get(out[-1].parent)
-            if parent is None:
-                break
-            out.append(parent)
-        return out[::-1]
-
     def _check_shareable(self, snap: Snapshot) -> None:
         if snap.base.get("kind") == "host":
             raise ConfigError(
@@ -357,13 +345,13 @@ class Shares:
 
     def _config_and_manifest(self, snap: Snapshot, blobs: list[LayerBlob]) -> tuple[bytes, bytes]:
         env = dict(snap.env)
-        env.setdefault("PATH", DEFAULT_PATH)
+        env.setdefault("PATH", DEFAULT_ENV["PATH"])
         os_, arch, variant = host_platform()
-        labels = {
-            DOCKER_LABEL: "1",
-            f"{DOCKER_LABEL}.parent": snap.parent or "",
-            f"{DOCKER_LABEL}.description": snap.description,
-            f"{DOCKER_LABEL}.created": repr(snap.created),
+        labels = {  # what the docker backend reads (and lists images by)
+            LABEL: "1",
+            f"{LABEL}.parent": snap.parent or "",
+            f"{LABEL}.description": snap.description,
+            f"{LABEL}.created": repr(snap.created),
         }
         config: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.created)),
@@ -406,7 +394,7 @@ class Shares:
         self._check_shareable(snap)
         repo = _repository(repository)
         client = self._client()
-        chain = self.chain(snap)
+        chain = snap.lineage(self.store.get)
         layers = list(dict.fromkeys(x for s in chain for x in s.layers))
         tmp = self.store.tmp_dir()
         sent = [0, 0]
@@ -510,7 +498,8 @@ class Shares:
         if local is not None:
             return local
         lid = fetch_layer(self.store, self.ids, fetch, desc, diff_id, tmp, what, log)
-        self.remember(lid, LayerBlob(digest, blob_size(desc.get("size")), diff_id))
+        size = desc.get("size")
+        self.remember(lid, LayerBlob(digest, size if isinstance(size, int) else 0, diff_id))
         return lid
 
     def has(self, repository: str, key: str) -> bool:
@@ -543,7 +532,7 @@ class Shares:
         """Write ``snap`` and its ancestors as an OCI image layout archive (``docker load`` and
         ``skopeo copy oci-archive:`` read it too: it carries docker's manifest.json as well)."""
         self._check_shareable(snap)
-        chain = self.chain(snap)
+        chain = snap.lineage(self.store.get)
         layers = list(dict.fromkeys(x for s in chain for x in s.layers))
         tmp = self.store.tmp_dir()
         try:
@@ -571,13 +560,16 @@ class Shares:
                             "mediaType": MANIFEST_MEDIA,
                             "digest": f"sha256:{man_digest}",
                             "size": len(raw_manifest),
-                            "annotations": {REF_NAME: s.key, "io.containerd.image.name": f"pytest-sandbox:{s.key}"},
+                            "annotations": {
+                                REF_NAME: s.key,
+                                "io.containerd.image.name": f"{DOCKER_REPOSITORY}:{s.key}",
+                            },
                         }
                     )
                     docker.append(
                         {
                             "Config": f"blobs/sha256/{cfg_digest}",
-                            "RepoTags": [f"pytest-sandbox:{s.key}"],
+                            "RepoTags": [f"{DOCKER_REPOSITORY}:{s.key}"],  # as the docker backend names it
                             "Layers": [f"blobs/sha256/{blobs[x].digest[7:]}" for x in s.layers],
                         }
                     )
@@ -637,10 +629,6 @@ class Shares:
                 out.append(self._materialise(manifest, config, fetch, what, None, log)[0])
         log(f"imported {len(out)} snapshots from {path}")
         return out
-
-
-def blob_size(size: object) -> int:
-    return size if isinstance(size, int) else 0
 
 
 def _repository(repository: str) -> Reference:

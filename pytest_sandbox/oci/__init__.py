@@ -3,7 +3,7 @@ client that fetches manifests and blobs (:mod:`.client`). Below the engine; no b
 
 from __future__ import annotations
 
-from .client import RegistryClient, iter_layers, select_platform
+from .client import RegistryClient, select_platform
 from .reference import Reference, RegistryConfig, host_platform
 
-__all__ = ["Reference", "RegistryClient", "RegistryConfig", "host_platform", "iter_layers", "select_platform"]
+__all__ = ["Reference", "RegistryClient", "RegistryConfig", "host_platform", "select_platform"]

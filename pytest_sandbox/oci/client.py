@@ -15,13 +15,13 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from ..errors import RegistryError
 from .reference import ACCEPT, INDEX_TYPES, Reference, RegistryConfig, host_platform
 
-__all__ = ["RegistryClient", "iter_layers", "select_platform"]
+__all__ = ["RegistryClient", "select_platform"]
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -334,9 +334,3 @@ def select_platform(index: dict[str, Any], ref: Reference) -> str:
         )
     candidates.sort(key=lambda c: not c[0])
     return str(candidates[0][1])
-
-
-def iter_layers(manifest: dict[str, Any]) -> Iterator[tuple[str, int | None, str]]:
-    """(digest, size, media type) of each layer, bottom first."""
-    for layer in manifest.get("layers") or []:
-        yield str(layer["digest"]), layer.get("size"), str(layer.get("mediaType", ""))
