@@ -3,14 +3,16 @@ that scores candidate patches against one frozen repository."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
 
-from pytest_sandbox import Backend, Image
+from pytest_sandbox import Backend, Image, aio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import async_tree_search
 import bench_fixture
 import tree_search
 
@@ -27,6 +29,23 @@ def test_tree_search_finds_the_target(sandbox_backend: Backend, example_base: Im
             assert sb.fs.read_text("/work/state").strip().lstrip("-").isdigit()
     finally:
         for snap in result.snapshots:
+            sandbox_backend.remove_snapshot(snap)
+
+
+def test_async_tree_search_explores_branches_concurrently(sandbox_backend: Backend, example_base: Image) -> None:
+    async def run() -> tuple[tree_search.Result, tree_search.Result]:
+        async with aio.AsyncBackend(sandbox_backend) as backend:  # the fixture's backend stays open
+            root = await backend.build(tree_search.start_image(example_base))
+            found = await async_tree_search.search(backend, root, target=12, depth=4, beam=2)
+        return found, tree_search.search(sandbox_backend, root, target=12, depth=4, beam=2)
+
+    found, sync = asyncio.run(run())
+    try:
+        # The same states, found the same way: concurrency changes the order of work, not the result.
+        assert (found.best_path, found.best_value, found.explored) == (sync.best_path, sync.best_value, sync.explored)
+        assert found.best_score == 0
+    finally:
+        for snap in found.snapshots + sync.snapshots:
             sandbox_backend.remove_snapshot(snap)
 
 

@@ -25,7 +25,7 @@ from typing import Protocol
 from ._lifeline import kill_tree
 from .types import DEFAULT_MAX_OUTPUT
 
-__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Completed", "clip", "run"]
+__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Cancel", "Completed", "clip", "run"]
 
 TRUNCATED = "bytes truncated by pytest-sandbox (max_output) ..."
 """What the marker left where output was cut says, after the number of bytes left out."""
@@ -58,6 +58,52 @@ class Spawner(Protocol):
     def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child: ...
 
 
+class Cancel:
+    """A request, from any thread, to stop a running command the way a timeout does: its whole
+    process tree killed. The async API sets it when the task awaiting an exec is cancelled.
+
+    Pollable (an eventfd) for the loops that wait on file descriptors; :meth:`link` sets
+    ``threading.Event`` s too, for the ones that wait on those."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+        self._set = False
+        self._linked: list[threading.Event] = []
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Ask for the stop. Idempotent."""
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+            linked = list(self._linked)
+        for event in linked:
+            event.set()
+
+    def link(self, event: threading.Event) -> None:
+        """Set ``event`` when this is set (at once if it already is)."""
+        with self._lock:
+            self._linked.append(event)
+            if not self._set:
+                return
+        event.set()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 @dataclass
 class Completed:
     returncode: int
@@ -66,6 +112,7 @@ class Completed:
     duration: float
     timed_out: bool
     truncated: bool = False
+    cancelled: bool = False
 
 
 def _die_with_parent() -> None:
@@ -211,8 +258,10 @@ def run(
     die_with_parent: bool = False,
     max_output: int = DEFAULT_MAX_OUTPUT,
     spawner: Spawner | None = None,
+    cancel: Cancel | None = None,
 ) -> Completed:
-    """Run ``argv`` in a new session; on timeout kill its whole tree. Never raises for exit codes.
+    """Run ``argv`` in a new session; on timeout, or when ``cancel`` is set, kill its whole tree.
+    Never raises for exit codes.
 
     With ``spawner`` the command is started by that helper (under its seccomp filter).
     """
@@ -255,11 +304,13 @@ def run(
         for r in open_fds:
             os.set_blocking(r, False)
         pidfd = os.pidfd_open(proc.pid) if isinstance(proc, subprocess.Popen) else proc.exit_fd
-        timed_out = False
+        timed_out = cancelled = False
         deadline = None if timeout is None else start + timeout
         poller = select.poll()
         for fd in (*open_fds, pidfd):
             poller.register(fd, select.POLLIN)
+        if cancel is not None:
+            poller.register(cancel.fileno(), select.POLLIN)
         live = dict(zip(open_fds, caps, strict=True))
         exited = False
         while not exited:
@@ -270,6 +321,10 @@ def run(
             for fd, _ in events:
                 if fd == pidfd:
                     exited = True
+                elif cancel is not None and fd == cancel.fileno():
+                    poller.unregister(fd)
+                    kill_tree(proc.pid)
+                    cancelled = exited = True
                 elif fd in live and not _drain(fd, live[fd]):
                     poller.unregister(fd)
                     os.close(fd)
@@ -292,7 +347,7 @@ def run(
         if code < 0:
             code = 128 - code  # the shell's convention for "killed by signal N"
         out, err = caps[0].finish(), caps[1].finish()
-        return Completed(code, out, err, duration, timed_out, caps[0].truncated or caps[1].truncated)
+        return Completed(code, out, err, duration, timed_out, caps[0].truncated or caps[1].truncated, cancelled)
     finally:
         for fd in open_fds:
             os.close(fd)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from ._relay import Relay, append_line
 from .errors import ConfigError, SandboxError, tail
 from .image import Image, is_image_ref
 from .session import KEEP_CHOICES, SessionManager
@@ -38,6 +39,7 @@ used_key = pytest.StashKey[list[tuple[str, Sandbox, int]]]()
 reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 worker_sb_key = pytest.StashKey[Sandbox]()
 kept_key = pytest.StashKey[list[dict[str, str]]]()
+relay_key = pytest.StashKey[Relay]()
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -106,11 +108,13 @@ def _log(config: pytest.Config) -> Callable[[str], None]:
         ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
         with ctx:
             tr = config.pluginmanager.get_plugin("terminalreporter")
-            if tr is not None and not hasattr(config, "workerinput"):
+            relay = getattr(config, "workerinput", {}).get("sandbox_progress")
+            if relay:  # an xdist worker: the controller's terminal reporter shows it
+                append_line(relay, line)
+            elif tr is not None and not hasattr(config, "workerinput"):
                 tr.ensure_newline()
                 tr.write_line(line)
             else:
-                # xdist workers have no terminal of their own; their stderr is the controller's.
                 print(line, file=sys.stderr, flush=True)
 
     return log
@@ -160,6 +164,29 @@ def pytest_configure_node(node: Any) -> None:
     mgr = node.config.stash[manager_key]
     node.workerinput["sandbox_run_id"] = mgr.run_id
     node.workerinput["sandbox_run_start"] = mgr.run_start
+    config = node.config
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        if relay_key not in config.stash:
+            relay = config.stash[relay_key] = Relay(tr)
+            config.pluginmanager.register(_ProgressRelay(relay), "sandbox-progress-relay")
+            config.add_cleanup(relay.close)
+        node.workerinput["sandbox_progress"] = config.stash[relay_key].path
+
+
+class _ProgressRelay:
+    """xdist controller: the workers' build progress, through this terminal reporter."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.relay.flush()  # before the report's own dot or line
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_terminal_summary(self) -> None:
+        self.relay.close()  # the last lines before the summary that counts the builds
 
 
 def _validate_marker(item: pytest.Item) -> None:

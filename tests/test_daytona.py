@@ -118,7 +118,7 @@ def test_unreachable_api_is_a_clear_error_with_the_sdk_error_chained(cache_dir: 
     finally:
         os.environ["DAYTONA_API_URL"] = saved
     assert isinstance(info.value.__cause__, daytona.DaytonaError)
-    assert "serve --daytona" in str(info.value)
+    assert "pytest-sandbox serve" in str(info.value)
 
 
 @pytest.mark.endpoint_args("--api-key", "s3cret", "--target", "eu")

@@ -16,14 +16,16 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .. import _proc, _services
 from .._build import host_ca_bundle
 from .._hostfs import HostTree
 from .._lifeline import Watchdog
+from .._offload import stoppable
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -58,6 +60,7 @@ __all__ = [
     "file_error",
     "resolve_snapshot",
     "sandbox_path",
+    "wait_stoppable",
 ]
 
 # Kill a process and every descendant, found through /proc (no ps needed in the image).
@@ -199,6 +202,41 @@ def file_error(text: str, op: str, path: str) -> SandboxFileError:
     return SandboxFileError(num, f"{op} {path}: {what}")
 
 
+_T = TypeVar("_T")
+
+
+def wait_stoppable(
+    call: Callable[[], _T], *, timeout: float | None, cancel: _proc.Cancel | None, kill: Callable[[], None]
+) -> tuple[_T | None, bool]:
+    """``call()`` on a thread of its own, waited for until it returns, ``timeout`` passes or
+    ``cancel`` is set. Returns its result and False; or, when the wait ended first, runs
+    ``kill`` (which must make the call return), waits for the call and returns None and True.
+    The call's own exception is raised here."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def go() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # raised below, in the caller's thread
+            box["exc"] = exc
+        finally:
+            done.set()
+
+    if cancel is not None:
+        cancel.link(done)
+    worker = threading.Thread(target=go, daemon=True, name="sandbox-exec")
+    worker.start()
+    done.wait(timeout)
+    if "value" not in box and "exc" not in box:
+        kill()
+        worker.join(30)
+        return None, True
+    if "exc" in box:
+        raise box["exc"]
+    return box["value"], False
+
+
 _S = TypeVar("_S", bound="SandboxBase")
 
 
@@ -269,8 +307,29 @@ class SandboxBase(Sandbox):
         timeout: float | None = None,
         on_line: LogCallback | None = None,
         max_output: int | None = None,
+        cancel: _proc.Cancel | None = None,
     ) -> ExecResult:
+        """Run ``argv``; on ``timeout``, or when ``cancel`` is set, kill its whole process tree."""
         raise NotImplementedError
+
+    async def _arun(
+        self,
+        argv: Sequence[str],
+        *,
+        executor: Executor | None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """``_run`` for the async API, on a thread of ``executor``: a cancelled caller gets its
+        ``CancelledError`` once the command's process tree is dead."""
+
+        def run(cancel: _proc.Cancel) -> ExecResult:
+            return self._run(argv, cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output, cancel=cancel)
+
+        return await stoppable(executor, run)
 
     def exec(
         self,

@@ -16,21 +16,22 @@ offline use and for this backend's tests.
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import contextlib
 import json
 import os
-import shlex
 import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .._build import build_env, build_recipe, host_ca_bundle, run_step, step_argv
-from .._proc import CLIP_SH, TRUNCATED
+from .._offload import offload, unstoppable
+from .._proc import TRUNCATED, Cancel
 from ..errors import (
     ConfigError,
     EngineUnavailableError,
@@ -51,7 +52,6 @@ from ..types import (
     show_limit,
 )
 from ._base import (
-    KILL_TREE_SH,
     LABEL,
     RemoteBackend,
     SandboxBase,
@@ -60,7 +60,10 @@ from ._base import (
     exec_result,
     refuse_services,
     resolve_snapshot,
+    wait_stoppable,
 )
+from ._daytona_async import AsyncClients
+from ._daytona_exec import kill_command, translate, unwrap, wrap
 from ._daytona_fs import DaytonaFS
 from ._daytona_recipe import GIB, PREFIX, recipe_meta, remote_name, resources_of, sizes_tag
 
@@ -71,29 +74,6 @@ AUTO_DELETE_MINUTES = 0  # ...and deleted as soon as they stop
 _BUILD_CA = "/tmp/.psb-host-ca.crt"
 _T = TypeVar("_T")
 
-# Daytona's process.exec returns one output stream and no stdin, so a wrapper in the sandbox keeps
-# stdout and stderr apart in files, feeds stdin from an uploaded file, enforces the timeout by
-# killing the command's whole tree (found through /proc), and prints a framed, base64 result.
-# Output is cut to max_output in the sandbox (clip), so the runner never receives more of it.
-_WRAP = (
-    CLIP_SH
-    + r"""
-i=$1; c=$2; t=$3; k=$4; L=$5; shift 5; d=/tmp/.psb-$i
-if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi
-if [ -n "$c" ] && ! cd -- "$c" 2>$d.err; then rc=125; : >$d.out
-elif [ -z "$t" ]; then "$@" >$d.out 2>$d.err <$in; rc=$?
-else
-  "$@" >$d.out 2>$d.err <$in & p=$!
-  ( sleep "$t" && kill -0 $p && : >$d.to && sh -c "$k" sh $p ) >/dev/null 2>&1 </dev/null & w=$!
-  wait $p; rc=$?
-  sh -c "$k" sh $w
-fi
-if [ -e $d.to ]; then to=1; else to=0; fi
-printf '\npsb-%s %s %s\n' "$i" "$rc" "$to"
-clip $d.out $L | base64 | tr -d '\n'; echo; clip $d.err $L | base64 | tr -d '\n'; echo
-rm -f $d.out $d.err $d.in $d.to
-"""
-)
 _WATCHDOG = """
 import sys
 from daytona import Daytona, ListSandboxesQuery  # imported first: the SDK takes a second to load
@@ -153,6 +133,19 @@ class DaytonaBackend(RemoteBackend):
     def __repr__(self) -> str:
         return f"<DaytonaBackend {self.api_url}>"
 
+    @property
+    def async_clients(self) -> AsyncClients:
+        """The SDK's ``AsyncDaytona`` clients the async API's execs go through."""
+        if "_async_clients" not in self.__dict__:
+            self.__dict__["_async_clients"] = AsyncClients(self._sdk, self.api_url, self.target)
+        clients: AsyncClients = self.__dict__["_async_clients"]
+        return clients
+
+    async def aclose(self) -> None:
+        """Close the running event loop's ``AsyncDaytona`` client (the async API does, at its end)."""
+        if "_async_clients" in self.__dict__:
+            await self.async_clients.close()
+
     # -- calling the SDK -----------------------------------------------------------------------
     def call(
         self, what: str, fn: Callable[..., _T], *args: Any, passthrough: tuple[type[Exception], ...] = (), **kwargs: Any
@@ -160,42 +153,21 @@ class DaytonaBackend(RemoteBackend):
         """One SDK call: rate limiting (HTTP 429) backs off and retries; other failures become a
         :class:`SandboxError` that says what failed and what to do, with the SDK's error chained.
         SDK errors of the ``passthrough`` types reach the caller unchanged."""
-        sdk = self._sdk
         delay = 0.25
         for attempt in range(12):
             try:
                 return fn(*args, **kwargs)
             except passthrough:
                 raise
-            except sdk.DaytonaRateLimitError:
-                if attempt == 11:
+            except Exception as exc:
+                err = translate(self._sdk, exc, what, self.api_url, self.target)
+                if err is None and attempt < 11:  # rate limited: back off and retry
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                if err is None or err is exc:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            except sdk.DaytonaAuthenticationError as exc:
-                raise ConfigError(
-                    f"Daytona refused the credentials while trying to {what}: {exc}. "
-                    "Check DAYTONA_API_KEY (and DAYTONA_API_URL)."
-                ) from exc
-            except sdk.DaytonaConnectionError as exc:
-                raise EngineUnavailableError(
-                    f"no Daytona API answers at {self.api_url} ({exc}). Check DAYTONA_API_URL, or start "
-                    "a local one with `pytest-sandbox serve --daytona`."
-                ) from exc
-            except sdk.DaytonaBadRequestError as exc:
-                if self.target and ("target" in str(exc).lower() or "region" in str(exc).lower()):
-                    raise ConfigError(
-                        f"Daytona does not offer the target DAYTONA_TARGET={self.target!r}: {exc}. "
-                        "Unset DAYTONA_TARGET or pick one of your organization's regions."
-                    ) from exc
-                raise SandboxError(f"Daytona could not {what}: {exc}") from exc
-            except sdk.DaytonaError as exc:
-                if _is_connection_error(exc):
-                    raise EngineUnavailableError(
-                        f"no Daytona API answers at {self.api_url}: {exc}. Check DAYTONA_API_URL, or "
-                        "start a local one with `pytest-sandbox serve --daytona`."
-                    ) from exc
-                raise SandboxError(f"Daytona could not {what}: {exc}") from exc
+                raise err from exc
         raise AssertionError("unreachable")
 
     def _remote(self, name: str) -> Any | None:
@@ -478,21 +450,17 @@ class DaytonaBackend(RemoteBackend):
         return removed + self.store.gc()
 
 
+def _sdk_timeout(timeout: float | None) -> int | None:
+    # The wrapper enforces the timeout; the SDK's is the net under it, for a sandbox that hangs.
+    return None if timeout is None else int(timeout) + 60
+
+
 def _timestamp(value: Any) -> float:
     if isinstance(value, datetime):
         return value.timestamp()
     with contextlib.suppress(TypeError, ValueError):
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     return time.time()
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    chain: BaseException | None = exc
-    while chain is not None:
-        if isinstance(chain, (ConnectionError, TimeoutError)) or "NewConnectionError" in type(chain).__name__:
-            return True
-        chain = chain.__cause__ or chain.__context__
-    return "Connection refused" in str(exc) or "Max retries exceeded" in str(exc)
 
 
 class DaytonaSandbox(SandboxBase):
@@ -605,58 +573,97 @@ class DaytonaSandbox(SandboxBase):
         timeout: float | None = None,
         on_line: LogCallback | None = None,
         max_output: int | None = None,
+        cancel: Cancel | None = None,
     ) -> ExecResult:
         self._check_open()
+        tag = self._prepare(input)
+        command = wrap(tag, argv, cwd or self.snapshot_of.workdir, timeout, self._max(max_output))
+        start = time.perf_counter()
+
+        def run() -> Any:
+            return self.backend.call(
+                "run a command",
+                self.sdk.process.exec,
+                command,
+                env=dict(env) if env else None,
+                timeout=_sdk_timeout(timeout),
+            )
+
+        def kill() -> None:
+            self.backend.call("stop a command", self.sdk.process.exec, kill_command(tag), timeout=60)
+
+        res, _ = wait_stoppable(run, timeout=None, cancel=cancel, kill=kill)
+        text = None if res is None else str(res.result or "")  # None: cancelled
+        return self._result(argv, text, tag, start, timeout, max_output, on_line)
+
+    async def _arun(
+        self,
+        argv: Sequence[str],
+        *,
+        executor: Executor | None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """Through the SDK's ``AsyncDaytona``: the loop waits on the request, no thread does. A
+        cancelled caller gets its ``CancelledError`` once the command's whole tree is killed."""
+        self._check_open()
+        clients = self.backend.async_clients
+        tag = await offload(executor, self._prepare, input)
+        command = wrap(tag, argv, cwd or self.snapshot_of.workdir, timeout, self._max(max_output))
+        asb = await clients.sandbox(self.id)
+        start = time.perf_counter()
+        try:
+            res = await clients.call(
+                "run a command",
+                asb.process.exec,
+                command,
+                env=dict(env) if env else None,
+                timeout=_sdk_timeout(timeout),
+            )
+        except asyncio.CancelledError:
+            await unstoppable(clients.call("stop a command", asb.process.exec, kill_command(tag), timeout=60))
+            raise
+        return self._result(argv, str(res.result or ""), tag, start, timeout, max_output, None)
+
+    def _prepare(self, input: bytes | str | None) -> str:
+        """A new exec's tag, its stdin uploaded for the wrapper."""
         tag = new_id(6)
         if isinstance(input, str):
             input = input.encode()
         if input:
             self.fs.write(f"/tmp/.psb-{tag}.in", input, mode=0o600)
-        t = "" if timeout is None else f"{max(timeout, 0.001):.3f}"
-        command = shlex.join(
-            [
-                "/bin/sh",
-                "-c",
-                _WRAP,
-                "sh",
-                tag,
-                cwd or self.snapshot_of.workdir,
-                t,
-                KILL_TREE_SH,
-                str(DEFAULT_MAX_OUTPUT if max_output is None else max_output),
-                *argv,
-            ]
-        )
-        start = time.perf_counter()
-        res = self.backend.call(
-            "run a command",
-            self.sdk.process.exec,
-            command,
-            env=dict(env) if env else None,
-            timeout=None if timeout is None else int(timeout) + 60,
-        )
-        lines = (res.result or "").split("\n")
-        marker = f"psb-{tag} "
-        at = max((n for n, line in enumerate(lines) if line.startswith(marker)), default=-1)
-        if at < 0:
-            raise SandboxError(
-                f"the command wrapper in sandbox {self.id} gave no result (does the image have sh, base64 "
-                f"and tr?): {res.result!r:.500}"
-            )
-        _, code, timed_out = lines[at].split()
-        out_b64, err_b64 = [*lines[at + 1 : at + 3], "", ""][:2]
-        out, err = base64.b64decode(out_b64), base64.b64decode(err_b64)
+        return tag
+
+    @staticmethod
+    def _max(max_output: int | None) -> int:
+        return DEFAULT_MAX_OUTPUT if max_output is None else max_output
+
+    def _result(
+        self,
+        argv: Sequence[str],
+        text: str | None,
+        tag: str,
+        start: float,
+        timeout: float | None,
+        max_output: int | None,
+        on_line: LogCallback | None,
+    ) -> ExecResult:
+        """What the wrapper printed (None: the exec was cancelled and killed) as the exec's result."""
+        code, timed_out, out, err = (137, False, b"", b"") if text is None else unwrap(tag, text, self.id)
         if on_line is not None:  # build steps: Daytona's exec returns output when the command ends
             for line in (out + err).decode("utf-8", errors="replace").splitlines():
                 on_line(line)
         return exec_result(
             self.history,
             argv,
-            exit_code=int(code),
+            exit_code=code,
             stdout=out,
             stderr=err,
             duration=time.perf_counter() - start,
-            timed_out=timed_out == "1",
+            timed_out=timed_out,
             timeout=timeout,
             truncated=TRUNCATED.encode() in out or TRUNCATED.encode() in err,
             max_output=max_output,
@@ -741,3 +748,5 @@ class DaytonaSandbox(SandboxBase):
             self.backend.call("delete a sandbox", self.sdk.delete)
         with self.backend._lock:
             self.backend._live.discard(self)
+        if "_async_clients" in self.backend.__dict__:
+            self.backend.async_clients.forget(self.id)

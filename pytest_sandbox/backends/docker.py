@@ -17,14 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from .._build import build_env, build_recipe, host_ca_bundle, mmdebstrap_tar, run_step
-from .._proc import CLIP_SH, TRUNCATED
+from .._proc import CLIP_SH, TRUNCATED, Cancel
 from ..engine.cgroups import oom_kill_count
 from ..engine.expose import Exposure, Forwarder, SocketMaker
 from ..errors import (
@@ -60,6 +59,7 @@ from ._base import (
     exec_result,
     refuse_services,
     resolve_snapshot,
+    wait_stoppable,
 )
 from ._docker_fs import DockerFS, tar_file
 
@@ -102,7 +102,8 @@ def _client() -> Any:
         ) from exc
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
-        client = docker.from_env(timeout=120)
+        # Connections kept for reuse: the async API runs dozens of execs at once (the SDK keeps 10).
+        client = docker.from_env(timeout=120, max_pool_size=64)
         client.ping()
     except Exception as exc:
         raise EngineUnavailableError(
@@ -568,6 +569,7 @@ class DockerSandbox(SandboxBase):
         timeout: float | None = None,
         on_line: LogCallback | None = None,
         max_output: int | None = None,
+        cancel: Cancel | None = None,
     ) -> ExecResult:
         self._check_open()
         api = self.backend.client.api
@@ -598,32 +600,29 @@ class DockerSandbox(SandboxBase):
             eid = api.exec_create(
                 self.container.id, ["/bin/sh", "-c", _WRAP, "sh", tag, cwd or "", str(limit), *argv], environment=env
             )["Id"]
-            box: dict[str, Any] = {}
 
-            def go() -> None:
+            def begin() -> tuple[bytes | None, bytes | None]:
                 try:
-                    box["out"] = api.exec_start(eid, demux=True)
-                except Exception as exc:  # surfaced below, in the caller's thread
-                    box["exc"] = exc
+                    pair: tuple[bytes | None, bytes | None] = api.exec_start(eid, demux=True)
+                    return pair
+                except Exception as exc:
+                    raise SandboxError(f"docker exec failed: {exc}") from exc
 
-            worker = threading.Thread(target=go, daemon=True)
-            worker.start()
-            worker.join(timeout)
-            timed_out = worker.is_alive()
-            if timed_out:
+            def kill() -> None:
                 _, pid, _ = self._exec_raw(["cat", f"/.psb-{tag}.pid"])
                 self._exec_raw(["/bin/sh", "-c", KILL_TREE_SH, "sh", pid.decode().strip() or "0"])
-                worker.join(30)
+
+            pair, stopped = wait_stoppable(begin, timeout=timeout, cancel=cancel, kill=kill)
+            timed_out = stopped and not (cancel is not None and cancel.is_set())
+            if stopped:
                 clip = ["/bin/sh", "-c", CLIP_SH + '; clip "$1" "$2"', "sh"]
                 _, out, _ = self._exec_raw([*clip, f"/.psb-{tag}.out", str(limit)])
                 _, err, _ = self._exec_raw([*clip, f"/.psb-{tag}.err", str(limit)])
                 self._exec_raw(["/bin/sh", "-c", f"rm -f /.psb-{tag}.*"])
                 code = 137
             else:
-                if "exc" in box:
-                    raise SandboxError(f"docker exec failed: {box['exc']}") from box["exc"]
-                out, err = box["out"]
-                out, err = out or b"", err or b""
+                assert pair is not None
+                out, err = pair[0] or b"", pair[1] or b""
                 code = int(api.exec_inspect(eid)["ExitCode"])
         return exec_result(
             self.history,

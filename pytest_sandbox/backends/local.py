@@ -582,6 +582,7 @@ class LocalSandbox(SandboxBase):
         timeout: float | None = None,
         on_line: LogCallback | None = None,
         max_output: int | None = None,
+        cancel: _proc.Cancel | None = None,
     ) -> ExecResult:
         self._check_open()
         if isinstance(input, str):
@@ -596,6 +597,7 @@ class LocalSandbox(SandboxBase):
             on_line=on_line,
             max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
             spawner=self._spawner(),  # filtered like the sandbox's init, and in its cgroup
+            cancel=cancel,
         )
         oom = res.returncode == 137 and self._cgroup is not None and self._cgroup.oom_kills() > ooms
         return exec_result(

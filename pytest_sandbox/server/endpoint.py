@@ -57,7 +57,7 @@ class DaytonaServer:
         max_body: int = 64 << 20,
         request_timeout: float = 60.0,
         keepalive_timeout: float = 15.0,
-        workers: int = 32,
+        workers: int = 128,
         backlog: int = 1024,
     ) -> None:
         self.backend = backend

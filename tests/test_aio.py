@@ -1,0 +1,184 @@
+"""The async API on every backend: the same operations awaited, many execs at once from one event
+loop, and cancellation that kills what the cancelled exec started (daytona: through AsyncDaytona,
+against the local endpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from pytest_sandbox import ExecTimeoutError, Image, SandboxClosedError, aio
+from pytest_sandbox._offload import stoppable, unstoppable
+from pytest_sandbox._proc import Cancel
+from tests.conftest import Target
+
+T = TypeVar("T")
+# The sleep processes of the tests' marker, found through /proc (images may lack ps): command
+# lines that start with it, so neither the shells that started them nor the scan itself count.
+COUNT = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$f 2>/dev/null; echo; done | grep -c '^sleep 99[9]'"
+
+
+def run(coro: Awaitable[T], timeout: float = 300) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def test_async_exec_files_fork_and_snapshot(debian_target: Target) -> None:
+    async def go() -> None:
+        async with (
+            aio.AsyncBackend(debian_target.backend) as backend,
+            await backend.create(debian_target.snapshot) as sb,
+        ):
+            res = await sb.exec(["sh", "-c", "cat; echo err >&2; exit 3"], input="in")
+            assert (res.exit_code, res.stdout, res.stderr) == (3, "in", "err\n")
+            assert (await sb.exec("pwd", cwd="/tmp")).stdout == "/tmp\n"
+            await sb.fs.mkdir("/work/a")
+            await sb.fs.write("/work/a/f.txt", "state")
+            assert await sb.fs.listdir("/work/a") == ["f.txt"]
+            assert await sb.fs.exists("/work/a/f.txt") and await sb.fs.is_dir("/work/a")
+            assert (await sb.fs.stat("/work/a/f.txt")).st_size == 5
+            child = await sb.fork()
+            await sb.fs.write("/work/a/f.txt", "parent moved on")
+            assert await child.fs.read_text("/work/a/f.txt") == "state"
+            await child.close()
+            with pytest.raises(SandboxClosedError):
+                await child.exec("true")
+            snap = await sb.snapshot()
+            try:
+                async with await backend.create(snap) as again:
+                    assert await again.fs.read("/work/a/f.txt") == b"parent moved on"
+                    with pytest.raises(ExecTimeoutError):
+                        await again.exec("sleep 30", timeout=0.5)
+                    assert (await again.exec("echo alive")).stdout == "alive\n"
+            finally:
+                await backend.remove_snapshot(snap)
+        assert debian_target.backend.get_snapshot(debian_target.snapshot.key)  # the backend stays open
+
+    run(go())
+
+
+def test_fifty_execs_across_ten_sandboxes_run_at_once(debian_target: Target) -> None:
+    """Every exec waits until all 50 are running (a barrier the test lifts when it sees them all),
+    so the run can only finish if none waits for another."""
+
+    async def go() -> None:
+        async with aio.AsyncBackend(debian_target.backend) as backend:
+            sbs = await asyncio.gather(*(backend.create(debian_target.snapshot) for _ in range(10)))
+            wait = (
+                "touch /tmp/started.$1; n=0; while [ ! -e /tmp/go ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done"
+            )
+            execs = [
+                asyncio.ensure_future(sb.exec(["sh", "-c", f"{wait}; cat /tmp/go; echo $1", "sh", str(i)]))
+                for sb in sbs
+                for i in range(5)
+            ]
+            try:
+                deadline = time.monotonic() + 120
+                while True:
+                    started = await asyncio.gather(*(sb.exec("ls /tmp | grep -c '^started'") for sb in sbs))
+                    if all(r.stdout.strip() == "5" for r in started):
+                        break
+                    assert time.monotonic() < deadline, [r.stdout for r in started]
+                    await asyncio.sleep(0.2)
+                await asyncio.gather(*(sb.fs.write("/tmp/go", "go ") for sb in sbs))
+                results = await asyncio.gather(*execs)
+            finally:
+                for e in execs:
+                    e.cancel()
+            assert sorted(r.stdout for r in results) == sorted(f"go {i}\n" for _ in sbs for i in range(5))
+
+    run(go())
+
+
+def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> None:
+    async def go() -> None:
+        async with (
+            aio.AsyncBackend(debian_target.backend) as backend,
+            await backend.create(debian_target.snapshot) as sb,
+        ):
+            await sb.exec("nohup sleep 9990 >/dev/null 2>&1 &")  # started earlier: must survive
+            task = asyncio.ensure_future(sb.exec("sh -c 'sleep 9991 & sleep 9992 & wait' & sleep 9993; echo end"))
+            for _ in range(600):
+                if (await sb.exec(COUNT)).stdout.strip() == "4":
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the command's processes never all started")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # Dead by the time the cancellation arrived, not some time later.
+            left = (await sb.exec(COUNT.replace("99[9]", "999[1-3]"))).stdout.strip()
+            assert left == "0"
+            assert (await sb.exec(COUNT.replace("99[9]", "999[0]"))).stdout.strip() == "1"
+            assert (await sb.exec("echo still usable")).stdout == "still usable\n"
+
+    run(go())
+
+
+def test_open_backend_awaited_or_entered(tmp_path: Path) -> None:
+    """Opening by name is the same code for every backend: the local one shows it."""
+
+    async def go() -> None:
+        backend = await aio.open_backend("local", cache_dir=tmp_path)
+        try:
+            snap = await backend.build(Image.host())
+            async with await backend.create(snap) as sb:
+                assert (await sb.exec("echo hi")).stdout == "hi\n"
+        finally:
+            await backend.close()
+        with pytest.raises(SandboxClosedError):
+            backend.sync.create(snap)
+        async with aio.open_backend("local", cache_dir=tmp_path) as again:
+            assert [s.key for s in await again.snapshots()] == [snap.key]
+
+    run(go())
+
+
+# -- the cancellation machinery, on its own --------------------------------------------------
+def test_stoppable_passes_the_cancellation_on_only_once_the_call_returned() -> None:
+    events: list[str] = []
+
+    def call(cancel: Cancel) -> str:
+        event = __import__("threading").Event()
+        cancel.link(event)
+        event.wait(30)
+        events.append("returned")
+        return "late"
+
+    async def go() -> None:
+        task = asyncio.ensure_future(stoppable(None, call))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        events.append("cancelled")
+
+    run(go(), timeout=20)
+    assert events == ["returned", "cancelled"]
+
+
+def test_unstoppable_finishes_its_clean_up_through_repeated_cancels() -> None:
+    done: list[str] = []
+
+    async def clean_up() -> None:
+        await asyncio.sleep(0.2)
+        done.append("cleaned")
+
+    async def go() -> None:
+        task = asyncio.ensure_future(unstoppable(clean_up()))
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done == ["cleaned"]
+
+    run(go(), timeout=20)
