@@ -207,12 +207,24 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process, its process group and every descendant, even ones that changed group."""
-    victims = descendants(pid)
+def kill_tree(pid: int, passes: int = 200) -> None:
+    """SIGKILL a process and every descendant, even ones that changed group or session.
+
+    The tree is stopped first, pass by pass until a scan finds nobody new: a stopped process
+    cannot fork, and its children stay its descendants (a killed parent's would be reparented
+    out of reach), so a command that forks as fast as it can is caught whole."""
+    stopped: set[int] = set()
+    for _ in range(passes):
+        found = {pid, *descendants(pid)} - stopped
+        if not found:
+            break
+        for p in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGSTOP)
+        stopped |= found
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    for p in [pid, *victims]:
+    for p in stopped | {pid}:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
 

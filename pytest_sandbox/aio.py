@@ -21,7 +21,7 @@ they made is closed with the backend.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -51,6 +51,34 @@ T = TypeVar("T")
 
 DEFAULT_THREADS = 64
 """Blocking calls an :class:`AsyncBackend` runs at once; more wait for a free thread."""
+
+
+_Self = TypeVar("_Self", bound="_Awaited")
+
+
+class _Awaited:
+    """What the async wrappers share: the sync object each drives, calls to it on the backend's
+    thread pool, and ``async with``, which closes it."""
+
+    sync: object
+    _pool: Executor
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await offload(self._pool, fn)
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _Self) -> _Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.sync!r}>"
 
 
 class AsyncFS:
@@ -104,17 +132,15 @@ class AsyncFS:
         await self._sb._call(lambda: self._sb.sync.fs.remove(path, recursive))
 
 
-class AsyncSandbox:
+class AsyncSandbox(_Awaited):
     """A sandbox, awaited. ``async with`` closes it; ``sync`` is the sandbox it drives."""
 
     def __init__(self, sandbox: Sandbox, backend: AsyncBackend) -> None:
-        self.sync = sandbox
+        self.sync: Sandbox = sandbox
         self._backend = backend
+        self._pool = backend._pool
         self.fs = AsyncFS(self)
         backend._live.add(self)
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await offload(self._backend._pool, fn)
 
     @property
     def id(self) -> str:
@@ -178,19 +204,8 @@ class AsyncSandbox:
         self._backend._live.discard(self)
         await self._call(self.sync.close)
 
-    async def __aenter__(self) -> AsyncSandbox:
-        return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        return f"<AsyncSandbox {self.sync!r}>"
-
-
-class AsyncBackend:
+class AsyncBackend(_Awaited):
     """A backend, awaited: ``build``, ``create`` and the rest of :class:`~pytest_sandbox.Backend`.
 
     Made by :func:`open_backend`, or around a backend already open (``AsyncBackend(backend)``,
@@ -200,14 +215,11 @@ class AsyncBackend:
     """
 
     def __init__(self, backend: Backend, *, max_threads: int = DEFAULT_THREADS, owned: bool = False) -> None:
-        self.sync = backend
+        self.sync: Backend = backend
         self.name = backend.name
         self._owned = owned
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix=f"sandbox-aio-{backend.name}")
         self._live: set[AsyncSandbox] = set()
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await offload(self._pool, fn)
 
     async def build(
         self,
@@ -277,17 +289,6 @@ class AsyncBackend:
                 await aclose()
         finally:
             self._pool.shutdown(wait=False)
-
-    async def __aenter__(self) -> AsyncBackend:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        return f"<AsyncBackend {self.sync!r}>"
 
 
 class _Opening:

@@ -123,6 +123,39 @@ def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> Non
     run(go())
 
 
+# Forks as fast as it can (600 rounds: bounded, so it cannot crowd out other tests' sandboxes when
+# the limit is a per-user rlimit), half of the children in sessions of their own (out of its
+# process group), then waits.
+BOMB = "i=0; while [ $i -lt 600 ]; do sleep 777 & setsid sleep 7770 & i=$((i + 1)); done; sleep 7771"
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_command_forking_while_it_is_killed_leaves_nothing(debian_target: Target, how: str) -> None:
+    """The tree is stopped before it is killed, so children forked during the kill, and ones that
+    left the command's process group, die too."""
+    bombs = COUNT.replace("99[9]", "77[7]")
+
+    async def go() -> None:
+        async with (
+            aio.AsyncBackend(debian_target.backend) as backend,
+            await backend.create(debian_target.snapshot) as sb,
+        ):
+            for _ in range(2):
+                if how == "timeout":
+                    with pytest.raises(ExecTimeoutError):
+                        await sb.exec(BOMB, timeout=0.5)
+                else:
+                    task = asyncio.ensure_future(sb.exec(BOMB))
+                    await asyncio.sleep(0.5)
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                assert (await sb.exec(bombs)).stdout.strip() == "0"
+            assert (await sb.exec("echo still usable")).stdout == "still usable\n"
+
+    run(go())
+
+
 def test_open_backend_awaited_or_entered(tmp_path: Path) -> None:
     """Opening by name is the same code for every backend: the local one shows it."""
 

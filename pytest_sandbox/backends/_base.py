@@ -63,13 +63,17 @@ __all__ = [
     "wait_stoppable",
 ]
 
-# Kill a process and every descendant, found through /proc (no ps needed in the image).
+# Kill a process and every descendant, found through /proc (no ps needed in the image). The tree
+# is stopped first, pass by pass until a scan finds nobody new (a stopped process cannot fork and
+# its children stay its descendants), so a command forking as fast as it can is caught whole.
 KILL_TREE_SH = (
-    "r=$1; ps=$(for s in /proc/[0-9]*/status; do p=${s#/proc/}; p=${p%/status}; "
-    'pp=$(sed -n "s/^PPid:[[:space:]]*//p" $s 2>/dev/null); echo "$p $pp"; done | '
-    'awk -v r="$r" \'{pp[$1]=$2} END {k[r]=1; do {n=0; for (p in pp) if ((pp[p] in k) && !(p in k)) '
-    "{k[p]=1; n++}} while (n); for (p in k) print p}'); "
-    "for p in $ps; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
+    'r=$1; stopped=" "; n=0; while [ $n -lt 200 ]; do '
+    'new=$(cat /proc/[0-9]*/status 2>/dev/null | awk -v r="$r" -v s="$stopped" '
+    "'/^Pid:/ {p=$2} /^PPid:/ {pp[p]=$2} END {k[r]=1; do {c=0; for (p in pp) if ((pp[p] in k) && !(p in k)) "
+    '{k[p]=1; c++}} while (c); split(s, a, " "); for (i in a) old[a[i]]=1; for (p in k) if (!(p in old)) print p}\'); '
+    '[ -z "$new" ] && break; '
+    'for p in $new; do kill -STOP $p 2>/dev/null; stopped="$stopped$p "; done; n=$((n + 1)); done; '
+    "for p in $stopped; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
 )
 
 
