@@ -24,7 +24,6 @@ __all__ = [
     "Channel",
     "Helper",
     "Watchdog",
-    "descendants",
     "end_processes_using",
     "interpreter",
     "is_zombie",
@@ -195,38 +194,52 @@ def is_zombie(pid: int) -> bool:
     return st is None or st[0] == "Z"
 
 
-def descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid``, found through the parent links in /proc."""
-    parent_of = {p: st[1] for p in pids() if (st := read_stat(p)) is not None}
-    found, frontier = [], [pid]
-    while frontier:
-        cur = frontier.pop()
-        kids = [p for p, pp in parent_of.items() if pp == cur]
-        found.extend(kids)
-        frontier.extend(kids)
-    return found
+_HELD = frozenset("TtZX")  # stopped, traced, or exited: a process in these states forks no more
 
 
-def kill_tree(pid: int, passes: int = 200) -> None:
+def kill_tree(pid: int, budget: float = 10.0) -> None:
     """SIGKILL a process and every descendant, even ones that changed group or session.
 
-    The tree is stopped first, pass by pass until a scan finds nobody new: a stopped process
-    cannot fork, and its children stay its descendants (a killed parent's would be reparented
-    out of reach), so a command that forks as fast as it can is caught whole."""
+    The tree is stopped first, until a scan finds nobody new and every process found is seen
+    stopped: a stopped process cannot fork, its children stay its descendants (a killed
+    parent's would be reparented out of reach), and one that was in the middle of a fork when
+    the signal came has its child in the next scan. So a command that forks as fast as it can
+    is caught whole, and is dead (a zombie at most) when this returns. ``budget`` seconds bound
+    the stopping; the kill comes at the end anyway."""
     stopped: set[int] = set()
-    for _ in range(passes):
-        found = {pid, *descendants(pid)} - stopped
-        if not found:
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        state: dict[int, str] = {}
+        children: dict[int, list[int]] = {}
+        for p in pids():
+            st = read_stat(p)
+            if st is not None:
+                state[p] = st[0]
+                children.setdefault(st[1], []).append(p)
+        tree, frontier = {pid}, [pid]
+        while frontier:
+            kids = [k for k in children.get(frontier.pop(), ()) if k not in tree]
+            tree.update(kids)
+            frontier.extend(kids)
+        tree &= state.keys()
+        found = tree - stopped
+        if not found and all(state[p] in _HELD for p in tree):
             break
         for p in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGSTOP)
         stopped |= found
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    for p in stopped | {pid}:
+    for p in [*(stopped - {pid}), pid]:  # the root last, as the in-sandbox version does
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    # Dead when this returns: a killed process lingers a moment before it exits.
+    left = stopped | {pid}
+    while left and time.monotonic() < deadline + 2.0:
+        left = {p for p in left if not is_zombie(p)}
+        if left:
+            time.sleep(0.001)
 
 
 def end_processes_using(dirs: list[str], timeout: float = 5.0) -> None:

@@ -119,6 +119,15 @@ def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> Non
             assert left == "0"
             assert (await sb.exec(COUNT.replace("99[9]", "999[0]"))).stdout.strip() == "1"
             assert (await sb.exec("echo still usable")).stdout == "still usable\n"
+            # Cancelled at once, before the command (or the wrapper around it) has started.
+            for _ in range(3):
+                task = asyncio.ensure_future(sb.exec("sleep 9994"))
+                await asyncio.sleep(0)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert (await sb.exec(COUNT.replace("99[9]", "999[4]"))).stdout.strip() == "0"
+            assert (await sb.exec(COUNT.replace("99[9]", "999[0]"))).stdout.strip() == "1"
 
     run(go())
 

@@ -63,17 +63,31 @@ __all__ = [
     "wait_stoppable",
 ]
 
-# Kill a process and every descendant, found through /proc (no ps needed in the image). The tree
-# is stopped first, pass by pass until a scan finds nobody new (a stopped process cannot fork and
-# its children stay its descendants), so a command forking as fast as it can is caught whole.
+# Kill a process and every descendant, found through /proc (no ps needed in the image). As
+# _lifeline.kill_tree does on the host: the tree is stopped first, until a scan finds nobody new
+# and every process found is seen stopped, so a command forking as fast as it can is caught whole.
+# Each scan is one cat and one awk: "N pid" for a process not stopped by us yet, "R" while one we
+# stopped is still running (in the middle of a fork when the signal came). The shell's kill:
+# images may lack /bin/kill.
+_TREE_AWK = (
+    '{pid = $1; sub(/.*\\) /, ""); st[pid] = $1; pp[pid] = $2} '
+    "END {k[r] = 1; do {c = 0; for (p in pp) if ((pp[p] in k) && !(p in k)) {k[p] = 1; c++}} while (c); "
+    'split(s, a, " "); for (i in a) old[a[i]] = 1; '
+    'for (p in k) if (p in st) {if (!(p in old)) print "N", p; else if (st[p] !~ /^[TtZX]/) print "R"}}'
+)
 KILL_TREE_SH = (
-    'r=$1; stopped=" "; n=0; while [ $n -lt 200 ]; do '
-    'new=$(cat /proc/[0-9]*/status 2>/dev/null | awk -v r="$r" -v s="$stopped" '
-    "'/^Pid:/ {p=$2} /^PPid:/ {pp[p]=$2} END {k[r]=1; do {c=0; for (p in pp) if ((pp[p] in k) && !(p in k)) "
-    '{k[p]=1; c++}} while (c); split(s, a, " "); for (i in a) old[a[i]]=1; for (p in k) if (!(p in old)) print p}\'); '
-    '[ -z "$new" ] && break; '
-    'for p in $new; do kill -STOP $p 2>/dev/null; stopped="$stopped$p "; done; n=$((n + 1)); done; '
-    "for p in $stopped; do kill -KILL $p 2>/dev/null; done; true"  # the shell's kill: images may lack /bin/kill
+    # Only a real process below init: a pid file read before it was written gives no pid at all.
+    "r=$1; case $r in ''|*[!0-9]*|0|1) exit 0 ;; esac; "
+    'stopped=" "; n=0; while [ $n -lt 2000 ]; do '
+    f'out=$(cat /proc/[0-9]*/stat 2>/dev/null | awk -v r="$r" -v s="$stopped" \'{_TREE_AWK}\'); '
+    '[ -z "$out" ] && break; set -- $out; while [ $# -gt 0 ]; do '
+    'if [ "$1" = N ]; then kill -STOP $2 2>/dev/null; stopped="$stopped$2 "; shift; fi; shift; done; '
+    "n=$((n + 1)); done; "
+    # The root last: whoever waits for it (the Daytona wrapper) may kill this script once it is gone.
+    'for p in $stopped; do [ "$p" = "$r" ] || kill -KILL $p 2>/dev/null; done; kill -KILL $r 2>/dev/null; '
+    # Dead when this returns: a killed process lingers a moment before it exits.
+    "m=0; for p in $stopped; do while [ $m -lt 300 ] && read -r l </proc/$p/stat 2>/dev/null; do "
+    'case "${l##*) }" in Z*|X*) break ;; esac; m=$((m + 1)); sleep 0.01; done; done; true'
 )
 
 

@@ -64,8 +64,10 @@ def unwrap(tag: str, text: str, sandbox_id: str) -> tuple[int, bool, bytes, byte
 
 def kill_command(tag: str) -> str:
     """The command that kills exec ``tag``'s whole tree (the wrapper first) and removes its files."""
-    kill = f"p=$(cat /tmp/.psb-{tag}.pid 2>/dev/null) && sh -c {shlex.quote(KILL_TREE_SH)} sh $p"
-    return shlex.join(["/bin/sh", "-c", f"{kill}; rm -f /tmp/.psb-{tag}.*"])
+    # The wrapper writes its pid first thing; a cancel can come before it has.
+    wait = f"n=0; while [ ! -s /tmp/.psb-{tag}.pid ] && [ $n -lt 40 ]; do sleep 0.05; n=$((n + 1)); done"
+    kill = f'sh -c {shlex.quote(KILL_TREE_SH)} sh "$(cat /tmp/.psb-{tag}.pid 2>/dev/null)"'
+    return shlex.join(["/bin/sh", "-c", f"{wait}; {kill}; rm -f /tmp/.psb-{tag}.*"])
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -609,8 +609,13 @@ class DockerSandbox(SandboxBase):
                     raise SandboxError(f"docker exec failed: {exc}") from exc
 
             def kill() -> None:
-                _, pid, _ = self._exec_raw(["cat", f"/.psb-{tag}.pid"])
-                self._exec_raw(["/bin/sh", "-c", KILL_TREE_SH, "sh", pid.decode().strip() or "0"])
+                # The wrapper writes its pid first thing; a cancel can come before it has.
+                for _ in range(40):
+                    _, pid, _ = self._exec_raw(["cat", f"/.psb-{tag}.pid"])
+                    if pid.strip():
+                        break
+                    time.sleep(0.05)
+                self._exec_raw(["/bin/sh", "-c", KILL_TREE_SH, "sh", pid.decode().strip()])
 
             pair, stopped = wait_stoppable(begin, timeout=timeout, cancel=cancel, kill=kill)
             timed_out = stopped and not (cancel is not None and cancel.is_set())
