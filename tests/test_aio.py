@@ -5,6 +5,9 @@ against the local endpoint)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import secrets
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -15,12 +18,28 @@ import pytest
 from pytest_sandbox import ExecTimeoutError, Image, SandboxClosedError, aio
 from pytest_sandbox._offload import stoppable, unstoppable
 from pytest_sandbox._proc import Cancel
-from tests.conftest import Target
+from tests.conftest import Target, wait_for
 
 T = TypeVar("T")
 # The sleep processes of the tests' marker, found through /proc (images may lack ps): command
 # lines that start with it, so neither the shells that started them nor the scan itself count.
 COUNT = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$f 2>/dev/null; echo; done | grep -c '^sleep 99[9]'"
+
+
+def host_processes(pattern: str) -> list[str]:
+    """State and command line of every process on this machine whose command line matches."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if re.search(pattern, cmd) and state not in ("Z", "X"):
+            found.append(f"{pid} {state} {cmd[:200]}")
+    return found
 
 
 def run(coro: Awaitable[T], timeout: float = 300) -> T:
@@ -98,13 +117,17 @@ def test_fifty_execs_across_ten_sandboxes_run_at_once(debian_target: Target) -> 
 
 
 def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> None:
+    tok = f"{secrets.randbelow(10**6):06d}"  # on the host, this test's processes are told by it
+
     async def go() -> None:
         async with (
             aio.AsyncBackend(debian_target.backend) as backend,
             await backend.create(debian_target.snapshot) as sb,
         ):
-            await sb.exec("nohup sleep 9990 >/dev/null 2>&1 &")  # started earlier: must survive
-            task = asyncio.ensure_future(sb.exec("sh -c 'sleep 9991 & sleep 9992 & wait' & sleep 9993; echo end"))
+            await sb.exec(f"nohup sleep 9990.{tok} >/dev/null 2>&1 &")  # started earlier: must survive
+            task = asyncio.ensure_future(
+                sb.exec(f"sh -c 'sleep 9991.{tok} & sleep 9992.{tok} & wait' & sleep 9993.{tok}; echo end")
+            )
             for _ in range(600):
                 if (await sb.exec(COUNT)).stdout.strip() == "4":
                     break
@@ -121,7 +144,7 @@ def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> Non
             assert (await sb.exec("echo still usable")).stdout == "still usable\n"
             # Cancelled at once, before the command (or the wrapper around it) has started.
             for _ in range(3):
-                task = asyncio.ensure_future(sb.exec("sleep 9994"))
+                task = asyncio.ensure_future(sb.exec(f"sleep 9994.{tok}"))
                 await asyncio.sleep(0)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
@@ -130,12 +153,17 @@ def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> Non
             assert (await sb.exec(COUNT.replace("99[9]", "999[0]"))).stdout.strip() == "1"
 
     run(go())
+    # Nothing it started is left anywhere: on the host no process of it is stopped or running (the
+    # Daytona endpoint's nsenter once stopped itself when the command it ran was stopped).
+    assert wait_for(lambda: not host_processes(f"sleep 999[1-4]\\.{tok}"), timeout=10), host_processes(
+        f"sleep 999[1-4]\\.{tok}"
+    )
 
 
 # Forks as fast as it can (600 rounds: bounded, so it cannot crowd out other tests' sandboxes when
 # the limit is a per-user rlimit), half of the children in sessions of their own (out of its
 # process group), then waits.
-BOMB = "i=0; while [ $i -lt 600 ]; do sleep 777 & setsid sleep 7770 & i=$((i + 1)); done; sleep 7771"
+BOMB = "i=0; while [ $i -lt 600 ]; do sleep 777.{tok} & setsid sleep 7770.{tok} & i=$((i + 1)); done; sleep 7771.{tok}"
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout"])
@@ -143,6 +171,8 @@ def test_a_command_forking_while_it_is_killed_leaves_nothing(debian_target: Targ
     """The tree is stopped before it is killed, so children forked during the kill, and ones that
     left the command's process group, die too."""
     bombs = COUNT.replace("99[9]", "77[7]")
+    tok = f"{secrets.randbelow(10**6):06d}"
+    bomb = BOMB.format(tok=tok)
 
     async def go() -> None:
         async with (
@@ -152,9 +182,9 @@ def test_a_command_forking_while_it_is_killed_leaves_nothing(debian_target: Targ
             for _ in range(2):
                 if how == "timeout":
                     with pytest.raises(ExecTimeoutError):
-                        await sb.exec(BOMB, timeout=0.5)
+                        await sb.exec(bomb, timeout=0.5)
                 else:
-                    task = asyncio.ensure_future(sb.exec(BOMB))
+                    task = asyncio.ensure_future(sb.exec(bomb))
                     await asyncio.sleep(0.5)
                     task.cancel()
                     with pytest.raises(asyncio.CancelledError):
@@ -163,6 +193,7 @@ def test_a_command_forking_while_it_is_killed_leaves_nothing(debian_target: Targ
             assert (await sb.exec("echo still usable")).stdout == "still usable\n"
 
     run(go())
+    assert wait_for(lambda: not host_processes(f"sleep 777[01]?\\.{tok}"), timeout=10)
 
 
 def test_open_backend_awaited_or_entered(tmp_path: Path) -> None:

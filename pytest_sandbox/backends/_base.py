@@ -73,7 +73,10 @@ _TREE_AWK = (
     '{pid = $1; sub(/.*\\) /, ""); st[pid] = $1; pp[pid] = $2} '
     "END {k[r] = 1; do {c = 0; for (p in pp) if ((pp[p] in k) && !(p in k)) {k[p] = 1; c++}} while (c); "
     'split(s, a, " "); for (i in a) old[a[i]] = 1; '
-    'for (p in k) if (p in st) {if (!(p in old)) print "N", p; else if (st[p] !~ /^[TtZX]/) print "R"}}'
+    # A root whose parent is outside the namespace (nsenter's child) is not stopped: nsenter would
+    # stop itself in turn and never return. Such a root is one of our shells, which forks nothing.
+    "for (p in k) if ((p in st) && !(p == r && pp[p] == 0)) "
+    '{if (!(p in old)) print "N", p; else if (st[p] !~ /^[TtZX]/) print "R"}}'
 )
 KILL_TREE_SH = (
     # Only a real process below init: a pid file read before it was written gives no pid at all.
