@@ -1,7 +1,8 @@
 """pytest-sandbox: every test gets its own real, isolated Linux environment, forked in
 milliseconds from a snapshot that is built once per recipe.
 
-The public API is what ``__all__`` lists; everything else is private.
+The public API is what ``__all__`` lists, and the async API in :mod:`pytest_sandbox.aio`;
+everything else is private.
 """
 
 from __future__ import annotations

@@ -592,7 +592,7 @@ class DaytonaSandbox(SandboxBase):
         def kill() -> None:
             self.backend.call("stop a command", self.sdk.process.exec, kill_command(tag), timeout=60)
 
-        res, _ = wait_stoppable(run, timeout=None, cancel=cancel, kill=kill)
+        res = run() if cancel is None else wait_stoppable(run, timeout=None, cancel=cancel, kill=kill)[0]
         text = None if res is None else str(res.result or "")  # None: cancelled
         return self._result(argv, text, tag, start, timeout, max_output, on_line)
 
@@ -624,7 +624,8 @@ class DaytonaSandbox(SandboxBase):
                 timeout=_sdk_timeout(timeout),
             )
         except asyncio.CancelledError:
-            await unstoppable(clients.call("stop a command", asb.process.exec, kill_command(tag), timeout=60))
+            with contextlib.suppress(Exception):  # the cancellation is what the caller hears of
+                await unstoppable(clients.call("stop a command", asb.process.exec, kill_command(tag), timeout=60))
             raise
         return self._result(argv, str(res.result or ""), tag, start, timeout, max_output, None)
 
