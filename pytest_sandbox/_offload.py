@@ -33,8 +33,7 @@ async def stoppable(executor: Executor | None, fn: Callable[[Cancel], T]) -> T:
     """``fn(cancel)`` on ``executor``. If the awaiting task is cancelled, ``cancel`` is set and
     the cancellation is passed on only once ``fn`` has returned (it must return soon after)."""
     cancel = Cancel()
-    call = functools.partial(contextvars.copy_context().run, fn, cancel)
-    fut = asyncio.get_running_loop().run_in_executor(executor, call)
+    fut = asyncio.ensure_future(offload(executor, fn, cancel))
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

@@ -112,7 +112,6 @@ class Completed:
     duration: float
     timed_out: bool
     truncated: bool = False
-    cancelled: bool = False
 
 
 def _die_with_parent() -> None:
@@ -304,7 +303,7 @@ def run(
         for r in open_fds:
             os.set_blocking(r, False)
         pidfd = os.pidfd_open(proc.pid) if isinstance(proc, subprocess.Popen) else proc.exit_fd
-        timed_out = cancelled = False
+        timed_out = False
         deadline = None if timeout is None else start + timeout
         poller = select.poll()
         for fd in (*open_fds, pidfd):
@@ -324,7 +323,7 @@ def run(
                 elif cancel is not None and fd == cancel.fileno():
                     poller.unregister(fd)
                     kill_tree(proc.pid)
-                    cancelled = exited = True
+                    exited = True
                 elif fd in live and not _drain(fd, live[fd]):
                     poller.unregister(fd)
                     os.close(fd)
@@ -347,7 +346,7 @@ def run(
         if code < 0:
             code = 128 - code  # the shell's convention for "killed by signal N"
         out, err = caps[0].finish(), caps[1].finish()
-        return Completed(code, out, err, duration, timed_out, caps[0].truncated or caps[1].truncated, cancelled)
+        return Completed(code, out, err, duration, timed_out, caps[0].truncated or caps[1].truncated)
     finally:
         for fd in open_fds:
             os.close(fd)

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ._daytona_exec import translate
+from ._daytona_exec import RETRIES, retry_delay
 
 __all__ = ["AsyncClients"]
 
@@ -26,19 +26,11 @@ class AsyncClients:
     async def call(self, what: str, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
         """One awaited SDK call: rate limiting backs off and retries; other failures become
         errors that say what failed and what to do (as the sync calls' do)."""
-        delay = 0.25
-        for attempt in range(12):
+        for attempt in range(RETRIES):
             try:
                 return await fn(*args, **kwargs)
             except Exception as exc:
-                err = translate(self._sdk, exc, what, self._api_url, self._target)
-                if err is None and attempt < 11:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    continue
-                if err is None or err is exc:
-                    raise
-                raise err from exc
+                await asyncio.sleep(retry_delay(self._sdk, exc, what, self._api_url, self._target, attempt))
         raise AssertionError("unreachable")
 
     async def sandbox(self, sandbox_id: str) -> Any:

@@ -13,7 +13,7 @@ from .._proc import CLIP_SH
 from ..errors import ConfigError, EngineUnavailableError, SandboxError
 from ._base import KILL_TREE_SH
 
-__all__ = ["kill_command", "translate", "unwrap", "wrap"]
+__all__ = ["RETRIES", "kill_command", "retry_delay", "translate", "unwrap", "wrap"]
 
 # Daytona's process.exec returns one output stream and no stdin, so a wrapper in the sandbox keeps
 # stdout and stderr apart in files, feeds stdin from an uploaded file, enforces the timeout by
@@ -107,3 +107,18 @@ def translate(sdk: Any, exc: Exception, what: str, api_url: str, target: str | N
     if isinstance(exc, sdk.DaytonaError):
         return SandboxError(f"Daytona could not {what}: {exc}")
     return exc
+
+
+RETRIES = 12
+"""Attempts of one SDK call while the API rate limits."""
+
+
+def retry_delay(sdk: Any, exc: Exception, what: str, api_url: str, target: str | None, attempt: int) -> float:
+    """Seconds to back off before attempt ``attempt + 1`` of a call that failed with ``exc``
+    (rate limited), or the error to raise instead (:func:`translate`'s, or ``exc`` itself)."""
+    err = translate(sdk, exc, what, api_url, target)
+    if err is None and attempt < RETRIES - 1:
+        return min(0.25 * 2.0**attempt, 10.0)
+    if err is None or err is exc:
+        raise exc
+    raise err from exc

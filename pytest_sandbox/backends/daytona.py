@@ -63,7 +63,7 @@ from ._base import (
     wait_stoppable,
 )
 from ._daytona_async import AsyncClients
-from ._daytona_exec import kill_command, translate, unwrap, wrap
+from ._daytona_exec import RETRIES, kill_command, retry_delay, unwrap, wrap
 from ._daytona_fs import DaytonaFS
 from ._daytona_recipe import GIB, PREFIX, recipe_meta, remote_name, resources_of, sizes_tag
 
@@ -153,21 +153,13 @@ class DaytonaBackend(RemoteBackend):
         """One SDK call: rate limiting (HTTP 429) backs off and retries; other failures become a
         :class:`SandboxError` that says what failed and what to do, with the SDK's error chained.
         SDK errors of the ``passthrough`` types reach the caller unchanged."""
-        delay = 0.25
-        for attempt in range(12):
+        for attempt in range(RETRIES):
             try:
                 return fn(*args, **kwargs)
             except passthrough:
                 raise
             except Exception as exc:
-                err = translate(self._sdk, exc, what, self.api_url, self.target)
-                if err is None and attempt < 11:  # rate limited: back off and retry
-                    time.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    continue
-                if err is None or err is exc:
-                    raise
-                raise err from exc
+                time.sleep(retry_delay(self._sdk, exc, what, self.api_url, self.target, attempt))
         raise AssertionError("unreachable")
 
     def _remote(self, name: str) -> Any | None:
