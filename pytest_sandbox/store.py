@@ -24,10 +24,10 @@ import fcntl
 import json
 import os
 import secrets
-import shutil
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +35,12 @@ from typing import Any
 
 import filelock
 
+from ._hostfs import TreeWalk, rmtree_at
 from ._lifeline import end_processes_using
 from .errors import ConfigError, SnapshotNotFoundError
 from .types import Snapshot
 
-__all__ = ["STORE_FORMAT", "LayerCheck", "Store", "default_cache_dir", "match_snapshot"]
+__all__ = ["STORE_FORMAT", "LayerCheck", "Store", "default_cache_dir", "match_snapshot", "valid_key"]
 
 STORE_FORMAT = 2
 """The on-disk layout's version: 2 made the store private and layers owned by the sandbox id range."""
@@ -79,24 +80,46 @@ def match_snapshot(ref: str, snaps: list[Snapshot], where: str) -> Snapshot:
     raise SnapshotNotFoundError(f"no snapshot {ref!r} in {where}; `pytest-sandbox ls` lists the ones there are")
 
 
+def valid_key(key: object) -> bool:
+    """Whether ``key`` may name a snapshot: it becomes a file name in the store (s/, k/), so it
+    is one path component, not hidden, and has no NUL."""
+    return isinstance(key, str) and bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
+
+
+def _checked_key(key: str) -> str:
+    if not valid_key(key):
+        raise ConfigError(f"snapshot key {key!r} is not valid: a key is one file name (no '/', not starting with '.')")
+    return key
+
+
 def rmtree(path: Path) -> None:
-    """Remove a tree even where a sandbox left directories without write permission."""
-    if not os.path.lexists(path):
+    """Remove a tree of any depth, even where a sandbox left directories without permissions."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
     try:
-        shutil.rmtree(path)
-    except PermissionError:
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                p = os.path.join(dirpath, d)
-                if not os.path.islink(p):
-                    with contextlib.suppress(OSError):
-                        os.chmod(p, stat.S_IRWXU)
-        with contextlib.suppress(OSError):
-            os.chmod(path, stat.S_IRWXU)
-        shutil.rmtree(path, ignore_errors=True)
+        if not stat.S_ISDIR(st.st_mode):
+            path.unlink()
+            return
+        pfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            rmtree_at(pfd, path.name)
+        finally:
+            os.close(pfd)
     except FileNotFoundError:
         pass
+
+
+def _drop(path: Path, failed: list[str]) -> int:
+    """Remove one tree for gc: 1 when it went; else 0, and why in ``failed`` (one damaged
+    entry must not stop the collection of the rest)."""
+    try:
+        rmtree(path)
+    except OSError as exc:
+        failed.append(f"{path}: {exc.strerror or exc}")
+        return 0
+    return 1
 
 
 def format_age(seconds: float) -> str:
@@ -120,17 +143,33 @@ def disk_usage(path: Path) -> int:
     """Bytes allocated below ``path`` (hard links counted once)."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
+    for st in _entries(path):
+        if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
     return total
+
+
+def _entries(path: Path) -> Iterator[os.stat_result]:
+    """``lstat`` of every entry below ``path``, at any depth; a directory that cannot be read is
+    counted but not entered (as ``os.walk`` does)."""
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        walk = TreeWalk(top)
+        try:
+            for name, st in walk:
+                if st is not None:
+                    yield st
+                    if stat.S_ISDIR(st.st_mode):
+                        with contextlib.suppress(PermissionError):
+                            walk.enter(name)
+        finally:
+            walk.close()
+    finally:
+        os.close(top)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -190,13 +229,10 @@ class LayerCheck:
     @classmethod
     def of(cls, path: Path) -> LayerCheck:
         entries = size = 0
-        for dirpath, dirnames, filenames in os.walk(path):
-            entries += len(dirnames) + len(filenames)
-            for name in filenames:
-                with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(dirpath, name))
-                    if stat.S_ISREG(st.st_mode):
-                        size += st.st_size
+        for st in _entries(path):
+            entries += 1
+            if stat.S_ISREG(st.st_mode):
+                size += st.st_size
         return cls(cls.top_of(path), entries, size)
 
     def to_json(self) -> dict[str, Any]:
@@ -267,7 +303,7 @@ class Store:
     # -- locks -------------------------------------------------------------------------------
     def build_lock(self, key: str) -> filelock.FileLock:
         """The lock that makes N processes racing for ``key`` build it exactly once."""
-        return filelock.FileLock(str(self.root / "k" / f"{key}.lock"))
+        return filelock.FileLock(str(self.root / "k" / f"{_checked_key(key)}.lock"))
 
     @contextlib.contextmanager
     def _flock(self, mode: int) -> Iterator[None]:
@@ -335,9 +371,7 @@ class Store:
 
     # -- records -----------------------------------------------------------------------------
     def _record(self, key: str) -> Path:
-        if not key or "/" in key or key.startswith("."):
-            raise ConfigError(f"snapshot key {key!r} is not valid")
-        return self.root / "s" / f"{key}.json"
+        return self.root / "s" / f"{_checked_key(key)}.json"
 
     def get(self, key: str) -> Snapshot | None:
         try:
@@ -420,7 +454,12 @@ class Store:
         with self._lock:
             self._pending = [x for x in self._pending if x.is_alive()]
             self._pending.append(t)
-        t.start()
+        try:
+            t.start()
+        except RuntimeError:  # no thread to be had (the user's process limit): here, then
+            with self._lock:
+                self._pending.remove(t)
+            work()
 
     def flush(self) -> None:
         """Wait until every removal started by :meth:`discard` has finished."""
@@ -437,23 +476,22 @@ class Store:
         ``aliases`` gives the other names a sandbox directory has in the processes using it (the
         local engine's, as root, see the store at another path)."""
         removed = 0
+        failed: list[str] = []
         with self.exclusive():
             stale = [d for d, meta in self.sandboxes() if not self.owner_alive(meta.get("owner"))]
             # A dead owner's sandbox may still be tearing down (its holder only just saw EOF):
             # end those processes first, or the deletion races the unmount and leaves files.
             end_processes_using([str(d) for d in stale] + [a for d in stale for a in (aliases(d) if aliases else [])])
             for d in stale:
-                rmtree(d)
-                removed += 1
+                removed += _drop(d, failed)
             for p in (self.root / "t").iterdir():
                 if not self.owner_alive(p.name.split(".")[0]):
-                    rmtree(p)
-                    removed += 1
+                    removed += _drop(p, failed)
             for snap in self.all():
                 if snap.owner is not None and not self.owner_alive(snap.owner):
                     self.delete(snap.key)
                     removed += 1
-            removed += self._remove_unreferenced()
+            removed += self._remove_unreferenced(failed)
             for p in (self.root / "k").glob("*.said.*"):  # a run's "said once" markers, a day on
                 with contextlib.suppress(OSError):
                     if time.time() - p.stat().st_mtime > 86400:
@@ -462,9 +500,16 @@ class Store:
                 if not self.owner_alive(p.stem):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
+        if failed:  # said, not raised: the rest was collected, and the caller's own clean-up runs
+            warnings.warn(
+                f"pytest-sandbox: gc could not remove {len(failed)} entries of the cache, kept for the next gc: "
+                f"{'; '.join(failed[:3])}. If that fails again, delete them by hand (rm -rf).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return removed
 
-    def _remove_unreferenced(self) -> int:
+    def _remove_unreferenced(self, failed: list[str] | None = None) -> int:
         """Delete layers that no record and no live sandbox uses (caller holds :meth:`exclusive`)."""
         used: set[str] = set()
         for snap in self.all():
@@ -474,8 +519,11 @@ class Store:
         removed = 0
         for p in (self.root / "l").iterdir():
             if p.name not in used:
-                rmtree(p)
-                removed += 1
+                if failed is None:
+                    rmtree(p)
+                    removed += 1
+                else:
+                    removed += _drop(p, failed)
         for p in (self.root / "i").glob("*.json"):  # records of layers gone, just now or before
             if not self.layer_path(p.stem).exists():
                 p.unlink()

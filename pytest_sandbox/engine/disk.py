@@ -18,7 +18,6 @@ the filesystem through ``/proc/<helper>/root``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._hostfs import copy_data
 from .._lifeline import Channel, interpreter
 from ..errors import SandboxError
 from ..types import format_bytes
@@ -112,23 +112,7 @@ def _copy_sparse(src: Path, dest: Path) -> None:
     with open(src, "rb") as s:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            size = os.fstat(s.fileno()).st_size
-            os.ftruncate(fd, size)
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(s.fileno(), pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole is left
-                        break
-                    raise
-                end = os.lseek(s.fileno(), start, os.SEEK_HOLE)
-                while start < end:
-                    n = os.copy_file_range(s.fileno(), fd, end - start, start, start)
-                    if n == 0:
-                        break
-                    start += n
-                pos = end
+            copy_data(s.fileno(), fd, os.fstat(s.fileno()).st_size)
         finally:
             os.close(fd)
 

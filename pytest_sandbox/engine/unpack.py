@@ -16,7 +16,6 @@ import errno
 import gzip
 import hashlib
 import os
-import shutil
 import stat
 import tarfile
 import zlib
@@ -24,15 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .._hostfs import rmtree_at
+from .._hostfs import ENTRY_COST, rmtree_at
 from ..errors import RegistryError, SandboxError
+from ..types import format_bytes
 from .ids import IdMap
 from .layers import OPAQUE
 
-__all__ = ["OPAQUE_MARKER", "WHITEOUT", "LayerError", "Unpacked", "layer_id", "unpack_layer"]
+__all__ = ["MAX_UNPACKED", "OPAQUE_MARKER", "WHITEOUT", "LayerError", "Unpacked", "layer_id", "unpack_layer"]
 
 WHITEOUT = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+MAX_UNPACKED = 64 << 30
+"""The most one layer may write: file data actually written, plus 4 KiB per entry. Real layers
+stay far below it; a small archive that expands past it (holes, a million empty files) is built
+to fill the disk."""
 
 
 class LayerError(RegistryError):
@@ -95,7 +99,8 @@ def _open_stream(blob: IO[bytes], what: str) -> IO[bytes]:
 
 
 class _Unpacker:
-    def __init__(self, dest: Path, what: str, ids: IdMap | None) -> None:
+    def __init__(self, dest: Path, what: str, ids: IdMap | None, max_size: int) -> None:
+        self._left = self._max = max_size
         dest.mkdir()
         self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.what = what
@@ -161,6 +166,50 @@ class _Unpacker:
             os.close(fd)
             raise
 
+    def _spend(self, n: int) -> None:
+        self._left -= n
+        if self._left < 0:
+            raise LayerError(
+                f"{self.what} unpacks to more than {format_bytes(self._max)} (4 KiB counted per entry); the image is "
+                "too large to use here (or built to fill the disk). Use a smaller image."
+            )
+
+    def _write(self, fd: int, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        """The member's data into ``fd``, charged to the budget as it is written."""
+        sparse: Any = m.sparse  # typeshed calls it bytes: it is the [(offset, size), ...] map
+        if sparse is not None:
+            self._write_sparse(fd, tf, m, sparse)
+            return
+        data = tf.extractfile(m)
+        while data is not None and (chunk := data.read(1 << 20)):
+            self._spend(len(chunk))
+            os.write(fd, chunk)
+
+    def _write_sparse(self, fd: int, tf: tarfile.TarFile, m: tarfile.TarInfo, regions: list[tuple[int, int]]) -> None:
+        """A sparse member's data regions, each where it belongs; its holes stay holes (a 1 TiB
+        file of one block in a 10 KB archive costs one block). The regions are read straight from
+        the stream, in the order they are stored: tarfile's reader would make every hole of zeros."""
+        raw = tf.fileobj
+        stored = tf.offset - m.offset_data  # the stream mode's next header: the data ends before it
+        if raw is None or raw.tell() != m.offset_data or sum(size for _, size in regions) > stored:
+            raise LayerError(f"{self.what}: {m.name!r} is a sparse file whose map does not fit; refusing the layer")
+        os.ftruncate(fd, m.size)
+        end = 0
+        for offset, size in regions:
+            if size == 0:  # GNU tar pads its map with empty regions
+                continue
+            if offset < end or size < 0 or offset + size > m.size:
+                raise LayerError(f"{self.what}: {m.name!r} has a sparse map out of order or size; refusing the layer")
+            end = offset + size
+            while size > 0:
+                chunk = raw.read(min(1 << 20, size))
+                if not chunk:
+                    raise LayerError(f"{self.what}: {m.name!r} ends before its data does; refusing the layer")
+                self._spend(len(chunk))
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+                size -= len(chunk)
+
     def _clear(self, pfd: int, name: str, keep_dir: bool) -> None:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -183,6 +232,7 @@ class _Unpacker:
                 os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
 
     def add(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        self._spend(ENTRY_COST)
         parts = self._parts(m.name, m.name)
         if not parts:
             self.dirs[()] = m
@@ -194,6 +244,8 @@ class _Unpacker:
                 os.setxattr(pfd, OPAQUE, b"y")
             elif name.startswith(WHITEOUT):
                 hidden = name[len(WHITEOUT) :]
+                if hidden in ("", ".", ".."):  # would remove the directory itself, or the one above the layer
+                    raise LayerError(f"{self.what}: {m.name!r} whites out {hidden!r}, not a name; refusing the layer")
                 self._clear(pfd, hidden, keep_dir=False)
                 os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
             elif m.isdir():
@@ -207,10 +259,7 @@ class _Unpacker:
                     name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
                 )
                 try:
-                    data = tf.extractfile(m)
-                    if data is not None:
-                        with os.fdopen(os.dup(fd), "wb") as out:
-                            shutil.copyfileobj(data, out, 1 << 20)
+                    self._write(fd, tf, m)
                     self._owner(m, fd, None)
                     os.fchmod(fd, m.mode & 0o7777)
                     _set_xattrs(m, fd)
@@ -260,14 +309,17 @@ class _Unpacker:
                 os.close(fd)
 
 
-def unpack_layer(blob: Path | IO[bytes], dest: Path, what: str, *, ids: IdMap | None) -> Unpacked:
+def unpack_layer(
+    blob: Path | IO[bytes], dest: Path, what: str, *, ids: IdMap | None, max_size: int = MAX_UNPACKED
+) -> Unpacked:
     """Unpack a layer into the new directory ``dest``: ``blob`` is a tarball file (plain, gzip or
     zstd) or a stream of the plain tar (read to its end).
 
     Returns the entries skipped (device nodes) and the tar's digest. Raises :class:`LayerError`
-    for a layer that tries to escape its root or is not a tar archive.
+    for a layer that tries to escape its root, is not a tar archive, or writes more than
+    ``max_size`` bytes (4 KiB counted per entry).
     """
-    unpacker = _Unpacker(dest, what, ids)
+    unpacker = _Unpacker(dest, what, ids, max_size)
     try:
         with blob.open("rb") if isinstance(blob, Path) else contextlib.nullcontext(blob) as raw:
             try:

@@ -21,7 +21,13 @@ from typing import IO, Any
 from ..errors import RegistryError
 from .reference import ACCEPT, INDEX_TYPES, Reference, RegistryConfig, host_platform
 
-__all__ = ["RegistryClient", "select_platform"]
+__all__ = ["MAX_DOCUMENT", "MAX_ERROR_BODY", "RegistryClient", "select_platform"]
+
+MAX_DOCUMENT = 4 << 20
+"""The most bytes read of a manifest, an image config, a tag list or a token answer: real ones
+are a few KiB, and a registry that sends without end must not fill the runner's memory."""
+MAX_ERROR_BODY = 64 << 10
+"""The most bytes read of an error answer (only its first lines are ever shown)."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -32,6 +38,20 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
+
+
+def _read_at_most(resp: Any, limit: int, what: str) -> bytes:
+    """The body of ``resp``, refused with :class:`RegistryError` past ``limit`` bytes."""
+    parts, n = [], 0
+    while chunk := resp.read(min(1 << 20, limit + 1 - n)):
+        parts.append(chunk)
+        n += len(chunk)
+        if n > limit:
+            raise RegistryError(
+                f"{what} is larger than {limit >> 10} KiB, far more than any real one: the registry (or something "
+                "between it and here) sends without end. Check the registry address and the image name."
+            )
+    return b"".join(parts)
 
 
 def _registry_errors(body: bytes) -> list[str]:
@@ -102,7 +122,8 @@ class RegistryClient:
             try:
                 return self._opener.open(req, timeout=60)
             except urllib.error.HTTPError as err:
-                err_body = err.read()
+                with err:  # only the start of an error's body is ever shown: read no more
+                    err_body = err.read(MAX_ERROR_BODY)
                 if method in ("GET", "HEAD") and err.code in (301, 302, 303, 307, 308) and err.headers.get("Location"):
                     url = urllib.parse.urljoin(url, err.headers["Location"])
                     continue
@@ -133,7 +154,7 @@ class RegistryClient:
             req.add_header("Authorization", "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode())
         try:
             with self._opener.open(req, timeout=60) as resp:
-                data = json.loads(resp.read())
+                data = json.loads(_read_at_most(resp, MAX_DOCUMENT, f"the token answer of {ref.registry}"))
         except urllib.error.HTTPError as err:
             if err.code in (401, 403):
                 raise self._needs_login(ref, refused=creds is not None) from err
@@ -189,7 +210,7 @@ class RegistryClient:
         try:
             resp, _ = self._open(ref, "tags/list?n=20")
             with resp:
-                tags = json.loads(resp.read()).get("tags") or []
+                tags = json.loads(_read_at_most(resp, MAX_DOCUMENT, f"the tag list of {ref}")).get("tags") or []
         except (RegistryError, ValueError):
             return RegistryError(f"image {ref.registry}/{ref.repository} does not exist; check the name")
         if not tags:
@@ -206,7 +227,7 @@ class RegistryClient:
                 raise self._missing(ref, exc) from exc
             raise
         with resp:
-            raw = resp.read()
+            raw = _read_at_most(resp, MAX_DOCUMENT, f"the manifest of {ref} at {reference}")
             header_digest = resp.headers.get("Docker-Content-Digest")
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
@@ -238,7 +259,7 @@ class RegistryClient:
         """A small blob (an image config), verified against its digest."""
         resp, _ = self._open(ref, f"blobs/{digest}")
         with resp:
-            data = resp.read()
+            data = _read_at_most(resp, MAX_DOCUMENT, f"blob {digest} of {ref} (an image config)")
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise RegistryError(f"{ref}: blob {digest} does not match its digest")
         return bytes(data)
@@ -252,6 +273,11 @@ class RegistryClient:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     h.update(chunk)
                     n += len(chunk)
+                    if size is not None and n > size:  # a blob cannot outgrow its descriptor
+                        raise RegistryError(
+                            f"the registry sent more than the {size} bytes layer {digest} of {ref} has; nothing of "
+                            "it was kept. Check the registry, or the mirror in between."
+                        )
                     out.write(chunk)
         except (http.client.HTTPException, OSError) as exc:
             raise RegistryError(
