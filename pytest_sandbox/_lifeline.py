@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 __all__ = [
     "Channel",
     "Helper",
+    "Reaper",
     "Watchdog",
     "end_processes_using",
     "interpreter",
@@ -149,6 +150,66 @@ class Watchdog:
         """Let it run its script now (we are closing) and wait for it."""
         if self._helper is not None:
             self._helper.release()
+
+
+_REAP = r"""
+import os, sys
+todo = {}
+for line in sys.stdin.buffer:  # "PID START" for each process to kill once the runner is gone
+    pid, start = line.split()
+    todo[int(pid)] = start
+for pid, start in todo.items():
+    try:  # the start time tells the process from a later one that reused its pid
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[19] == start:
+                os.kill(pid, 9)
+    except (OSError, IndexError):
+        pass
+"""
+
+
+class Reaper:
+    """A helper that SIGKILLs the processes it is told of once this process is gone (clean exit or
+    ``kill -9``). For a local sandbox's init: the holder inside is its usual lifeline, but sandbox
+    code can stop the holder, and nothing inside the sandbox can stop this."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._helper: Helper | None = None
+
+    def watch(self, pid: int) -> None:
+        """Kill ``pid`` when we are gone (if it is still the same process then)."""
+        start = start_time(pid)
+        if start is None:
+            return
+        with self._lock:
+            for _ in range(2):
+                if self._helper is None or self._helper.proc.poll() is not None:
+                    self._helper = Helper([_REAP])
+                assert self._helper.proc.stdin is not None
+                try:
+                    self._helper.proc.stdin.write(f"{pid} {start}\n".encode())
+                    self._helper.proc.stdin.flush()
+                    return
+                except OSError:  # it died: a new one (the old list is lost with it)
+                    self._helper = None
+
+    def close(self) -> None:
+        """Stop the helper without killing anything (everything watched was closed)."""
+        with self._lock:
+            if self._helper is not None:
+                self._helper.close()
+                self._helper = None
+
+
+def start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (field 22 of /proc/PID/stat, clock ticks after boot), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2 :].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def on_eof(stream: int, then: Callable[[], None]) -> threading.Thread:

@@ -37,6 +37,10 @@ CLIP_SH = (
 """Shell function ``clip FILE LIMIT`` for the remote backends: the same cut, made where the output
 is, so that at most ``LIMIT`` bytes of a stream travel to the runner."""
 _ORPHAN_LIMIT = 64 << 20  # what the sink drains from a background writer before closing on it
+# Pipes the sink holds at most: a sandbox process that keeps every exec's output pipe open (it
+# can collect them over a Unix socket) would otherwise cost the runner two fds per exec, until
+# it runs out. Past this the oldest are closed: their writers get EPIPE, nothing else changes.
+_MAX_ORPHANS = 256
 _CHUNK = 1 << 16
 
 
@@ -172,12 +176,17 @@ class _Sink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
+        self._dropped: list[int] = []  # taken out of _fds, for the loop to unregister and close
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
 
     def adopt(self, fd: int) -> None:
         with self._lock:
             self._fds[fd] = 0
+            while len(self._fds) > _MAX_ORPHANS:
+                oldest = next(iter(self._fds))
+                del self._fds[oldest]
+                self._dropped.append(oldest)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="sandbox-output-sink")
                 self._thread.start()
@@ -190,6 +199,12 @@ class _Sink:
         registered: set[int] = set()
         while True:
             with self._lock:
+                for fd in self._dropped:
+                    if fd in registered:
+                        poller.unregister(fd)
+                        registered.discard(fd)
+                    os.close(fd)
+                self._dropped.clear()
                 for fd in set(self._fds) - registered:
                     poller.register(fd, select.POLLIN)
                     registered.add(fd)
@@ -205,6 +220,8 @@ class _Sink:
                 except OSError:
                     n = 0
                 with self._lock:
+                    if fd not in self._fds:  # dropped meanwhile: closed at the top of the loop
+                        continue
                     self._fds[fd] += n
                     done = n == 0 or self._fds[fd] > _ORPHAN_LIMIT
                     if done:

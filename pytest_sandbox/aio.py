@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ._offload import offload
 from .backends import open_backend as _open_sync
-from .backends._base import exec_argv
+from .backends._base import exec_argv, exec_env
 from .image import Image
 from .types import (
     DEFAULT_MAX_DOWNLOAD,
@@ -171,7 +171,13 @@ class AsyncSandbox(_Awaited):
         does. Cancelling the awaiting task kills every process the command started, then raises
         ``CancelledError``; processes it left in the background earlier keep running."""
         argv = exec_argv(command)
-        kw: dict[str, Any] = {"cwd": cwd, "env": env, "input": input, "timeout": timeout, "max_output": max_output}
+        kw: dict[str, Any] = {
+            "cwd": cwd,
+            "env": exec_env(env),
+            "input": input,
+            "timeout": timeout,
+            "max_output": max_output,
+        }
         arun = getattr(self.sync, "_arun", None)
         if arun is None:  # a sandbox of another implementation: a thread, not stoppable
             return await self._call(lambda: self.sync.exec(argv, **kw))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import stat
 import sys
@@ -31,6 +32,7 @@ __all__ = [
     "RegistryBase",
     "RootfsBase",
     "Step",
+    "env_items",
     "is_image_ref",
 ]
 
@@ -153,12 +155,23 @@ def _check_abs(path: str, what: str) -> str:
     return path
 
 
-def _env_items(values: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def env_items(values: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``values`` as an environment: names a shell can export (letters, digits and ``_``, not
+    starting with a digit: every backend sets them through one), values as strings without NUL."""
     items = []
     for k, v in values.items():
-        if not k or "=" in k or "\0" in k:
-            raise ConfigError(f"environment variable name {k!r} is not valid")
-        items.append((k, str(v)))
+        if not isinstance(k, str) or not _ENV_NAME.match(k):
+            raise ConfigError(
+                f"environment variable name {k!r} is not valid: use letters, digits and underscores,"
+                " not starting with a digit"
+            )
+        value = str(v)
+        if "\0" in value:
+            raise ConfigError(f"environment variable {k} holds a NUL byte, which no environment can carry")
+        items.append((k, value))
     return tuple(items)
 
 
@@ -338,7 +351,7 @@ class Image:
         args = (command,) if isinstance(command, str) else tuple(command)
         if not args or not all(isinstance(a, str) for a in args):
             raise ConfigError(f"run() takes a command string or a list of strings, got {command!r}")
-        return self._add(Step("run", args, env=_env_items(env or {})))
+        return self._add(Step("run", args, env=env_items(env or {})))
 
     def apt_install(self, *packages: str) -> Image:
         """Install Debian packages with apt-get (needs a Debian or Ubuntu base)."""
@@ -402,7 +415,7 @@ class Image:
         """Set environment variables for later steps and for every command in the sandboxes."""
         if not values:
             raise ConfigError("env() needs at least one NAME=value")
-        return self._add(Step("env", env=_env_items(values)))
+        return self._add(Step("env", env=env_items(values)))
 
     def workdir(self, path: str) -> Image:
         """Set (and create) the directory later steps and sandbox commands start in."""

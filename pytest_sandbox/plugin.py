@@ -19,7 +19,7 @@ import pytest
 
 from ._relay import Relay, append_line
 from .errors import ConfigError, SandboxError, tail
-from .image import Image, is_image_ref
+from .image import Image, env_items, is_image_ref
 from .session import KEEP_CHOICES, SessionManager
 from .types import LIMIT_NAMES, Backend, ExecResult, Limits, LimitStatus, Sandbox, Snapshot, show_limit
 
@@ -213,6 +213,10 @@ def _validate_marker(item: pytest.Item) -> None:
         env = mark.kwargs.get("env", {})
         if not isinstance(env, Mapping) or not all(isinstance(k, str) for k in env):
             raise pytest.UsageError(f"{where}: env= must be a dict of names to values")
+        try:
+            env_items(env)
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{where}: env= {exc}") from None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

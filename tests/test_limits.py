@@ -55,6 +55,23 @@ def test_defaults_bound_every_sandbox() -> None:
     assert DEFAULT_LIMITS.memory_bytes == max(1 << 30, total // 2)
 
 
+def test_rlimit_nproc_leaves_the_runner_its_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    # RLIMIT_NPROC counts all of the user's processes, the runner's too: sandboxes that took the
+    # whole limit would leave the runner unable to start a thread (its next exec, its close).
+    import resource
+
+    from pytest_sandbox.engine import limits as rl
+
+    hard = {resource.RLIMIT_NPROC: 1500, resource.RLIMIT_AS: resource.RLIM_INFINITY}
+    monkeypatch.setattr(rl.resource, "getrlimit", lambda res: (hard[res], hard[res]))
+    argv, status = rl.rlimits_for(Limits(pids=4096, memory="1G"), "/usr/bin/prlimit")
+    assert "--nproc=1125:1125" in argv and f"--as={1 << 30}:{1 << 30}" in argv
+    assert "the rest is the runner's" in status["pids"].how
+    assert rl.rlimit_values(Limits(pids=100)) == [(resource.RLIMIT_NPROC, 100)]  # below the share: as asked
+    hard[resource.RLIMIT_NPROC] = 100  # a tiny limit: the runner keeps 64 at least
+    assert rl.rlimit_values(Limits(pids=4096)) == [(resource.RLIMIT_NPROC, 36)]
+
+
 # -- the local engine --------------------------------------------------------------------------
 def test_sb_limits_say_how_each_limit_is_held(backend: LocalBackend, host: Snapshot) -> None:
     with warnings.catch_warnings(record=True):

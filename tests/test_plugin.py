@@ -267,6 +267,14 @@ def test_bad_marker_and_options_are_usage_errors(pytester: pytest.Pytester, run)
     )
     assert run("--sandbox-keep=sometimes").ret == pytest.ExitCode.USAGE_ERROR
     assert run("--sandbox-backend=vm").ret == pytest.ExitCode.USAGE_ERROR
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.sandbox(env={"JAVA-HOME": "/opt/jdk"})
+        def test_env(sandbox): pass
+        """)
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_env*env= environment variable name 'JAVA-HOME' is not valid*"])
 
 
 def test_unknown_image_name_fails_the_test_clearly(pytester: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.error
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Image, SandboxFileError, Snapshot
+from pytest_sandbox import ConfigError, Image, Limits, SandboxError, SandboxFileError, Snapshot
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import rmtree
 from tests.conftest import run_py, wait_for
@@ -195,6 +196,57 @@ def test_root_inside_is_not_root_on_the_host(backend: LocalBackend, base: Snapsh
                     assert owner == os.geteuid()
 
 
+WATCH_ENTRIES = r"""
+import os, sys, time
+me, seen, end = os.getpid(), set(), time.time() + float(sys.argv[1])
+while time.time() < end and not os.path.exists("/tmp/stop"):
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) != me:
+            try:
+                uid = open(f"/proc/{p}/status").read().split("Uid:")[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if uid != "0":  # a host id not mapped inside (host root shows as the overflow id)
+                seen.add(uid)
+open("/tmp/seen", "w").write(" ".join(sorted(seen)))
+"""
+
+
+def test_a_command_entering_the_sandbox_never_shows_a_host_identity_inside(
+    backend: LocalBackend, host: Snapshot
+) -> None:
+    # As root, nsenter is started as host root. Were it to fork into the sandbox's pid namespace
+    # before dropping to root *inside*, sandbox code could see it there, still host uid 0, and
+    # ptrace it (its user namespace is the sandbox's already): host root, from inside. Every
+    # process that ever appears inside must already be root inside (uid 0 there).
+    with backend.create(host) as sb:
+        sb.fs.write("/tmp/watch.py", WATCH_ENTRIES)
+        sb.exec("python3 /tmp/watch.py 60 >/dev/null 2>&1 &").check()
+        for _ in range(300):
+            sb.exec(["/bin/true"]).check()
+        sb.exec("touch /tmp/stop").check()
+        wait_for(lambda: sb.fs.exists("/tmp/seen"), timeout=10)
+        assert sb.fs.read_text("/tmp/seen") == "", "a process inside ran as an unmapped (host) user"
+        if ROOT:  # and by construction: the user namespace is entered (and root taken) in a stage of its own
+            argv = sb.nsenter_argv(["true"])
+            first = argv.index(backend.host.nsenter)
+            assert argv[first : argv.index("--", first)] == [backend.host.nsenter, "-t", str(sb.pid), "-U"]
+
+
+def test_the_sandboxs_init_and_holder_are_under_its_limits(backend: LocalBackend, host: Snapshot) -> None:
+    # bwrap starts pid 1 (its init) and pid 2 (the holder) from the runner. Sandbox code may
+    # ptrace them, as its own processes: were they outside the sandbox's cgroup (or, rootless,
+    # its rlimits), a child forced out of either would fork and allocate past every limit.
+    limits = Limits(pids=64, memory="512M")
+    with backend.create(host, limits=limits) as sb:
+        view = 'for p in 1 2 self; do echo "$(cat /proc/$p/cgroup | sort | tr "\\n" " ")'
+        view += '$(grep -E "^Max (processes|address space)" /proc/$p/limits | tr -s " " | tr "\\n" " ")"; done'
+        lines = sb.exec(view).check().stdout.splitlines()
+        assert len(lines) == 3 and lines[0] == lines[2] and lines[1] == lines[2], lines
+        enforced = {name for name, status in sb.limits.items() if status.enforced}
+        assert {"pids", "memory"} <= enforced, sb.limits
+
+
 # -- 3. capabilities and syscalls ------------------------------------------------------------
 @pytest.mark.parametrize(
     "command",
@@ -280,6 +332,34 @@ def test_no_descriptor_of_the_runner_leaks_inside(backend: LocalBackend, base: S
     assert not leaks, leaks
     targets = {line.split(" ", 1)[1] for line in listing.splitlines() if " " in line}
     assert not [t for t in targets if t.startswith("/") and not t.startswith(("/dev/", "/proc/", "/memfd:"))], targets
+
+
+def test_the_sandbox_environment_never_reaches_a_host_program(
+    backend: LocalBackend, base: Snapshot, tmp_path: Path
+) -> None:
+    # A sandbox's environment comes from recipes, callers and pulled or imported records (which
+    # a registry controls). Were it the environment of the host's prlimit or nsenter, their loader
+    # would act on it on the host: LD_PRELOAD of a library a pulled layer put in the store runs
+    # host code. LD_DEBUG_OUTPUT shows the same without a compiler: the loader of any program
+    # that sees it writes a log file there, and tmp_path exists on the host only.
+    log = tmp_path / "ld"
+    env = {"LD_DEBUG": "files", "LD_DEBUG_OUTPUT": str(log)}
+    with backend.create(base, env=env) as sb:
+        seen = sb.exec(["/bin/sh", "-c", 'echo "$LD_DEBUG $LD_DEBUG_OUTPUT $MORE"'], env={"MORE": "x y"}).check()
+        # The command itself still gets all of it (its own loader logs to stdout: no such file inside).
+        assert f"files {log} x y" in seen.stdout.splitlines()
+        sb.exec("true", env={"LD_PRELOAD": str(log)}).check()
+    assert list(tmp_path.iterdir()) == [], "a host program ran with the sandbox's environment"
+
+
+@pytest.mark.parametrize("name", ["a.b", "1ST", "A B", "A-B", ""])
+def test_environment_names_a_shell_cannot_set_are_refused(backend: LocalBackend, host: Snapshot, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"environment variable name .* is not valid"):
+        Image.host().env(**{name: "1"})
+    with pytest.raises(ConfigError, match=r"environment variable name .* is not valid"):
+        backend.create(host, env={name: "1"})
+    with backend.create(host) as sb, pytest.raises(ConfigError, match="is not valid"):
+        sb.exec("true", env={name: "1"})
 
 
 def test_host_processes_are_invisible(backend: LocalBackend, base: Snapshot) -> None:
@@ -497,6 +577,44 @@ def test_download_never_writes_through_a_host_symlink(backend: LocalBackend, hos
         assert not (dest / "link2").is_symlink() and (dest / "link2").read_text() == "x\n"
 
 
+def test_fs_never_reads_or_writes_kernel_files_for_the_sandbox(backend: LocalBackend, base: Snapshot) -> None:
+    # The runner may be host root: through a symlink the sandbox made, a read of /proc/kallsyms
+    # gave the real kernel addresses (the sandbox itself sees zeros), /proc/kmsg consumed the
+    # host's log, and a write chmod-ed a /proc file the sandbox may not touch.
+    with backend.create(base) as sb:
+        sb.exec(
+            "ln -s /proc/kallsyms /tmp/syms; ln -s /proc/kmsg /tmp/kmsg; ln -s /proc/slabinfo /tmp/slab;"
+            " ln -s /proc /tmp/procdir; ln -s /sys/kernel /tmp/sysdir"
+        ).check()
+        mode_before = sb.exec("stat -L -c %a /tmp/slab").stdout
+        for path in ("/tmp/syms", "/tmp/kmsg", "/tmp/slab", "/proc/1/status"):
+            with pytest.raises(SandboxFileError, match="kernel's proc filesystem"):
+                sb.fs.read(path)
+        # (rootless, the kernel refuses the open itself: the runner has the sandbox's rights there)
+        with pytest.raises(SandboxFileError, match="kernel's proc filesystem" if ROOT else "kernel's proc|denied"):
+            sb.fs.write("/tmp/slab", "")
+        assert sb.exec("stat -L -c %a /tmp/slab").stdout == mode_before
+        for path, kind in (("/tmp/procdir", "proc"), ("/tmp/sysdir", "sysfs")):
+            with pytest.raises(SandboxFileError, match=f"kernel's {kind} filesystem"):
+                sb.fs.download(path, tempfile.mkdtemp())
+        assert sb.fs.read("/etc/hostname")  # ordinary files still read
+
+
+@pytest.mark.skipif(not ROOT, reason="rootless, the runner's ids are the sandbox root's: it reads nothing more")
+def test_fs_reads_only_what_root_inside_may_read(backend: LocalBackend, host: Snapshot, tmp_path: Path) -> None:
+    # The host base shows the host's /etc, where root inside is not the files' owner: it cannot
+    # read /etc/shadow. The runner, as host root, must not read it for the sandbox either.
+    assert (Path("/etc/shadow").stat().st_mode & 0o004) == 0, "this test needs a private /etc/shadow"
+    with backend.create(host) as sb:
+        assert sb.exec("cat /etc/shadow").exit_code != 0
+        sb.exec("ln -s /etc/shadow /tmp/s").check()
+        for path in ("/etc/shadow", "/tmp/s"):
+            with pytest.raises(SandboxFileError, match="root inside the sandbox may not read it"):
+                sb.fs.read(path)
+        sb.fs.download("/etc", tmp_path / "etc")  # a tree leaves out what the sandbox cannot read
+        assert (tmp_path / "etc" / "passwd").is_file() and not (tmp_path / "etc" / "shadow").exists()
+
+
 def test_download_drops_setuid_and_setgid_bits(backend: LocalBackend, host: Snapshot, tmp_path: Path) -> None:
     # A setuid copy of a shell downloaded as root is a root shell for whoever can reach it.
     with backend.create(host) as sb:
@@ -563,6 +681,120 @@ def test_background_writer_does_not_hang_exec(backend: LocalBackend, host: Snaps
         assert "done" in r.stdout
         again = sb.exec("echo again", timeout=30)
         assert again.stdout == "again\n", again.output[:200]
+
+
+COLLECT_PIPES = r"""
+import array, os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/tmp/collect.sock")
+if os.fork():
+    os._exit(0)
+os.setsid()
+kept = []
+while True:  # every exec's stdout and stderr, held open for ever
+    fds = array.array("i")
+    _, anc, _, _ = s.recvmsg(16, socket.CMSG_LEN(8))
+    for _, _, data in anc:
+        fds.frombytes(data[: len(data) - len(data) % 4])
+    kept += list(fds)
+"""
+SEND_PIPES = (
+    "import array, socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendmsg([b'x'],"
+    " [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(array.array('i', [1, 2])))], 0, '/tmp/collect.sock')"
+)
+
+
+def test_output_pipes_kept_open_inside_cost_the_runner_a_bounded_number_of_fds(
+    backend: LocalBackend, host: Snapshot
+) -> None:
+    # Each exec's output pipes stay open while something inside holds them, and the runner
+    # drains them so that writer never blocks. A sandbox process collecting every exec's pipes
+    # would cost the runner two fds per exec, until it could open nothing (EMFILE).
+    with backend.create(host) as sb:
+        sb.fs.write("/tmp/collect.py", COLLECT_PIPES)
+        sb.exec("python3 /tmp/collect.py </dev/null >/dev/null 2>&1; sleep 0.3").check()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(300):
+            sb.exec(["python3", "-c", SEND_PIPES]).check()
+        grew = len(os.listdir("/proc/self/fd")) - before
+        assert grew <= 256 + 16, f"the runner holds {grew} more fds after 300 execs"
+        assert sb.exec("echo alive").stdout == "alive\n"
+
+
+def test_a_command_too_large_to_start_is_a_sandbox_error(backend: LocalBackend, host: Snapshot) -> None:
+    # Hostile or generated input can make an argv the kernel refuses: a SandboxError that says
+    # what to do, not an OSError from the runner's plumbing; the sandbox goes on.
+    with backend.create(host) as sb:
+        with pytest.raises(SandboxError, match="more than the kernel takes"):
+            sb.exec(["echo", "x" * (3 << 20)])
+        assert sb.exec("echo ok").stdout == "ok\n"
+
+
+def test_a_command_that_stops_itself_does_not_hang_close(host: Snapshot, cache_dir: Path) -> None:
+    # `kill -STOP $$` stops the command's first shell, and the host's nsenter, which passes a
+    # child's stop on to itself, with it: it never reaps the shell, so the sandbox's pid namespace
+    # could never die, and close(), the backend's close and the process's exit waited forever.
+    # close() must end the running command (its caller gets SandboxClosedError) and everything
+    # after it must finish. In a child process, so a regression is a bounded failure.
+    code = f"""
+        import threading, time
+        from pytest_sandbox.backends.local import LocalBackend
+        outcome = []
+        with LocalBackend() as b:
+            sb = b.create(b.get_snapshot({host.key!r}))
+
+            def run():
+                try:
+                    sb.exec("kill -STOP $$; echo resumed")
+                    outcome.append("returned")
+                except Exception as exc:
+                    outcome.append(type(exc).__name__)
+
+            t = threading.Thread(target=run)
+            t.start()
+            time.sleep(0.5)
+            sb.close()
+            t.join(20)
+            print("EXEC", outcome or ["still running"], flush=True)
+        print("BACKEND CLOSED", flush=True)
+        """
+    try:
+        out = run_py(code, cache_dir, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("closing a sandbox whose command stopped itself hung")
+    assert "EXEC ['SandboxClosedError']" in out.stdout and "BACKEND CLOSED" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_sandbox_dies_with_its_runner_even_with_its_lifeline_stopped(host: Snapshot, cache_dir: Path) -> None:
+    # The holder inside (pid 2) ends the sandbox when the runner's pipe closes, but sandbox code
+    # can stop it; and a command that stopped itself keeps the host's nsenter from reaping it.
+    # After the runner's kill -9, neither may keep the sandbox (or a process in it) alive.
+    token = f"{secrets.randbelow(10**6):06d}"
+    code = f"""
+        import threading, time
+        from pytest_sandbox.backends.local import LocalBackend
+        b = LocalBackend()
+        sb = b.create(b.get_snapshot({host.key!r}))
+        sb.exec("kill -STOP 2; (setsid sleep 5000.{token} >/dev/null 2>&1 &)").check()
+        threading.Thread(target=sb.exec, args=("kill -STOP $$",), daemon=True).start()
+        time.sleep(0.5)
+        print("READY", sb.pid, flush=True)
+        time.sleep(600)
+        """
+    env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("READY"), line
+        init = int(line.split()[1])
+    finally:
+        child.kill()
+        child.wait()
+    leftover = [b"sleep", f"5000.{token}".encode()]
+    wait_for(lambda: not os.path.exists(f"/proc/{init}") and not host_pids_with_cmdline(leftover), 20)
+    assert not os.path.exists(f"/proc/{init}"), "the sandbox outlived its runner"
+    assert not host_pids_with_cmdline(leftover), "a process of the sandbox outlived its runner"
 
 
 # -- 7. the cache directory ------------------------------------------------------------------

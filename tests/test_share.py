@@ -388,20 +388,27 @@ def test_an_unreachable_cache_falls_back_to_building_said_once(backend: LocalBac
     assert len(said) == 1 and "cannot be used" in said[0] and "building instead" in said[0], lines
 
 
-def test_manifest_annotations_are_checked(pushed: tuple[str, Snapshot], machine_b: LocalBackend) -> None:
-    """A registry that serves a record with a relative workdir (or worse) is refused."""
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [("workdir", "../../etc", "e" * 64), ("env", [["LD_PRELOAD", "/x.so"], ["NOT A NAME", "1"]], "d" * 64)],
+)
+def test_manifest_annotations_are_checked(
+    pushed: tuple[str, Snapshot], machine_b: LocalBackend, field: str, value: object, key: str
+) -> None:
+    """A registry that serves a record with a relative workdir, or an environment no shell could
+    set, is refused."""
     repo, snap = pushed
     ref = Reference.parse(repo)
     client = RegistryClient()
     _, _, raw = client.manifest(ref, snap.key)
     doc = json.loads(raw)
     record = json.loads(doc["annotations"]["org.pytest-sandbox.snapshot"])
-    record["workdir"] = "../../etc"
+    record[field] = value
     doc["annotations"]["org.pytest-sandbox.snapshot"] = json.dumps(record)
-    doc["annotations"]["org.pytest-sandbox.key"] = "e" * 64
-    client.put_manifest(ref, "e" * 64, json.dumps(doc).encode(), doc["mediaType"])
-    with pytest.raises(ConfigError, match="workdir annotation is malformed"):
-        machine_b.pull(f"{repo}:{'e' * 64}")
+    doc["annotations"]["org.pytest-sandbox.key"] = key
+    client.put_manifest(ref, key, json.dumps(doc).encode(), doc["mediaType"])
+    with pytest.raises(ConfigError, match=f"{field} annotation is malformed"):
+        machine_b.pull(f"{repo}:{key}")
     assert leftovers(machine_b) == []
 
 

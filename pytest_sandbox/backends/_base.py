@@ -34,7 +34,7 @@ from ..errors import (
     SandboxError,
     SandboxFileError,
 )
-from ..image import Image, Service
+from ..image import Image, Service, env_items
 from ..store import Store
 from ..types import LABEL, Backend, ExecResult, FileInfo, LogCallback, Sandbox, ServiceStatus, Snapshot
 
@@ -55,6 +55,7 @@ __all__ = [
     "stat_info",
     "SandboxBase",
     "exec_argv",
+    "exec_env",
     "exec_result",
     "extract_tar",
     "file_error",
@@ -105,6 +106,11 @@ def resolve_snapshot(backend: Backend, what: Snapshot | Image | str) -> Snapshot
     if what.backend != backend.name:
         raise ConfigError(f"snapshot {what.short} belongs to the {what.backend} backend")
     return what
+
+
+def exec_env(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``exec()``'s ``env``, checked (:func:`~pytest_sandbox.image.env_items`)."""
+    return dict(env_items(env)) if env else None
 
 
 def exec_argv(command: str | Sequence[str]) -> list[str]:
@@ -370,7 +376,9 @@ class SandboxBase(Sandbox):
         At most ``max_output`` bytes (default 16 MiB) of stdout, and of stderr, are kept: the
         first and last halves, with a marker between them, and ``truncated`` set.
         """
-        return self._run(exec_argv(command), cwd=cwd, env=env, input=input, timeout=timeout, max_output=max_output)
+        return self._run(
+            exec_argv(command), cwd=cwd, env=exec_env(env), input=input, timeout=timeout, max_output=max_output
+        )
 
 
 def check_port(port: object, protocol: object = "tcp") -> None:

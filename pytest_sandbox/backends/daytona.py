@@ -38,7 +38,7 @@ from ..errors import (
     SandboxError,
     SnapshotBuildError,
 )
-from ..image import DebianBase, HostBase, Image, RegistryBase, Step
+from ..image import DebianBase, HostBase, Image, RegistryBase, Step, env_items
 from ..store import Store, match_snapshot, new_id, write_atomic
 from ..types import (
     DEFAULT_LIMITS,
@@ -417,7 +417,7 @@ class DaytonaBackend(RemoteBackend):
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         wanted = self.asked if limits is None else limits.over(self.asked)
-        return DaytonaSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
+        return DaytonaSandbox(self, snapshot, network=network, env=dict(env_items(env or {})), limits=wanted)
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """Daytona does not tell a snapshot's size through its API."""

@@ -34,7 +34,7 @@ from ..errors import (
     SnapshotBuildError,
     say_once,
 )
-from ..image import DebianBase, Image, RegistryBase, RootfsBase, Step
+from ..image import DebianBase, Image, RegistryBase, RootfsBase, Step, env_items
 from ..store import Store, match_snapshot, new_id, rmtree
 from ..types import (
     DEFAULT_LIMITS,
@@ -439,7 +439,7 @@ class DockerBackend(RemoteBackend):
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         wanted = self.limits if limits is None else limits.over(self.limits)
-        sb = DockerSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
+        sb = DockerSandbox(self, snapshot, network=network, env=dict(env_items(env or {})), limits=wanted)
         with self._lock:
             self._live.add(sb)
         return sb

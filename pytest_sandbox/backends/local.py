@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import resource
 import select
+import shlex
 import subprocess
 import threading
 import weakref
@@ -29,21 +31,22 @@ from pathlib import Path
 
 from .. import _proc
 from .._build import BUILD_CA_PATH, build_env, build_recipe, run_step
+from .._lifeline import Reaper
 from ..engine import layers as _layers
 from ..engine import pause as _pause
 from ..engine.bases import Bases
 from ..engine.cgroups import Cgroup
 from ..engine.disk import Disk
 from ..engine.expose import Exposure, Forwarder, SocketMaker
-from ..engine.host import DEFAULT_ENV, HOLDER, Host, UserNamespace
+from ..engine.host import DEFAULT_ENV, HOLDER, HOST_ENV, Host, UserNamespace
 from ..engine.ids import IdMap
-from ..engine.limits import rlimits_for
+from ..engine.limits import apply_to_running, rlimits_for
 from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
 from ..engine.share import Shares
 from ..engine.spawn import Confined, Spawner
 from ..errors import SandboxClosedError, SandboxError, ServiceError, say_once
-from ..image import Image, Step
+from ..image import Image, Step, env_items
 from ..store import Store, disk_usage, format_size, new_id, rmtree
 from ..types import DEFAULT_LIMITS, ExecResult, Limits, LimitStatus, LogCallback, Snapshot, Usage
 from ._base import (
@@ -83,6 +86,7 @@ class LocalBackend(BackendBase):
         self._ephemeral: list[str] = []
         self._closed = False
         self._forwarder = Forwarder()
+        self._reaper = Reaper()  # kills every sandbox's init once we are gone, however we go
         self._maker: SocketMaker | None = None
         # A snapshot whose services failed fails every later create() at once, not after a wait.
         self._service_failures: dict[str, ServiceError] = {}
@@ -310,9 +314,9 @@ class LocalBackend(BackendBase):
         pooled = not network and wanted == self.limits and not (env and snapshot.services)
         sb = self._pool.take(snapshot) if pooled else None
         if sb is None:
-            sb = LocalSandbox(self, snapshot, network=network, env=dict(env or {}), limits=wanted)
+            sb = LocalSandbox(self, snapshot, network=network, env=dict(env_items(env or {})), limits=wanted)
         else:
-            sb._set_env(dict(env or {}))
+            sb._set_env(dict(env_items(env or {})))
         with self._lock:
             self._live.add(sb)
         return sb
@@ -328,6 +332,7 @@ class LocalBackend(BackendBase):
         for sb in list(self._live):
             sb.close()
         self._forwarder.close()
+        self._reaper.close()
         if self._maker is not None:
             self._maker.close()
         if self._ephemeral:
@@ -338,6 +343,15 @@ class LocalBackend(BackendBase):
         self.host.close()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
+
+
+def _why(exc: OSError) -> str:
+    """What a command that could not be started should do about it."""
+    if exc.errno == errno.E2BIG or "too long" in str(exc):
+        return "its arguments and environment are more than the kernel takes (about 2 MiB); pass data with input="
+    if exc.errno in (errno.EAGAIN, errno.EMFILE, errno.ENFILE) or "limit" in str(exc):
+        return f"{exc}; the sandbox (or this user) is out of processes or files: close some, or raise Limits(pids=)"
+    return f"{exc}; create a new sandbox"
 
 
 def _drop_slot(slot: tuple[Cgroup, Confined]) -> None:
@@ -364,6 +378,7 @@ class LocalSandbox(SandboxBase):
         self._extra_env = env
         self._env = {**DEFAULT_ENV, **dict(snapshot.env), **env}
         self._closed = False
+        self._running: set[_proc.Cancel] = set()
         self._fs: SafeFS | None = None
         self._exposed: dict[int, Exposure] = {}
         store = backend.store
@@ -537,6 +552,9 @@ class LocalSandbox(SandboxBase):
             os.close(err)
             if seccomp >= 0:
                 os.close(seccomp)
+        # bwrap started the init and the holder outside the sandbox's limits
+        apply_to_running(self.pid, self._limits, self._cgroup, rlimits=bool(self._prlimit))
+        b._reaper.watch(self.pid)
 
     # -- context -----------------------------------------------------------------------------
 
@@ -559,18 +577,13 @@ class LocalSandbox(SandboxBase):
             raise SandboxClosedError(f"sandbox {self.id} died (its init exited); create a new one")
 
     # -- commands ----------------------------------------------------------------------------
-    def nsenter_argv(self, argv: Sequence[str], cwd: str | None = None) -> list[str]:
-        """The host command line that runs ``argv`` inside this sandbox."""
-        if cwd is not None:
-            argv = ["/bin/sh", "-c", 'cd -- "$1" || exit 125; shift; exec "$@"', "sh", cwd, *argv]
-        # A networked sandbox shares the host's network namespace, which we are already in (and
-        # which an unprivileged user may not setns() into).
-        net = [] if self.network else ["-n"]
-        # Rootless keeps the caller's ids (root inside); root drops to root *inside*, which is an
-        # unprivileged host uid (nsenter's default: setuid(0) in the sandbox's user namespace).
-        creds = ["--preserve-credentials"] if self.backend.ids is None else []
-        ns = ["-U", *creds, "-m", "-u", "-i", *net, "-p", "-r", "-w"]
-        return [*self._prlimit, self.backend.host.nsenter, "-t", str(self.pid), *ns, "--", *argv]
+    def nsenter_argv(
+        self, argv: Sequence[str], cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """The host command line that runs ``argv`` inside this sandbox, in ``cwd``, with this
+        sandbox's environment and ``env`` over it (see :meth:`Host.enter_argv`)."""
+        env = {**self._env, **(env or {})}
+        return self.backend.host.enter_argv(self.pid, argv, cwd=cwd, env=env, network=self.network, via=self._prlimit)
 
     def _run(
         self,
@@ -587,18 +600,36 @@ class LocalSandbox(SandboxBase):
         self._check_open()
         if isinstance(input, str):
             input = input.encode()
-        full_env = {**self._env, **(env or {})}
         ooms = self._cgroup.oom_kills() if self._cgroup is not None else 0
-        res = _proc.run(
-            self.nsenter_argv(argv, cwd),
-            env=full_env,
-            input=input,
-            timeout=timeout,
-            on_line=on_line,
-            max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
-            spawner=self._spawner(),  # filtered like the sandbox's init, and in its cgroup
-            cancel=cancel,
-        )
+        # close() stops every running command: a host-side nsenter whose child stopped itself
+        # (kill -STOP $$) never reaps it, and the pid namespace cannot die until someone does.
+        own = cancel is None
+        stop = _proc.Cancel() if cancel is None else cancel
+        with self.backend._lock:
+            self._running.add(stop)
+        try:
+            self._check_open()  # a close() between the first check and the registration
+            res = _proc.run(
+                self.nsenter_argv(argv, cwd, env),
+                env=HOST_ENV,
+                input=input,
+                timeout=timeout,
+                on_line=on_line,
+                max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
+                spawner=self._spawner(),  # filtered like the sandbox's init, and in its cgroup
+                cancel=stop,
+            )
+        except OSError as exc:  # not started at all: argv too long, no process or fd to be had
+            raise SandboxError(f"could not start {argv[0]!r} in sandbox {self.id}: {_why(exc)}") from exc
+        finally:
+            with self.backend._lock:
+                self._running.discard(stop)
+            if own:
+                stop.close()
+        if stop.is_set() and self._closed:
+            raise SandboxClosedError(
+                f"sandbox {self.id} was closed while `{shlex.join(argv)}` ran; its processes were killed"
+            )
         oom = res.returncode == 137 and self._cgroup is not None and self._cgroup.oom_kills() > ooms
         return exec_result(
             self.history,
@@ -619,7 +650,7 @@ class LocalSandbox(SandboxBase):
         ``pytest-sandbox shell``) and return its exit code. Filtered like every exec; it runs in a
         session of its own, so it cannot push input into the caller's terminal (no job control)."""
         self._check_open()
-        child = self._spawner().spawn(self.nsenter_argv(argv or LOGIN_SHELL), {**self._env, **(env or {})}, 0, 1, 2)
+        child = self._spawner().spawn(self.nsenter_argv(argv or LOGIN_SHELL, env=env), dict(HOST_ENV), 0, 1, 2)
         code = child.wait()
         return 128 - code if code < 0 else code
 
@@ -732,6 +763,10 @@ class LocalSandbox(SandboxBase):
         if self._closed:
             return
         self._closed = True
+        with self.backend._lock:
+            running = list(self._running)
+        for stop in running:
+            stop.set()
         for exp in list(self._exposed.values()):
             with contextlib.suppress(Exception):
                 exp.close()

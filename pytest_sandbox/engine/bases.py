@@ -15,7 +15,7 @@ from typing import Any
 
 from .._build import host_ca_bundle, mmdebstrap_tar
 from ..errors import ConfigError, RegistryError, SnapshotBuildError
-from ..image import DebianBase, HostBase, Image, RegistryBase
+from ..image import DebianBase, HostBase, Image, RegistryBase, env_items
 from ..oci import Reference, RegistryClient
 from ..store import Store, rmtree, write_atomic
 from ..types import LogCallback, Snapshot
@@ -163,7 +163,10 @@ class Bases:
                 for i, layer in enumerate(manifest.get("layers") or []):
                     diff_id = str(diff_ids[i]) if len(diff_ids) == len(manifest["layers"]) else None
                     layers.append(fetch_layer(self.store, self.ids, fetch, layer, diff_id, tmp, str(ref), log))
-                env = tuple(tuple(e.split("=", 1)) for e in config.get("Env") or () if "=" in e)
+                try:
+                    env = env_items(dict(e.split("=", 1) for e in config.get("Env") or () if "=" in e))
+                except ConfigError as exc:
+                    raise ConfigError(f"{ref}: {exc}; the image's config sets it") from None
                 snap = Snapshot(
                     key=key,
                     backend=self.backend_name,

@@ -193,6 +193,12 @@ class Cgroup:
         """The ``cgroup.procs`` files a process joins by writing its pid to them."""
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
+    def adopt(self, pids: list[int]) -> None:
+        """Move ``pids`` (processes not born in the cgroup: the sandbox's init and holder) into it."""
+        for f in self.procs:
+            for pid in pids:
+                _write(Path(f), str(pid))
+
     def apply(self, limits: Limits) -> dict[str, LimitStatus]:
         """Set ``limits``; returns how each is held. A limit whose controller this cgroup lacks
         (v2 without it delegated or enabled, v1 without it mounted) is left out: the caller

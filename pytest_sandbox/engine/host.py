@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .._build import host_ca_bundle
@@ -24,13 +24,34 @@ from .disk import Disks
 from .ids import IdMap, root_map
 from .spawn import Spawner
 
-__all__ = ["DEFAULT_ENV", "HOLDER", "Host", "MOUNT_POINT", "UserNamespace", "kernel_view_args", "preflight"]
+__all__ = [
+    "DEFAULT_ENV",
+    "ENTER_SH",
+    "HOLDER",
+    "HOST_ENV",
+    "Host",
+    "MOUNT_POINT",
+    "UserNamespace",
+    "kernel_view_args",
+    "preflight",
+]
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
     "LANG": "C.UTF-8",
 }
+# The whole environment of the host's own commands that enter a sandbox (prlimit, nsenter): a
+# sandbox's environment must never reach a host program, whose loader would act on LD_PRELOAD,
+# GLIBC_TUNABLES or GCONV_PATH before any namespace is entered.
+HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+# Run by the sandbox's /bin/sh as ``sh -c ENTER_SH sh CWD NAME VALUE ... -- ARGV``: enters CWD
+# (none when empty), exports each NAME=VALUE, then becomes ARGV. Only positional parameters are
+# used, so no name the caller exports can change what the script does.
+ENTER_SH = (
+    '[ -z "$1" ] || cd -- "$1" || exit 125; unset OLDPWD; shift; '
+    'while [ "$1" != -- ]; do export "$1=$2"; shift 2; done; shift; exec "$@"'
+)
 # The kernel takes all lower layers in one option string of at most a page; past these limits a
 # new snapshot squashes its non-base layers into one (see ENGINE-NOTES).
 MAX_LAYERS = 100
@@ -270,6 +291,31 @@ class Host:
             write_atomic(ca, Path(self.ca_launch).read_text())
             os.chmod(ca, 0o644)
             self.ca_launch = self.launch_path(ca)
+
+    def enter_argv(
+        self, pid: int, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str], network: bool, via: list[str]
+    ) -> list[str]:
+        """The host command line that runs ``argv`` in the sandbox whose init is ``pid``, in
+        ``cwd``, with exactly ``env``, started through ``via`` (a ``prlimit`` command line, or
+        nothing). Run it with :data:`HOST_ENV`.
+
+        The environment travels as arguments of the sandbox's ``/bin/sh`` (which its holder needs
+        anyway), never as the environment of the host's ``prlimit`` and ``nsenter``: their dynamic
+        loader would honour ``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``GLIBC_TUNABLES`` and the like on
+        the host, before any namespace is entered."""
+        # A networked sandbox shares the host's network namespace, which we are already in (and
+        # which an unprivileged user may not setns() into).
+        ns = ["-m", "-u", "-i", *([] if network else ["-n"]), "-p", "-C", "-r", "-w"]
+        pairs = [x for kv in env.items() for x in kv]
+        inner = ["/bin/sh", "-c", ENTER_SH, "sh", cwd or "", *pairs, "--", *argv]
+        target = [self.nsenter, "-t", str(pid)]
+        if self.ids is None:  # rootless: the caller's ids, which are root inside
+            return [*via, *target, "-U", "--preserve-credentials", *ns, "--", *inner]
+        # Root drops to root *inside* (an unprivileged host uid) before entering anything else.
+        # One nsenter would enter every namespace, fork into the pid namespace and only then
+        # setuid: until then its child is visible inside, still host uid 0, and the sandbox's
+        # CAP_SYS_PTRACE reaches it (its user namespace is the sandbox's already).
+        return [*via, *target, "-U", "--", *target, *ns, "--", *inner]
 
     def bwrap_launcher(self) -> list[str]:
         """The command line that starts bwrap the way every sandbox is started.

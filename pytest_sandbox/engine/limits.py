@@ -9,11 +9,45 @@ it fails with ENOMEM instead of the sandbox being OOM-killed). CPU time and disk
 
 from __future__ import annotations
 
+import contextlib
 import resource
+from pathlib import Path
+from typing import Protocol
 
 from ..types import Limits, LimitStatus
 
-__all__ = ["rlimits_for"]
+
+class _Adopting(Protocol):
+    def adopt(self, pids: list[int]) -> None: ...
+
+
+__all__ = ["apply_to_running", "rlimit_values", "rlimits_for"]
+
+
+def rlimit_values(limits: Limits) -> list[tuple[int, int]]:
+    """The ``(resource, value)`` pairs :func:`rlimits_for` sets, for processes already running."""
+    pairs = []
+    if limits.pids is not None:
+        pairs.append((resource.RLIMIT_NPROC, _capped(resource.RLIMIT_NPROC, limits.pids)[0]))
+    if limits.memory_bytes is not None:
+        pairs.append((resource.RLIMIT_AS, _capped(resource.RLIMIT_AS, limits.memory_bytes)[0]))
+    return pairs
+
+
+def apply_to_running(init: int, limits: Limits, cgroup: _Adopting | None, rlimits: bool) -> None:
+    """Put a sandbox's init (``init``) and its holder, the only processes it has at start, under
+    its limits: its ``cgroup``, else (``rlimits``) the rlimits its commands get. bwrap starts them
+    from the runner, outside both, and sandbox code can ptrace them (they are its own processes):
+    a child forced out of either would fork and allocate past every limit."""
+    pids = [init]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{init}/task/{init}/children").read_text().split()]
+    if cgroup is not None:
+        cgroup.adopt(pids)
+    elif rlimits:
+        for pid in pids:
+            for res, value in rlimit_values(limits):
+                resource.prlimit(pid, res, (value, value))
 
 
 def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[str, LimitStatus]]:
@@ -39,8 +73,18 @@ def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[st
 
 def _capped(res: int, value: int) -> tuple[int, str]:
     """``value``, or the hard limit this process already runs under when that is lower: an
-    unprivileged process cannot raise it, and a lower outer limit holds anyway."""
+    unprivileged process cannot raise it, and a lower outer limit holds anyway.
+
+    ``RLIMIT_NPROC`` counts the user's processes, the runner's included: sandboxes that used up
+    the user's limit would leave the runner unable to start a thread or a command (its next
+    exec, its close). They get at most three quarters of it, the runner keeps the rest."""
     hard = resource.getrlimit(res)[1]
-    if hard != resource.RLIM_INFINITY and hard < value:
+    if hard == resource.RLIM_INFINITY:
+        return value, ""
+    if res == resource.RLIMIT_NPROC:
+        share = hard - max(64, hard // 4)
+        if share < value:
+            return max(share, 1), f", capped at {max(share, 1)}: the user's limit is {hard}, the rest is the runner's"
+    elif hard < value:
         return hard, f", capped at the {hard} this process already has"
     return value, ""

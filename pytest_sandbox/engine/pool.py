@@ -87,7 +87,12 @@ class WarmPool(Generic[S]):
             sb.close()
             sb = None
         for t in threads:
-            t.start()
+            try:
+                t.start()
+            except RuntimeError:  # no thread to be had (the user's process limit): one spare less
+                with self._lock:
+                    self._fills.discard(t)
+                    self._filling[key] -= 1
         return sb
 
     def _stalest(self, but: str) -> str | None:
@@ -129,7 +134,8 @@ class WarmPool(Generic[S]):
             self._closed = True
             fills = list(self._fills)
         for t in fills:
-            t.join(timeout=60)
+            if t.ident is not None:  # started
+                t.join(timeout=60)
         with self._lock:
             spares = [sb for ready in self._ready.values() for sb in ready]
             self._ready.clear()

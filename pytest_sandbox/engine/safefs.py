@@ -20,9 +20,10 @@ import errno
 import os
 import posixpath
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
-from .._hostfs import HostTree, rmtree_at
+from .._hostfs import HostTree, TreeWalk, rmtree_at
 from ..errors import ConfigError, SandboxError, SandboxFileError
 from ..types import DEFAULT_MAX_DOWNLOAD, DEFAULT_MAX_READ, FileInfo
 from .ids import acting_as
@@ -50,6 +51,39 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
             raise SandboxError("this kernel has no openat2 (Linux 5.6+ is needed for sandbox files)")
         raise OSError(err, os.strerror(err), path)
     return int(fd)
+
+
+# Kernel interfaces mounted inside a sandbox (or reachable through its symlinks): what a file there
+# says, or does when written, depends on who opens it, and the runner may be host root. Their
+# contents are the sandbox's to read with its own commands, never the runner's on its behalf.
+_KERNEL_FS = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x1CD1: "devpts",
+    0x73636673: "securityfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0x19800202: "mqueue",
+    0x62656570: "configfs",
+    0xDE5E81E4: "efivarfs",
+    0x6165676C: "pstore",
+    0xF97CFF8C: "selinuxfs",
+    0x6E736673: "nsfs",
+    0x42494E4D: "binfmt_misc",
+    0x65735543: "fusectl",
+}
+
+
+def _kernel_fs(fd: int) -> str | None:
+    """The name of the kernel interface ``fd`` is on, or None for an ordinary filesystem."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type (a long) comes first
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return _KERNEL_FS.get(ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF)
 
 
 def _norm(path: str) -> str:
@@ -103,14 +137,40 @@ class SafeFS:
         return self._open(parent, os.O_PATH | os.O_DIRECTORY), name
 
     # -- reading ----------------------------------------------------------------------------
+    def _refuse_kernel_file(self, fd: int, op: str, path: str) -> None:
+        kind = _kernel_fs(fd)
+        if kind is not None:
+            raise SandboxFileError(
+                errno.EPERM,
+                f"{op} {path}: is on the kernel's {kind} filesystem, which the runner does not {op} for a"
+                " sandbox (it may be host root); run a command inside instead, e.g. sb.exec('cat PATH')",
+            )
+
+    def readable_inside(self, st: os.stat_result) -> bool:
+        """Whether root inside the sandbox may read (a directory: list) the file of ``st``. The
+        runner reads on the sandbox's behalf and, as host root, could read what the sandbox cannot
+        (the host base's /etc/shadow through a symlink): what the sandbox cannot, it does not."""
+        if self._owner is None:  # rootless: the runner's ids are the sandbox root's
+            return True
+        uid, gid = (self._inside(st.st_uid, 0), self._inside(st.st_gid, 1))
+        if uid != 65534 and gid != 65534:  # both mapped: root inside has its capabilities over it
+            return True
+        want = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)
+        return st.st_mode & want == want
+
     def _open_regular(self, path: str, op: str, allow_dir: bool = False) -> int:
-        """An fd to read ``path`` with, refusing FIFOs, devices and sockets without opening them."""
+        """An fd to read ``path`` with, refusing FIFOs, devices and sockets without opening them,
+        kernel files, and what root inside the sandbox could not read itself."""
         try:
             pfd = self._open(path, os.O_PATH)
         except OSError as exc:
             raise self._fail(exc, op, path) from exc
         try:
-            mode = os.fstat(pfd).st_mode
+            self._refuse_kernel_file(pfd, op, path)
+            st = os.fstat(pfd)
+            if not self.readable_inside(st):
+                raise SandboxFileError(errno.EACCES, f"{op} {path}: root inside the sandbox may not read it")
+            mode = st.st_mode
             if stat.S_ISDIR(mode) and allow_dir:
                 return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             if stat.S_ISDIR(mode):
@@ -234,6 +294,7 @@ class SafeFS:
         except OSError as exc:
             raise self._fail(exc, "write", path) from exc
         try:
+            self._refuse_kernel_file(fd, "write", path)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise SandboxFileError(errno.EINVAL, f"write {path}: not a regular file; refusing to write it")
             os.ftruncate(fd, 0)
@@ -296,7 +357,8 @@ class SafeFS:
 
         Symlinks are recreated as symlinks, never followed; an existing host entry in the way
         (a link a sandbox put there on an earlier download included) is replaced, never written
-        through. FIFOs, devices and sockets are refused (skipped inside a tree); setuid and setgid
+        through. FIFOs, devices and sockets are refused (skipped inside a tree), and so are kernel
+        filesystems (/proc, /sys) and what root inside the sandbox may not read; setuid and setgid
         bits are dropped. Past ``max_size`` bytes in all (4 KiB counted per entry) the download
         stops with :class:`SandboxFileError`.
         """
@@ -306,7 +368,7 @@ class SafeFS:
         try:
             tree = HostTree(dest, max_size, path)
             try:
-                _copy_out(fd, tree, ())
+                _copy_out(fd, tree, self.readable_inside)
             finally:
                 tree.close()
         except OSError as exc:
@@ -327,33 +389,59 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def _copy_out(fd: int, tree: HostTree, parts: tuple[str, ...]) -> None:
-    """Copy the open sandbox entry ``fd`` to ``parts`` of ``tree``; the sandbox side is walked
-    by fds with ``O_NOFOLLOW``, so an entry swapped for a link meanwhile is skipped."""
+def _copy_out(fd: int, tree: HostTree, readable: Callable[[os.stat_result], bool]) -> None:
+    """Copy the open sandbox entry ``fd`` to ``tree``, without recursion (a sandbox's tree may be
+    thousands of levels deep). The sandbox side is walked by fds with ``O_NOFOLLOW``, so an entry
+    swapped for a link meanwhile is skipped, and so are kernel filesystems (/proc, /sys below a
+    tree) and what root inside could not read."""
     st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-        tree.directory(parts, st.st_mode)
-        for child in sorted(os.listdir(fd)):
-            cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+    if stat.S_ISREG(st.st_mode):
+        with open(fd, "rb", closefd=False) as data:
+            tree.file((), st.st_mode, data)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise SandboxFileError(errno.EINVAL, f"download {tree.path}: is a {_kind(st.st_mode)}; refusing to copy it")
+    tree.directory((), st.st_mode)
+    walk = TreeWalk(fd)
+    try:
+        for name, cst in walk:
+            if cst is None:
+                continue
+            parts = (*walk.rel.split("/")[:-1], name)
             if stat.S_ISLNK(cst.st_mode):
-                tree.symlink((*parts, child), os.readlink(child, dir_fd=fd))
-            elif stat.S_ISDIR(cst.st_mode) or stat.S_ISREG(cst.st_mode):
-                flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) | (
-                    os.O_DIRECTORY if stat.S_ISDIR(cst.st_mode) else 0
-                )
+                tree.symlink(parts, os.readlink(name, dir_fd=walk.fd))
+            elif not readable(cst):
+                continue
+            elif stat.S_ISDIR(cst.st_mode):
                 try:
-                    cfd = os.open(child, flags, dir_fd=fd)
+                    walk.enter(name)
                 except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                        continue  # swapped for something else meanwhile
+                    if exc.errno in _SWAPPED_OR_DENIED:
+                        continue
+                    raise
+                dst = os.fstat(walk.fd)
+                if _kernel_fs(walk.fd) is not None or not readable(dst):
+                    walk.up()
+                    continue
+                tree.directory(parts, dst.st_mode)
+            elif stat.S_ISREG(cst.st_mode):
+                try:
+                    cfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=walk.fd)
+                except OSError as exc:
+                    if exc.errno in _SWAPPED_OR_DENIED:
+                        continue
                     raise
                 try:
-                    if stat.S_ISDIR(os.fstat(cfd).st_mode) or stat.S_ISREG(os.fstat(cfd).st_mode):
-                        _copy_out(cfd, tree, (*parts, child))
+                    fst = os.fstat(cfd)
+                    if stat.S_ISREG(fst.st_mode) and readable(fst) and _kernel_fs(cfd) is None:
+                        with open(cfd, "rb", closefd=False) as data:
+                            tree.file(parts, fst.st_mode, data)
                 finally:
                     os.close(cfd)
-    elif stat.S_ISREG(st.st_mode):
-        with open(fd, "rb", closefd=False) as data:
-            tree.file(parts, st.st_mode, data)
-    else:
-        raise SandboxFileError(errno.EINVAL, f"download {tree.path}: is a {_kind(st.st_mode)}; refusing to copy it")
+    finally:
+        walk.close()
+
+
+# Opening an entry of a tree failed because it was swapped for something else meanwhile, or is not
+# the sandbox's to read either (its overlay checks as the sandbox): the entry is left out.
+_SWAPPED_OR_DENIED = (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EACCES)

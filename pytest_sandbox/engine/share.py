@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .._hostfs import TreeWalk
 from ..errors import ConfigError, RegistryError
-from ..image import Service
+from ..image import Service, env_items
 from ..oci import Reference, RegistryClient, host_platform
-from ..store import Store, rmtree, write_atomic
+from ..store import Store, rmtree, valid_key, write_atomic
 from ..types import DOCKER_REPOSITORY, LABEL, LogCallback, Snapshot
 from .fetch import DIGEST, Fetch, fetch_layer
 from .host import DEFAULT_ENV
@@ -187,55 +188,56 @@ class _LayerWriter:
     def write(self) -> LayerBlob:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            self._dir(fd, "")
+            walk = TreeWalk(fd)  # any depth: a sandbox can make trees deeper than Python recurses
+            try:
+                for name, st in walk:
+                    if st is not None:
+                        self._entry(walk, name, st)
+            finally:
+                walk.close()
         finally:
             os.close(fd)
         self.sink.write(b"\0" * 1024)
         return self.sink.close()
 
-    def _dir(self, dfd: int, rel: str) -> None:
-        for name in sorted(os.listdir(dfd)):
-            path = rel + name
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                cfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                try:
-                    info = self._header(path + "/", st, tarfile.DIRTYPE)
-                    info.pax_headers = _xattrs(cfd)
-                    self._put(info)
-                    with contextlib.suppress(OSError):
-                        if os.getxattr(cfd, OPAQUE) == b"y":
-                            self._put(self._header(f"{path}/{OPAQUE_MARKER}", None, tarfile.REGTYPE))
-                    self._dir(cfd, path + "/")
-                finally:
-                    os.close(cfd)
-            elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in self.links and not stat.S_ISCHR(mode):
-                self._put(self._header(path, st, tarfile.LNKTYPE, linkname=self.links[(st.st_dev, st.st_ino)]))
-            elif stat.S_ISREG(mode):
-                ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                try:
-                    info = self._header(path, st, tarfile.REGTYPE, size=st.st_size)
-                    info.pax_headers = _xattrs(ffd)
-                    self._put(info)
-                    left = st.st_size
-                    while left > 0:  # exactly the size in the header, even if the file changed
-                        chunk = os.read(ffd, min(_CHUNK, left)) or b"\0" * min(_CHUNK, left)
-                        self.sink.write(chunk)
-                        left -= len(chunk)
-                    if st.st_size % 512:
-                        self.sink.write(b"\0" * (512 - st.st_size % 512))
-                finally:
-                    os.close(ffd)
-                if st.st_nlink > 1:
-                    self.links[(st.st_dev, st.st_ino)] = path
-            elif stat.S_ISLNK(mode):
-                self._put(self._header(path, st, tarfile.SYMTYPE, linkname=os.readlink(name, dir_fd=dfd)))
-            elif stat.S_ISCHR(mode) and st.st_rdev == 0:  # an overlay whiteout
-                self._put(self._header(rel + WHITEOUT + name, None, tarfile.REGTYPE))
-            elif stat.S_ISFIFO(mode):
-                self._put(self._header(path, st, tarfile.FIFOTYPE))
-            # sockets and device nodes: not in layers (copy_tree and unpack leave them out)
+    def _entry(self, walk: TreeWalk, name: str, st: os.stat_result) -> None:
+        dfd, rel = walk.fd, walk.rel
+        path = rel + name
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            walk.enter(name)
+            info = self._header(path + "/", st, tarfile.DIRTYPE)
+            info.pax_headers = _xattrs(walk.fd)
+            self._put(info)
+            with contextlib.suppress(OSError):
+                if os.getxattr(walk.fd, OPAQUE) == b"y":
+                    self._put(self._header(f"{path}/{OPAQUE_MARKER}", None, tarfile.REGTYPE))
+        elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in self.links and not stat.S_ISCHR(mode):
+            self._put(self._header(path, st, tarfile.LNKTYPE, linkname=self.links[(st.st_dev, st.st_ino)]))
+        elif stat.S_ISREG(mode):
+            ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                info = self._header(path, st, tarfile.REGTYPE, size=st.st_size)
+                info.pax_headers = _xattrs(ffd)
+                self._put(info)
+                left = st.st_size
+                while left > 0:  # exactly the size in the header, even if the file changed
+                    chunk = os.read(ffd, min(_CHUNK, left)) or b"\0" * min(_CHUNK, left)
+                    self.sink.write(chunk)
+                    left -= len(chunk)
+                if st.st_size % 512:
+                    self.sink.write(b"\0" * (512 - st.st_size % 512))
+            finally:
+                os.close(ffd)
+            if st.st_nlink > 1:
+                self.links[(st.st_dev, st.st_ino)] = path
+        elif stat.S_ISLNK(mode):
+            self._put(self._header(path, st, tarfile.SYMTYPE, linkname=os.readlink(name, dir_fd=dfd)))
+        elif stat.S_ISCHR(mode) and st.st_rdev == 0:  # an overlay whiteout
+            self._put(self._header(rel + WHITEOUT + name, None, tarfile.REGTYPE))
+        elif stat.S_ISFIFO(mode):
+            self._put(self._header(path, st, tarfile.FIFOTYPE))
+        # sockets and device nodes: not in layers (copy_tree and unpack leave them out)
 
 
 # -- reading images: from a registry or an archive --------------------------------------------
@@ -266,6 +268,10 @@ def _checked_record(data: Any, what: str) -> dict[str, Any]:
         isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) and "\0" not in x for x in p) for p in env
     ):
         raise bad("env")
+    try:  # names a shell can export, as every sandbox's environment
+        env_items(dict(env))
+    except ConfigError:
+        raise bad("env") from None
     workdir = data.get("workdir", "/")
     if not isinstance(workdir, str) or not workdir.startswith("/") or "\0" in workdir:
         raise bad("workdir")
@@ -453,6 +459,14 @@ class Shares:
                 f"{what} is not a pytest-sandbox snapshot (no {ANNOTATION_KEY} annotation). To start a recipe "
                 "from a plain image, use Image.from_registry(...)."
             )
+        parent = annotations.get(ANNOTATION_PARENT) or None
+        # Both become file names in the store (its lock, its record): checked before any use.
+        for name, value in ((ANNOTATION_KEY, key), (ANNOTATION_PARENT, parent)):
+            if value is not None and not valid_key(value):
+                raise RegistryError(
+                    f"{what}: its {name} annotation {str(value)[:100]!r} is not a snapshot key; it was not pushed by "
+                    "pytest-sandbox, or was altered. Refusing the image; push the snapshot again."
+                )
         if want_key is not None and key != want_key:
             raise RegistryError(
                 f"{what} says it is snapshot {key[:12]}, not {want_key[:12]} as its tag says: the registry's tag "
@@ -474,7 +488,6 @@ class Shares:
                 with self.store.shared():
                     for desc, diff_id in zip(descs, diff_ids, strict=True):
                         layers.append(self._layer(desc, str(diff_id), fetch, tmp, what, log))
-                    parent = annotations.get(ANNOTATION_PARENT) or None
                     snap = Snapshot(
                         key=key,
                         backend=self.backend_name,
@@ -482,7 +495,7 @@ class Shares:
                         base={"kind": "rootfs", **({"image": record["image"]} if record["image"] else {})},
                         env=record["env"],
                         workdir=record["workdir"],
-                        parent=parent if isinstance(parent, str) else None,
+                        parent=parent,
                         created=record["created"],
                         description=record["description"],
                         services=record["services"],
@@ -611,6 +624,8 @@ class Shares:
                 for chunk in iter(lambda: f.read(_CHUNK), b""):
                     h.update(chunk)
                     n += len(chunk)
+                    if size is not None and n > size:
+                        raise RegistryError(f"{what}: blob {digest} outgrows its descriptor: the archive is damaged")
                     out.write(chunk)
                 if "sha256:" + h.hexdigest() != digest or (size is not None and n != size):
                     raise RegistryError(f"{what}: blob {digest} does not match its digest: the archive is damaged")

@@ -29,6 +29,7 @@ _HELPER = r"""
 import array, json, os, socket, subprocess, sys, threading
 from pytest_sandbox.engine import seccomp as _seccomp
 _seccomp.install()
+running = set()  # what we started and still runs: killed when our lifeline closes
 
 def serve(req, fds):
     reply = socket.socket(fileno=fds[3])
@@ -42,12 +43,27 @@ def serve(req, fds):
         finally:
             for fd in fds[:3]:
                 os.close(fd)
-        reply.send(json.dumps({"pid": p.pid}).encode())
-        reply.send(json.dumps({"code": p.wait()}).encode())
+        running.add(p)
+        try:
+            reply.send(json.dumps({"pid": p.pid}).encode())
+            reply.send(json.dumps({"code": p.wait()}).encode())
+        finally:
+            running.discard(p)
     except OSError:
         pass
     finally:
         reply.close()
+
+def end():
+    # The runner closed us or died (kill -9 included): a command still running would outlive it,
+    # and one that stopped itself would hold its sandbox's pid namespace open for ever (nsenter
+    # never reaps its child). SIGKILL ends even a stopped process.
+    for p in list(running):
+        try:
+            p.kill()
+        except OSError:
+            pass
+    os._exit(0)
 
 def confine(req, sock, ctl):
     # A helper of one sandbox: joins its cgroup once, here, so that every command it starts is
@@ -58,6 +74,7 @@ def confine(req, sock, ctl):
         threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()
         return
     ctl.close()
+    running.clear()  # the parent's commands stay the parent's
     try:  # the OOM killer must pick what the sandbox runs, never the helper that starts it
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("-1000")
@@ -71,8 +88,10 @@ def confine(req, sock, ctl):
         sock.send(json.dumps({"error": f"cannot confine the sandbox's helper: {exc}"}).encode())
         os._exit(1)
     sock.send(b'{"ready": true}')
-    loop(sock)
-    os._exit(0)
+    try:
+        loop(sock)
+    finally:
+        end()
 
 def loop(ctl):
     while True:
@@ -96,7 +115,10 @@ def loop(ctl):
                 for fd in fds[:3]:
                     os.close(fd)
 
-loop(socket.socket(fileno=int(sys.argv[1])))
+try:
+    loop(socket.socket(fileno=int(sys.argv[1])))
+finally:
+    end()
 """
 
 
