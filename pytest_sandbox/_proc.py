@@ -59,7 +59,15 @@ class Child(Protocol):
 class Spawner(Protocol):
     """Starts processes on our behalf (the local engine's filtered spawner)."""
 
-    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child: ...
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        extra: tuple[int, int] | None = None,
+    ) -> Child: ...
 
 
 class Cancel:
@@ -275,15 +283,21 @@ def run(
     max_output: int = DEFAULT_MAX_OUTPUT,
     spawner: Spawner | None = None,
     cancel: Cancel | None = None,
+    fd_data: tuple[bytes, int] | None = None,
 ) -> Completed:
     """Run ``argv`` in a new session; on timeout, or when ``cancel`` is set, kill its whole tree.
     Never raises for exit codes.
 
     With ``spawner`` the command is started by that helper (under its seccomp filter).
+    ``fd_data`` is ``(data, i)``: the command inherits a file holding ``data`` (a memfd; not its
+    argv, which every host user can read in /proc) and ``argv[i]`` becomes its fd number.
     """
     pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
     caps = [_Capture(max_output, on_line), _Capture(max_output, on_line)]
     stdin: int = _memfd("stdin", input) if input else subprocess.DEVNULL
+    extra = None if fd_data is None else (_memfd("data", fd_data[0]), fd_data[1])
+    if extra is not None and spawner is None:
+        argv = [*argv[: extra[1]], str(extra[0]), *argv[extra[1] + 1 :]]
     start = time.perf_counter()
     open_fds = [r for r, _ in pipes]
     pidfd = -1
@@ -299,6 +313,7 @@ def run(
                         stdin if null < 0 else null,
                         pipes[0][1],
                         pipes[1][1],
+                        extra,
                     )
                 finally:
                     if null >= 0:
@@ -312,11 +327,14 @@ def run(
                     env=dict(env) if env is not None else None,
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=() if extra is None else (extra[0],),
                     preexec_fn=_die_with_parent if die_with_parent else None,
                 )
         finally:
             for _, w in pipes:
                 os.close(w)
+            if extra is not None:
+                os.close(extra[0])
         for r in open_fds:
             os.set_blocking(r, False)
         pidfd = os.pidfd_open(proc.pid) if isinstance(proc, subprocess.Popen) else proc.exit_fd

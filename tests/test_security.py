@@ -228,7 +228,7 @@ def test_a_command_entering_the_sandbox_never_shows_a_host_identity_inside(
         wait_for(lambda: sb.fs.exists("/tmp/seen"), timeout=10)
         assert sb.fs.read_text("/tmp/seen") == "", "a process inside ran as an unmapped (host) user"
         if ROOT:  # and by construction: the user namespace is entered (and root taken) in a stage of its own
-            argv = sb.nsenter_argv(["true"])
+            argv = sb.nsenter_argv(["true"])[0]
             first = argv.index(backend.host.nsenter)
             assert argv[first : argv.index("--", first)] == [backend.host.nsenter, "-t", str(sb.pid), "-U"]
 
@@ -350,6 +350,28 @@ def test_the_sandbox_environment_never_reaches_a_host_program(
         assert f"files {log} x y" in seen.stdout.splitlines()
         sb.exec("true", env={"LD_PRELOAD": str(log)}).check()
     assert list(tmp_path.iterdir()) == [], "a host program ran with the sandbox's environment"
+
+
+def test_the_sandbox_environment_is_not_shown_to_other_host_users(backend: LocalBackend, host: Snapshot) -> None:
+    # Every host user can read a process's arguments (ps): an environment (a token, say) must
+    # not travel in the command lines that enter the sandbox. It travels in an inherited file,
+    # which the command does not keep either.
+    secret = secrets.token_hex(8)
+    with backend.create(host, env={"TOKEN": secret}) as sb:
+        running = threading.Thread(target=sb.exec, args=("sleep 2",), kwargs={"env": {"MORE": secret[::-1]}})
+        running.start()
+        seen = []
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end and not seen:
+            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+                with contextlib.suppress(OSError):
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if secret.encode() in args or secret[::-1].encode() in args:
+                        seen.append(args.replace(b"\0", b" ").decode(errors="replace"))
+        running.join()
+        assert not seen, seen
+        fds = sb.exec("echo $TOKEN; ls /proc/self/fd").check().stdout.split()
+        assert fds[0] == secret and sorted(fds[1:]) == ["0", "1", "2", "3"]  # 3: ls reading the directory
 
 
 @pytest.mark.parametrize("name", ["a.b", "1ST", "A B", "A-B", ""])

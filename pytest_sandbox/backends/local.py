@@ -579,9 +579,10 @@ class LocalSandbox(SandboxBase):
     # -- commands ----------------------------------------------------------------------------
     def nsenter_argv(
         self, argv: Sequence[str], cwd: str | None = None, env: Mapping[str, str] | None = None
-    ) -> list[str]:
+    ) -> tuple[list[str], bytes, int]:
         """The host command line that runs ``argv`` inside this sandbox, in ``cwd``, with this
-        sandbox's environment and ``env`` over it (see :meth:`Host.enter_argv`)."""
+        sandbox's environment and ``env`` over it, and the environment's file (see
+        :meth:`Host.enter_argv`)."""
         env = {**self._env, **(env or {})}
         return self.backend.host.enter_argv(self.pid, argv, cwd=cwd, env=env, network=self.network, via=self._prlimit)
 
@@ -609,9 +610,11 @@ class LocalSandbox(SandboxBase):
             self._running.add(stop)
         try:
             self._check_open()  # a close() between the first check and the registration
+            line, script, slot = self.nsenter_argv(argv, cwd, env)
             res = _proc.run(
-                self.nsenter_argv(argv, cwd, env),
+                line,
                 env=HOST_ENV,
+                fd_data=(script, slot),
                 input=input,
                 timeout=timeout,
                 on_line=on_line,
@@ -650,7 +653,13 @@ class LocalSandbox(SandboxBase):
         ``pytest-sandbox shell``) and return its exit code. Filtered like every exec; it runs in a
         session of its own, so it cannot push input into the caller's terminal (no job control)."""
         self._check_open()
-        child = self._spawner().spawn(self.nsenter_argv(argv or LOGIN_SHELL, env=env), dict(HOST_ENV), 0, 1, 2)
+        line, script, slot = self.nsenter_argv(argv or LOGIN_SHELL, env=env)
+        data = os.memfd_create("env", os.MFD_CLOEXEC)
+        try:
+            os.write(data, script)
+            child = self._spawner().spawn(line, dict(HOST_ENV), 0, 1, 2, (data, slot))
+        finally:
+            os.close(data)
         code = child.wait()
         return 128 - code if code < 0 else code
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -32,6 +33,7 @@ __all__ = [
     "Host",
     "MOUNT_POINT",
     "UserNamespace",
+    "env_script",
     "kernel_view_args",
     "preflight",
 ]
@@ -45,12 +47,12 @@ DEFAULT_ENV = {
 # sandbox's environment must never reach a host program, whose loader would act on LD_PRELOAD,
 # GLIBC_TUNABLES or GCONV_PATH before any namespace is entered.
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-# Run by the sandbox's /bin/sh as ``sh -c ENTER_SH sh CWD NAME VALUE ... -- ARGV``: enters CWD
-# (none when empty), exports each NAME=VALUE, then becomes ARGV. Only positional parameters are
-# used, so no name the caller exports can change what the script does.
+# Run by the sandbox's /bin/sh as ``sh -c ENTER_SH sh CWD 3 ARGV...``: enters CWD (none when
+# empty), runs the exports in the inherited file at fd 3 (see env_script), closes it, then
+# becomes ARGV.
 ENTER_SH = (
-    '[ -z "$1" ] || cd -- "$1" || exit 125; unset OLDPWD; shift; '
-    'while [ "$1" != -- ]; do export "$1=$2"; shift 2; done; shift; exec "$@"'
+    '[ -z "$1" ] || cd -- "$1" || exit 125; unset OLDPWD; . "/proc/self/fd/$2" || exit 125; exec 3<&-; '
+    'shift 2; exec "$@"'
 )
 # The kernel takes all lower layers in one option string of at most a page; past these limits a
 # new snapshot squashes its non-base layers into one (see ENGINE-NOTES).
@@ -67,6 +69,11 @@ MOUNT_POINT = "/tmp"
 _PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 _PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "timer_stats", "sched_debug", "latency_stats")
 _PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
+
+
+def env_script(env: Mapping[str, str]) -> bytes:
+    """``env`` as the shell lines that export it (names are checked: see ``image.env_items``)."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode()
 
 
 def kernel_view_args() -> list[str]:
@@ -294,28 +301,32 @@ class Host:
 
     def enter_argv(
         self, pid: int, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str], network: bool, via: list[str]
-    ) -> list[str]:
+    ) -> tuple[list[str], bytes, int]:
         """The host command line that runs ``argv`` in the sandbox whose init is ``pid``, in
         ``cwd``, with exactly ``env``, started through ``via`` (a ``prlimit`` command line, or
-        nothing). Run it with :data:`HOST_ENV`.
+        nothing); run with :data:`HOST_ENV`. Also the environment as a script, for a file the
+        command inherits, and the index of the argument to replace with that file's fd number.
 
-        The environment travels as arguments of the sandbox's ``/bin/sh`` (which its holder needs
-        anyway), never as the environment of the host's ``prlimit`` and ``nsenter``: their dynamic
-        loader would honour ``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``GLIBC_TUNABLES`` and the like on
-        the host, before any namespace is entered."""
+        The environment is set by the sandbox's ``/bin/sh`` (which its holder needs anyway), never
+        given to the host's ``prlimit`` and ``nsenter``: their dynamic loader would honour
+        ``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``GLIBC_TUNABLES`` and the like on the host, before
+        any namespace is entered. It travels in a file, not in arguments: every host user can read
+        a process's arguments (``ps``), and an environment may hold secrets."""
         # A networked sandbox shares the host's network namespace, which we are already in (and
         # which an unprivileged user may not setns() into).
         ns = ["-m", "-u", "-i", *([] if network else ["-n"]), "-p", "-C", "-r", "-w"]
-        pairs = [x for kv in env.items() for x in kv]
-        inner = ["/bin/sh", "-c", ENTER_SH, "sh", cwd or "", *pairs, "--", *argv]
+        inner = ["/bin/sh", "-c", ENTER_SH, "sh", cwd or "", "FD", *argv]
+        script = env_script(env)
         target = [self.nsenter, "-t", str(pid)]
         if self.ids is None:  # rootless: the caller's ids, which are root inside
-            return [*via, *target, "-U", "--preserve-credentials", *ns, "--", *inner]
+            line = [*via, *target, "-U", "--preserve-credentials", *ns, "--", *inner]
+            return line, script, len(line) - len(argv) - 1
         # Root drops to root *inside* (an unprivileged host uid) before entering anything else.
         # One nsenter would enter every namespace, fork into the pid namespace and only then
         # setuid: until then its child is visible inside, still host uid 0, and the sandbox's
         # CAP_SYS_PTRACE reaches it (its user namespace is the sandbox's already).
-        return [*via, *target, "-U", "--", *target, *ns, "--", *inner]
+        line = [*via, *target, "-U", "--", *target, *ns, "--", *inner]
+        return line, script, len(line) - len(argv) - 1
 
     def bwrap_launcher(self) -> list[str]:
         """The command line that starts bwrap the way every sandbox is started.

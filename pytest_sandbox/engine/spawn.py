@@ -8,7 +8,8 @@ for a large pytest process). Instead one helper per backend installs the filter 
 are cheap because it is small. The helper exits when our end of its socket closes.
 
 Protocol (SOCK_SEQPACKET): a request is JSON ``{"argv": [...], "env": {...}}`` with four fds
-(stdin, stdout, stderr, and a reply socket); the reply socket then carries ``{"pid": N}`` and,
+(stdin, stdout, stderr, and a reply socket), and optionally a fifth that the command inherits
+as fd 3 (``argv[fd_arg]`` becomes ``"3"``); the reply socket then carries ``{"pid": N}`` and,
 when the command exits, ``{"code": N}`` (a negative N is a signal, as in ``Popen.returncode``).
 """
 
@@ -23,32 +24,43 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-__all__ = ["Child", "Confined", "Spawner"]
+__all__ = ["Child", "Confined", "Extra", "Spawner"]
+
+Extra = tuple[int, int] | None
+"""An fd a command inherits beyond stdin, stdout and stderr, and the argv index of its number."""
 
 _HELPER = r"""
-import array, json, os, socket, subprocess, sys, threading
+import array, json, os, socket, sys, threading
 from pytest_sandbox.engine import seccomp as _seccomp
 _seccomp.install()
-running = set()  # what we started and still runs: killed when our lifeline closes
+running = set()  # pids we started that still run: killed when our lifeline closes
 
 def serve(req, fds):
+    # posix_spawn, not Popen: it puts the extra fd at 3 (a shell names no fd past 9, so the
+    # command could not close it otherwise). Every fd we hold is close-on-exec (received with
+    # MSG_CMSG_CLOEXEC), so nothing but these four reaches the command.
     reply = socket.socket(fileno=fds[3])
     try:
+        argv, extra = req["argv"], fds[4:5]
+        moves = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds[:3])]
+        if extra:
+            argv[req["fd_arg"]] = "3"
+            moves.append((os.POSIX_SPAWN_DUP2, extra[0], 3))
         try:
-            p = subprocess.Popen(req["argv"], stdin=fds[0], stdout=fds[1], stderr=fds[2], env=req["env"],
-                                 start_new_session=True, close_fds=True)
+            pid = os.posix_spawnp(argv[0], argv, req["env"], file_actions=moves, setsid=True)
         except OSError as exc:
             reply.send(json.dumps({"error": str(exc)}).encode())
             return
         finally:
-            for fd in fds[:3]:
+            for fd in fds[:3] + extra:
                 os.close(fd)
-        running.add(p)
+        running.add(pid)
         try:
-            reply.send(json.dumps({"pid": p.pid}).encode())
-            reply.send(json.dumps({"code": p.wait()}).encode())
+            reply.send(json.dumps({"pid": pid}).encode())
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         finally:
-            running.discard(p)
+            running.discard(pid)
+        reply.send(json.dumps({"code": code}).encode())
     except OSError:
         pass
     finally:
@@ -58,9 +70,9 @@ def end():
     # The runner closed us or died (kill -9 included): a command still running would outlive it,
     # and one that stopped itself would hold its sandbox's pid namespace open for ever (nsenter
     # never reaps its child). SIGKILL ends even a stopped process.
-    for p in list(running):
+    for pid in list(running):
         try:
-            p.kill()
+            os.kill(pid, 9)
         except OSError:
             pass
     os._exit(0)
@@ -96,7 +108,7 @@ def confine(req, sock, ctl):
 def loop(ctl):
     while True:
         fds = array.array("i")
-        msg, anc, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_LEN(4 * fds.itemsize))
+        msg, anc, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_LEN(5 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
         if not msg:
             break
         for level, kind, data in anc:
@@ -112,7 +124,7 @@ def loop(ctl):
                 reply = socket.socket(fileno=fds[3])
                 reply.send(json.dumps({"error": f"cannot start a command: {exc} (at the pids limit?)"}).encode())
                 reply.close()
-                for fd in fds[:3]:
+                for fd in fds[:3] + fds[4:]:
                     os.close(fd)
 
 try:
@@ -180,9 +192,12 @@ class Spawner:
                     if attempt:
                         raise
 
-    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child:
-        """Start ``argv`` with those fds, under the helper's filter."""
-        return _spawn(self._send, argv, env, stdin, stdout, stderr)
+    def spawn(
+        self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int, extra: Extra = None
+    ) -> Child:
+        """Start ``argv`` with those fds, under the helper's filter; ``extra`` is ``(fd, i)``: the
+        command inherits ``fd`` too, as its fd 3, and ``argv[i]`` becomes ``"3"``."""
+        return _spawn(self._send, argv, env, (stdin, stdout, stderr), extra)
 
     def confined(self, cgroup: Sequence[str]) -> Confined:
         """A helper of its own for one sandbox, forked from this one: it has joined ``cgroup``
@@ -225,9 +240,12 @@ class Confined:
                 raise OSError("the sandbox's helper was closed")
             self._ctl.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
-    def spawn(self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> Child:
-        """Start ``argv`` with those fds, in the sandbox's cgroup and rlimits."""
-        return _spawn(self._send, argv, env, stdin, stdout, stderr)
+    def spawn(
+        self, argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int, extra: Extra = None
+    ) -> Child:
+        """Start ``argv`` with those fds, in the sandbox's cgroup and rlimits (``extra``: as
+        :meth:`Spawner.spawn`)."""
+        return _spawn(self._send, argv, env, (stdin, stdout, stderr), extra)
 
     def close(self) -> None:
         with self._lock:
@@ -236,10 +254,21 @@ class Confined:
                 self._ctl = None
 
 
-def _spawn(send: Callable[[bytes, array.array[int]], None], argv: list[str], env: dict[str, str], *fds: int) -> Child:
+def _spawn(
+    send: Callable[[bytes, array.array[int]], None],
+    argv: list[str],
+    env: dict[str, str],
+    fds: tuple[int, int, int],
+    extra: Extra,
+) -> Child:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    req: dict[str, object] = {"argv": argv, "env": env}
+    passed = [*fds, theirs.fileno()]
+    if extra is not None:
+        passed.append(extra[0])
+        req["fd_arg"] = extra[1]
     try:
-        send(json.dumps({"argv": argv, "env": env}).encode(), array.array("i", [*fds, theirs.fileno()]))
+        send(json.dumps(req).encode(), array.array("i", passed))
     finally:
         theirs.close()
     answer = json.loads(ours.recv(4096) or b'{"error": "the spawn helper died"}')
