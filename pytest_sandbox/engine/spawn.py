@@ -33,6 +33,15 @@ _HELPER = r"""
 import array, json, os, socket, sys, threading
 from pytest_sandbox.engine import seccomp as _seccomp
 _seccomp.install()
+# Commands are started with posix_spawn, which closes only close-on-exec fds: everything we hold
+# must be, above all our control socket (a command holding it could have us start anything,
+# outside its sandbox). Received fds come close-on-exec (MSG_CMSG_CLOEXEC).
+for _fd in os.listdir("/proc/self/fd"):
+    if int(_fd) > 2:
+        try:
+            os.set_inheritable(int(_fd), False)
+        except OSError:
+            pass
 running = set()  # pids we started that still run: killed when our lifeline closes
 
 def serve(req, fds):
