@@ -289,15 +289,16 @@ def run(
     Never raises for exit codes.
 
     With ``spawner`` the command is started by that helper (under its seccomp filter).
-    ``fd_data`` is ``(data, i)``: the command inherits a file holding ``data`` (a memfd; not its
-    argv, which every host user can read in /proc) and ``argv[i]`` becomes its fd number.
+    ``fd_data`` is ``(data, i)`` (with a spawner): the command inherits a file holding ``data`` (a
+    memfd; not its argv, which every host user can read in /proc) as fd 3, and ``argv[i]`` becomes
+    ``"3"``.
     """
     pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
     caps = [_Capture(max_output, on_line), _Capture(max_output, on_line)]
     stdin: int = _memfd("stdin", input) if input else subprocess.DEVNULL
+    if fd_data is not None and spawner is None:
+        raise ValueError("fd_data needs a spawner: only it places the file at a known fd (3)")
     extra = None if fd_data is None else (_memfd("data", fd_data[0]), fd_data[1])
-    if extra is not None and spawner is None:
-        argv = [*argv[: extra[1]], str(extra[0]), *argv[extra[1] + 1 :]]
     start = time.perf_counter()
     open_fds = [r for r, _ in pipes]
     pidfd = -1
@@ -327,7 +328,6 @@ def run(
                     env=dict(env) if env is not None else None,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=() if extra is None else (extra[0],),
                     preexec_fn=_die_with_parent if die_with_parent else None,
                 )
         finally:

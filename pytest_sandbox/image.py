@@ -171,6 +171,10 @@ def env_items(values: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         value = str(v)
         if "\0" in value:
             raise ConfigError(f"environment variable {k} holds a NUL byte, which no environment can carry")
+        try:  # what os.environ gives for bytes that are not UTF-8 goes back to those bytes
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise ConfigError(f"environment variable {k} holds text that is no bytes (a lone surrogate)") from None
         items.append((k, value))
     return tuple(items)
 

@@ -379,6 +379,22 @@ def test_the_sandbox_environment_is_not_shown_to_other_host_users(backend: Local
         assert fds[0] == secret and sorted(fds[1:]) == ["0", "1", "2", "3"]  # 3: ls reading the directory
 
 
+def test_environment_values_reach_the_command_exactly_even_where_sh_is_bash(
+    backend: LocalBackend, debian: Snapshot
+) -> None:
+    # The environment is exported by the sandbox's /bin/sh: quotes, newlines and $ in values
+    # must arrive as they are, bytes that are not UTF-8 too, and where /bin/sh is bash (Fedora,
+    # UBI), a name bash keeps read-only (UID) must not stop every command.
+    with backend.create(debian) as sb:
+        sb.exec("ln -sf bash /bin/sh").check()
+        env = {"UID": "1000", "SHELLOPTS": "x", "Q": "a'b\"c $d `e`\nf", "B": os.fsdecode(b"\xff\xfe")}
+        r = sb.exec(["python3", "-c", "import os; print(ascii(os.environb[b'Q'] + os.environb[b'B']))"], env=env)
+        assert r.exit_code == 0, r
+        assert r.stdout == ascii(b"a'b\"c $d `e`\nf\xff\xfe") + "\n"
+    with pytest.raises(ConfigError, match="lone surrogate"):
+        Image.host().env(X="\ud800")
+
+
 @pytest.mark.parametrize("name", ["a.b", "1ST", "A B", "A-B", ""])
 def test_environment_names_a_shell_cannot_set_are_refused(backend: LocalBackend, host: Snapshot, name: str) -> None:
     with pytest.raises(ConfigError, match=r"environment variable name .* is not valid"):

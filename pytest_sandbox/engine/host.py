@@ -72,8 +72,11 @@ _PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
 
 
 def env_script(env: Mapping[str, str]) -> bytes:
-    """``env`` as the shell lines that export it (names are checked: see ``image.env_items``)."""
-    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode()
+    """``env`` as the shell lines that export it (names are checked: see ``image.env_items``).
+    ``command`` keeps a shell going past a name it will not take (bash's read-only ``UID``, which
+    it would ignore in an environment too); values keep the bytes they came from."""
+    lines = (f"command export {k}={shlex.quote(v)} 2>/dev/null\n" for k, v in env.items())
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 def kernel_view_args() -> list[str]:
