@@ -773,6 +773,26 @@ def test_a_command_too_large_to_start_is_a_sandbox_error(backend: LocalBackend, 
         assert sb.exec("echo ok").stdout == "ok\n"
 
 
+WAIT_STOPPED = """
+import os, time
+def wait_stopped(init, more_than=0, timeout=20):
+    # Until more_than processes of the sandbox whose init is `init` are stopped (state T).
+    ns, end = os.readlink(f"/proc/{init}/ns/pid"), time.monotonic() + timeout
+    while time.monotonic() < end:
+        stopped = 0
+        for p in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                if os.readlink(f"/proc/{p}/ns/pid") == ns:
+                    stopped += open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+            except OSError:
+                pass
+        if stopped > more_than:
+            return
+        time.sleep(0.01)
+    raise SystemExit("nothing in the sandbox stopped")
+"""
+
+
 def test_a_command_that_stops_itself_does_not_hang_close(host: Snapshot, cache_dir: Path) -> None:
     # `kill -STOP $$` stops the command's first shell, and the host's nsenter, which passes a
     # child's stop on to itself, with it: it never reaps the shell, so the sandbox's pid namespace
@@ -795,14 +815,14 @@ def test_a_command_that_stops_itself_does_not_hang_close(host: Snapshot, cache_d
 
             t = threading.Thread(target=run)
             t.start()
-            time.sleep(0.5)
+            wait_stopped(sb.pid)
             sb.close()
             t.join(20)
             print("EXEC", outcome or ["still running"], flush=True)
         print("BACKEND CLOSED", flush=True)
         """
     try:
-        out = run_py(code, cache_dir, timeout=60)
+        out = run_py(WAIT_STOPPED + textwrap.dedent(code), cache_dir, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("closing a sandbox whose command stopped itself hung")
     assert "EXEC ['SandboxClosedError']" in out.stdout and "BACKEND CLOSED" in out.stdout, out.stdout + out.stderr
@@ -820,12 +840,13 @@ def test_a_sandbox_dies_with_its_runner_even_with_its_lifeline_stopped(host: Sna
         sb = b.create(b.get_snapshot({host.key!r}))
         sb.exec("kill -STOP 2; (setsid sleep 5000.{token} >/dev/null 2>&1 &)").check()
         threading.Thread(target=sb.exec, args=("kill -STOP $$",), daemon=True).start()
-        time.sleep(0.5)
+        wait_stopped(sb.pid, more_than=1)  # the holder and the command
         print("READY", sb.pid, flush=True)
         time.sleep(600)
         """
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE, text=True)
+    script = WAIT_STOPPED + textwrap.dedent(code)
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
