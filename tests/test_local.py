@@ -173,12 +173,13 @@ def test_close_kills_processes_and_removes_writable_layer(backend: LocalBackend,
 def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
     backend: LocalBackend, debian: Snapshot, cache_dir: Path
 ) -> None:
+    token = f"{secrets.randbelow(10**6):06d}"  # other tests' sleeps may run meanwhile: this one's own
     code = f"""
         import os, time
         from pytest_sandbox.backends.local import LocalBackend
         b = LocalBackend()
         sb = b.create(b.get_snapshot({debian.key!r}))
-        sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
+        sb.exec("sleep 1000.{token} >/dev/null 2>&1 &").check()
         inner = int(sb.exec("pgrep -n sleep || ls /proc | grep -c .").stdout or 0)
         print(sb.pid, sb._dir, b.userns.pid, b.host.spawner._proc.pid, flush=True)
         time.sleep(1000)
@@ -194,7 +195,8 @@ def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
     assert wait_for(lambda: not alive(int(holder)) and not alive(int(spawner))), "an engine helper outlived its owner"
     assert wait_for(
         lambda: (
-            "sleep 1000" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout or not ROOT
+            f"sleep 1000.{token}" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            or not ROOT
         )
     )
     backend.gc()  # (another worker's gc may have been first: either way the files must be gone)
