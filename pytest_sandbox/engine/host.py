@@ -157,7 +157,9 @@ def preflight() -> tuple[str, str]:
     )
     if nsenter is None:
         raise EngineUnavailableError("nsenter is missing; install util-linux (apt-get install util-linux)")
-    return find_bwrap(), nsenter
+    # As root, the second stage of entering a sandbox is started as root inside (an unprivileged
+    # host uid): the binary itself, not a link to it in a private directory on PATH.
+    return find_bwrap(), os.path.realpath(nsenter)
 
 
 class UserNamespace:
