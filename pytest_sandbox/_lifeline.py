@@ -204,11 +204,18 @@ class Reaper:
 
 def start_time(pid: int) -> str | None:
     """The start time of ``pid`` (field 22 of /proc/PID/stat, clock ticks after boot), or None."""
+    fields = _stat_fields(pid)
+    return None if fields is None or len(fields) < 20 else fields[19].decode()
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` from the third (the state) on, or None when it is gone.
+    The command name may hold spaces and parentheses, so they are counted from the last ``)``."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return data[data.rindex(b")") + 2 :].split()[19].decode()
-    except (OSError, ValueError, IndexError):
+        return data[data.rindex(b")") + 2 :].split()
+    except (OSError, ValueError):
         return None
 
 
@@ -236,16 +243,11 @@ def pids() -> Iterator[int]:
 
 
 def read_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, parent pid) of ``pid`` from ``/proc/PID/stat``, or None when it is gone.
-
-    The command name may hold spaces and parentheses, so fields are counted from the last ``)``.
-    """
+    """(state letter, parent pid) of ``pid`` from ``/proc/PID/stat``, or None when it is gone."""
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        fields = data[data.rindex(b")") + 2 :].split()
-        return fields[0].decode(), int(fields[1])
-    except (OSError, ValueError, IndexError):
+        return None if fields is None else (fields[0].decode(), int(fields[1]))
+    except (ValueError, IndexError):
         return None
 
 

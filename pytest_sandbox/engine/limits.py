@@ -16,22 +16,23 @@ from typing import Protocol
 
 from ..types import Limits, LimitStatus
 
+__all__ = ["apply_to_running", "rlimit_values", "rlimits_for"]
+
 
 class _Adopting(Protocol):
     def adopt(self, pids: list[int]) -> None: ...
 
 
-__all__ = ["apply_to_running", "rlimit_values", "rlimits_for"]
+def _rlimits(limits: Limits) -> list[tuple[str, int, int, int, str]]:
+    """``(limit name, resource, value asked, value set, note)`` for each limit an rlimit holds
+    (the value set is capped: see _capped)."""
+    wanted = [("pids", resource.RLIMIT_NPROC, limits.pids), ("memory", resource.RLIMIT_AS, limits.memory_bytes)]
+    return [(name, res, value, *_capped(res, value)) for name, res, value in wanted if value is not None]
 
 
 def rlimit_values(limits: Limits) -> list[tuple[int, int]]:
     """The ``(resource, value)`` pairs :func:`rlimits_for` sets, for processes already running."""
-    pairs = []
-    if limits.pids is not None:
-        pairs.append((resource.RLIMIT_NPROC, _capped(resource.RLIMIT_NPROC, limits.pids)[0]))
-    if limits.memory_bytes is not None:
-        pairs.append((resource.RLIMIT_AS, _capped(resource.RLIMIT_AS, limits.memory_bytes)[0]))
-    return pairs
+    return [(res, value) for _, res, _, value, _ in _rlimits(limits)]
 
 
 def apply_to_running(init: int, limits: Limits, cgroup: _Adopting | None, rlimits: bool) -> None:
@@ -50,6 +51,13 @@ def apply_to_running(init: int, limits: Limits, cgroup: _Adopting | None, rlimit
                 resource.prlimit(pid, res, (value, value))
 
 
+# prlimit's option and what sb.limits says, for each limit an rlimit holds
+_HOW = {
+    "pids": ("nproc", "rlimit RLIMIT_NPROC (all sandboxes of this backend together)"),
+    "memory": ("as", "rlimit RLIMIT_AS (address space per process)"),
+}
+
+
 def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[str, LimitStatus]]:
     """The ``prlimit`` command line that every command of the sandbox starts through (util-linux,
     beside nsenter: one exec, no fork of ours), and how each limit is then held."""
@@ -57,17 +65,10 @@ def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[st
         return [], {}
     opts: list[str] = []
     status: dict[str, LimitStatus] = {}
-    if limits.pids is not None:
-        n, note = _capped(resource.RLIMIT_NPROC, limits.pids)
-        opts.append(f"--nproc={n}:{n}")
-        status["pids"] = LimitStatus(
-            "pids", limits.pids, True, f"rlimit RLIMIT_NPROC (all sandboxes of this backend together){note}"
-        )
-    mem = limits.memory_bytes
-    if mem is not None:
-        n, note = _capped(resource.RLIMIT_AS, mem)
-        opts.append(f"--as={n}:{n}")
-        status["memory"] = LimitStatus("memory", mem, True, f"rlimit RLIMIT_AS (address space per process){note}")
+    for name, _, asked, n, note in _rlimits(limits):
+        option, how = _HOW[name]
+        opts.append(f"--{option}={n}:{n}")
+        status[name] = LimitStatus(name, asked, True, f"{how}{note}")
     return ([prlimit, *opts, "--"] if opts else []), status
 
 
