@@ -121,6 +121,23 @@ def test_unreachable_api_is_a_clear_error_with_the_sdk_error_chained(cache_dir: 
     assert "pytest-sandbox serve" in str(info.value)
 
 
+def test_an_answer_that_never_comes_is_not_called_an_unreachable_api() -> None:
+    # The SDK's time limit on an exec is the command's timeout plus a minute: past it the API is up
+    # (it took the request) and the sandbox did not end the command, which the error says.
+    from pytest_sandbox.backends._daytona_exec import translate
+
+    def sdk_error(cause: BaseException) -> Exception:
+        exc = daytona.DaytonaConnectionTimeoutError("Failed to execute command: ")
+        exc.__cause__ = cause
+        return exc
+
+    late = translate(daytona, sdk_error(TimeoutError()), "run a command", "http://x/api", None)
+    assert isinstance(late, EngineUnavailableError)
+    assert "did not answer in time while trying to run a command" in str(late) and "delete it" in str(late)
+    refused = translate(daytona, sdk_error(ConnectionRefusedError()), "run a command", "http://x/api", None)
+    assert isinstance(refused, EngineUnavailableError) and "no Daytona API answers at http://x/api" in str(refused)
+
+
 @pytest.mark.endpoint_args("--api-key", "s3cret", "--target", "eu")
 @pytest.mark.usefixtures("mmdebstrap")
 def test_wrong_key_and_unknown_target(endpoint: str, cache_dir: Path) -> None:

@@ -122,6 +122,17 @@ def test_a_runaway_allocation_is_stopped_and_reported(backend: LocalBackend, hos
         assert sb.exec("echo alive").stdout == "alive\n"
 
 
+def test_a_sandbox_at_its_process_limit_leaves_its_siblings_theirs(backend: LocalBackend, host: Snapshot) -> None:
+    # Rootless, RLIMIT_NPROC counts per user namespace: with one namespace for all of a backend's
+    # sandboxes, one at its limit left every other unable to fork ("Cannot fork").
+    fill = "n=0; while sleep 60 & do n=$((n+1)); [ $n -ge 100 ] && break; done; echo $n"
+    with backend.create(host, limits=Limits(pids=40)) as full, backend.create(host, limits=Limits(pids=40)) as other:
+        res = full.exec(fill, timeout=30)
+        assert res.exit_code != 0 or int(res.stdout) < 40, res  # held at its limit
+        ok = other.exec("for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1 & done; wait; echo ok", timeout=30)
+        assert ok.stdout == "ok\n", ok
+
+
 def test_a_fork_bomb_gets_eagain_and_everything_survives(tmp_path: Path) -> None:
     # A backend of its own: its cgroup is its store's, so the outer limit set below holds only
     # its sandboxes, not those of the tests another xdist worker runs meanwhile.

@@ -80,6 +80,15 @@ def _is_connection_error(exc: BaseException) -> bool:
     return "Connection refused" in str(exc) or "Max retries exceeded" in str(exc)
 
 
+def _is_refused(exc: BaseException) -> bool:
+    chain: BaseException | None = exc
+    while chain is not None:
+        if isinstance(chain, ConnectionRefusedError) or "Connector" in type(chain).__name__:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return "Connection refused" in str(exc)
+
+
 def translate(sdk: Any, exc: Exception, what: str, api_url: str, target: str | None) -> Exception | None:
     """The error to raise for an SDK call that failed while trying to ``what``: None when the API
     was rate limiting (back off and retry), ``exc`` itself when it is not the SDK's."""
@@ -89,6 +98,13 @@ def translate(sdk: Any, exc: Exception, what: str, api_url: str, target: str | N
         return ConfigError(
             f"Daytona refused the credentials while trying to {what}: {exc}. "
             "Check DAYTONA_API_KEY (and DAYTONA_API_URL)."
+        )
+    if isinstance(exc, sdk.DaytonaConnectionTimeoutError) and not _is_refused(exc):
+        # The API took the request and gave no answer within the call's time limit (an exec's is
+        # its timeout plus a minute): a command the sandbox could not end is the likely cause.
+        return EngineUnavailableError(
+            f"the Daytona API at {api_url} did not answer in time while trying to {what} ({exc}). If it is "
+            "up, the sandbox is stuck (a command it could not end, e.g. at its process limit): delete it."
         )
     if isinstance(exc, sdk.DaytonaConnectionError) or (isinstance(exc, sdk.DaytonaError) and _is_connection_error(exc)):
         return EngineUnavailableError(

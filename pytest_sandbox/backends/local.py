@@ -484,6 +484,7 @@ class LocalSandbox(SandboxBase):
             "--tmpfs",
             "/dev/shm",
             *b.host.kernel_view,
+            *b.host.own_userns,
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",

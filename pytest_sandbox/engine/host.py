@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shlex
 import shutil
 import sys
@@ -23,6 +24,7 @@ from . import seccomp
 from .cgroups import Cgroups
 from .disk import Disks
 from .ids import IdMap, root_map
+from .limits import sandbox_share
 from .spawn import Spawner
 
 __all__ = [
@@ -187,6 +189,14 @@ class UserNamespace:
             ]
             lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')"]
         else:  # with a mount namespace of its own, for the sandboxes' disks (engine/disk.py)
+            share = sandbox_share()
+            soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+            if share is not None and (soft == resource.RLIM_INFINITY or share < soft):
+                # The namespace keeps the RLIMIT_NPROC its creator had, and holds every process
+                # in it to that count of the user's: all sandboxes together leave the runner (out
+                # of it, under the user's own limit) its share.
+                hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+                lines += ["import resource as r", f"r.setrlimit(r.RLIMIT_NPROC,({share},{hard}))"]
             lines += ["if libc.unshare(0x10000000|0x20000)!=0: fail('unshare')"]
         lines += ["os.write(1,b'u')"]
         self.helper = Helper(lines, reply=True)
@@ -343,6 +353,16 @@ class Host:
         """
         enter = ["-U", "--preserve-credentials", "-m"] if self.ids is None else ["-U", "-m"]
         return [self._nsenter, "-t", str(self.userns.pid), *enter, "--", self.bwrap_launch]
+
+    @property
+    def own_userns(self) -> list[str]:
+        """bwrap's options that give a sandbox a user namespace of its own, inside the backend's.
+
+        Rootless only: the kernel counts RLIMIT_NPROC per user per user namespace, so in one
+        namespace shared by all sandboxes each one's ``pids`` limit would be all of theirs (one at
+        its limit left the others unable to fork). bwrap maps one id in a namespace it makes, as
+        the backend's does rootless; as root the backend's maps 65536 and is kept."""
+        return ["--unshare-user", "--uid", "0", "--gid", "0"] if self.ids is None else []
 
     def launch_path(self, path: Path) -> str:
         """``path`` (in the store) as bwrap sees it when it starts a sandbox."""

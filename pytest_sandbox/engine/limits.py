@@ -2,9 +2,13 @@
 
 Rootless on a machine that delegates no cgroup (cgroup v1, or v2 without a systemd user session)
 the engine cannot limit a sandbox as a whole. rlimits, set on every command as it enters, cover:
-``pids`` as ``RLIMIT_NPROC`` (counted per user in the user namespace: every sandbox of this
-backend together, not each one) and ``memory`` as ``RLIMIT_AS`` (per process: an allocation past
-it fails with ENOMEM instead of the sandbox being OOM-killed). CPU time and disk are not covered.
+``pids`` as ``RLIMIT_NPROC`` and ``memory`` as ``RLIMIT_AS`` (per process: an allocation past it
+fails with ENOMEM instead of the sandbox being OOM-killed). CPU time and disk are not covered.
+
+The kernel counts ``RLIMIT_NPROC`` per user per user namespace, and in every namespace above
+(against the limit its creator had). Rootless, each sandbox has a user namespace of its own inside
+the backend's, so its ``pids`` limit is its own; the backend's namespace is made under
+:func:`sandbox_share`, so all sandboxes together leave the runner a share of the user's limit.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Protocol
 
 from ..types import Limits, LimitStatus
 
-__all__ = ["apply_to_running", "rlimit_values", "rlimits_for"]
+__all__ = ["apply_to_running", "rlimit_values", "rlimits_for", "sandbox_share"]
 
 
 class _Adopting(Protocol):
@@ -53,7 +57,7 @@ def apply_to_running(init: int, limits: Limits, cgroup: _Adopting | None, rlimit
 
 # prlimit's option and what sb.limits says, for each limit an rlimit holds
 _HOW = {
-    "pids": ("nproc", "rlimit RLIMIT_NPROC (all sandboxes of this backend together)"),
+    "pids": ("nproc", "rlimit RLIMIT_NPROC (in the sandbox's own user namespace)"),
     "memory": ("as", "rlimit RLIMIT_AS (address space per process)"),
 }
 
@@ -74,18 +78,28 @@ def rlimits_for(limits: Limits, prlimit: str | None) -> tuple[list[str], dict[st
 
 def _capped(res: int, value: int) -> tuple[int, str]:
     """``value``, or the hard limit this process already runs under when that is lower: an
-    unprivileged process cannot raise it, and a lower outer limit holds anyway.
-
-    ``RLIMIT_NPROC`` counts the user's processes, the runner's included: sandboxes that used up
-    the user's limit would leave the runner unable to start a thread or a command (its next
-    exec, its close). They get at most three quarters of it, the runner keeps the rest."""
+    unprivileged process cannot raise it, and a lower outer limit holds anyway. ``RLIMIT_NPROC``
+    is capped at :func:`sandbox_share`."""
     hard = resource.getrlimit(res)[1]
     if hard == resource.RLIM_INFINITY:
         return value, ""
     if res == resource.RLIMIT_NPROC:
-        share = hard - max(64, hard // 4)
-        if share < value:
-            return max(share, 1), f", capped at {max(share, 1)}: the user's limit is {hard}, the rest is the runner's"
+        share = sandbox_share()
+        if share is not None and share < value:
+            return share, f", capped at {share}: the user's limit is {hard}, the rest is the runner's"
     elif hard < value:
         return hard, f", capped at the {hard} this process already has"
     return value, ""
+
+
+def sandbox_share() -> int | None:
+    """How many processes of the user sandboxes may have together (None: no limit to share).
+
+    ``RLIMIT_NPROC`` counts all of the user's processes, the runner's included: sandboxes that
+    used them all up would leave the runner unable to start a thread or a command (its next exec,
+    its close). Sandboxes get at most three quarters of the hard limit; the runner keeps the rest,
+    at least 64."""
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    if hard == resource.RLIM_INFINITY:
+        return None
+    return max(hard - max(64, hard // 4), 1)
