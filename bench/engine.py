@@ -235,6 +235,66 @@ def registry_rows(local: LocalBackend, deb: Snapshot, n: int, row: Callable[...,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _outside_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.connect(("192.0.2.1", 9))  # no packet is sent: the address of the default route
+        addr: str = s.getsockname()[0]
+        return None if addr.startswith("127.") else addr
+    return None
+
+
+def network_rows(b: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None], out: dict[str, float]) -> None:
+    """create(network=True) + first exec, and a 64 MB download from the host's own address, with a
+    network of the sandbox's own (slirp4netns) against the host's, interleaved."""
+    uplinks = b.host.uplinks
+    if not uplinks.usable:
+        row("networked sandboxes", "skipped", uplinks.reason)
+        return
+    addr = _outside_address()
+    served = Path(tempfile.mkdtemp(prefix="psb-net-"))
+    (served / "blob").write_bytes(os.urandom(64 << 20))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", addr or "127.0.0.1", "0", "--directory", str(served)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert server.stdout is not None
+    port = server.stdout.readline().split(" port ")[1].split()[0]
+    fetch = f"python3 -c 'import urllib.request; urllib.request.urlopen(\"http://{addr}:{port}/blob\").read()'"
+    times: dict[str, list[float]] = {"own": [], "host": [], "own_dl": [], "host_dl": []}
+    try:
+        for i in range(n):
+            for side in ("own", "host"):
+                uplinks.reason = "" if side == "own" else "bench: the host's network"
+                t = time.perf_counter()
+                with b.create(deb, network=True) as sb:
+                    sb.exec("true")
+                    times[side].append(time.perf_counter() - t)
+                    if addr is not None and i < max(3, n // 10):
+                        t = time.perf_counter()
+                        sb.exec(fetch).check()
+                        times[f"{side}_dl"].append(time.perf_counter() - t)
+    finally:
+        uplinks.reason = ""
+        server.kill()
+        server.wait()
+        shutil.rmtree(served, ignore_errors=True)
+    own, host = pct(times["own"], 50), pct(times["host"], 50)
+    out.update(network_own_p50=own, network_host_p50=host)
+    row("create(network=True) + exec: own network", f"p50 {ms(own)}", f"{own / host:.2f}x the host's network")
+    row("create(network=True) + exec: host's network", f"p50 {ms(host)}", "(no slirp4netns)")
+    if times["own_dl"]:
+        mbps = {k: 64 / pct(times[f"{k}_dl"], 50) for k in ("own", "host")}
+        out.update(network_own_mbps=mbps["own"], network_host_mbps=mbps["host"])
+        row(
+            "64 MB over HTTP from the host's address",
+            f"{mbps['own']:7.0f} MB/s",
+            f"own network; host's network {mbps['host']:.0f} MB/s ({mbps['own'] / mbps['host']:.2f}x)",
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50, help="samples per timing row")
@@ -336,6 +396,7 @@ def main() -> None:
             f"p50 {ms(pct(limited, 50))}",
             f"p95 {ms(pct(limited, 95))}  {pct(limited, 50) / pct(bare, 50):.2f}x the unlimited fork",
         )
+        network_rows(b, deb, args.n, row, out)
         if use_docker:
             out["docker_run_p50"] = pct(dok, 50)
             row(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import urllib.parse
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -27,7 +28,16 @@ from .errors import (
 from .image import DebianBase, Image, Step
 from .types import LogCallback, Snapshot
 
-__all__ = ["BUILD_CA_PATH", "build_env", "build_recipe", "host_ca_bundle", "mmdebstrap_tar", "run_step", "step_argv"]
+__all__ = [
+    "BUILD_CA_PATH",
+    "build_env",
+    "build_recipe",
+    "host_ca_bundle",
+    "loopback_proxy",
+    "mmdebstrap_tar",
+    "run_step",
+    "step_argv",
+]
 
 # Build steps use the host's network, so they also use its trust roots and proxy settings (a
 # TLS-intercepting proxy is common in companies). The CA bundle is bound into bwrap's private /dev
@@ -57,6 +67,17 @@ def build_env(ca_path: str = BUILD_CA_PATH) -> dict[str, str]:
         for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
             env[var] = ca_path
     return env
+
+
+def loopback_proxy(env: dict[str, str]) -> str | None:
+    """The name of the first proxy variable in ``env`` that points at the host's loopback (a local
+    proxy such as cntlm), which a network of the sandbox's own cannot reach; else None."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        value = env.get(name, "")
+        host = urllib.parse.urlsplit(value if "://" in value else f"http://{value}").hostname or ""
+        if value and (host == "localhost" or host.startswith("127.") or host == "::1"):
+            return name
+    return None
 
 
 def step_argv(step: Step) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Protocol
 from ._lifeline import kill_tree
 from .types import DEFAULT_MAX_OUTPUT
 
-__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Cancel", "Completed", "clip", "run"]
+__all__ = ["CLIP_SH", "DEFAULT_MAX_OUTPUT", "TRUNCATED", "Cancel", "Completed", "clip", "memfd", "run"]
 
 TRUNCATED = "bytes truncated by pytest-sandbox (max_output) ..."
 """What the marker left where output was cut says, after the number of bytes left out."""
@@ -252,7 +252,8 @@ def clip(data: bytes, limit: int) -> tuple[bytes, bool]:
     return cap.finish(), True
 
 
-def _memfd(name: str, data: bytes = b"") -> int:
+def memfd(name: str, data: bytes = b"") -> int:
+    """A close-on-exec memory file holding ``data``, at its start (for a child to read)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     if data:
         os.write(fd, data)
@@ -295,10 +296,10 @@ def run(
     """
     pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
     caps = [_Capture(max_output, on_line), _Capture(max_output, on_line)]
-    stdin: int = _memfd("stdin", input) if input else subprocess.DEVNULL
+    stdin: int = memfd("stdin", input) if input else subprocess.DEVNULL
     if fd_data is not None and spawner is None:
         raise ValueError("fd_data needs a spawner: only it places the file at a known fd (3)")
-    extra = None if fd_data is None else (_memfd("data", fd_data[0]), fd_data[1])
+    extra = None if fd_data is None else (memfd("data", fd_data[0]), fd_data[1])
     start = time.perf_counter()
     open_fds = [r for r, _ in pipes]
     pidfd = -1

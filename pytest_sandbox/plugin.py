@@ -28,7 +28,7 @@ MARKER_DOC = (
     "sandbox(image=None, network=False, env=None, memory=None, pids=None, cpus=None, disk=None): "
     "the sandbox for this test (class, module) is forked from `image`: an Image, a name from the "
     "sandbox_images fixture, or a base reference ('host', 'debian:bookworm', 'rootfs:/path', "
-    "'python:3.12-slim'); network=True gives it the host's network; env adds environment "
+    "'python:3.12-slim'); network=True gives it a network (local engine: its own, NAT); env adds environment "
     "variables; memory, pids, cpus and disk are its limits (e.g. memory='1G', pids=512)."
 )
 MARKER_ARGS = ("image", "network", "env", *LIMIT_NAMES)
@@ -422,7 +422,7 @@ def sandbox(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterato
     """A fresh copy-on-write fork of the session's snapshot, for this test only.
 
     ``@pytest.mark.sandbox(image=..., network=..., env=..., memory=..., pids=..., cpus=..., disk=...)``
-    on the test, its class or module picks another image, gives it the host's network, adds
+    on the test, its class or module picks another image, gives it network (``network=True``), adds
     environment variables or sets its limits.
     """
     mark = request.node.get_closest_marker("sandbox")

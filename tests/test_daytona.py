@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from typing import Any
 import pytest
 
 from pytest_sandbox import Backend, ConfigError, EngineUnavailableError, Image, Limits, SandboxError, Snapshot
-from tests.conftest import DEBIAN
+from pytest_sandbox.backends.local import LocalBackend
+from tests.conftest import DEBIAN, wait_for
 from tests.test_limits import ALLOC
 
 daytona = pytest.importorskip("daytona", reason="pip install 'pytest-sandbox[daytona]'")
@@ -119,6 +121,32 @@ def test_unreachable_api_is_a_clear_error_with_the_sdk_error_chained(cache_dir: 
         os.environ["DAYTONA_API_URL"] = saved
     assert isinstance(info.value.__cause__, daytona.DaytonaError)
     assert "pytest-sandbox serve" in str(info.value)
+
+
+def test_a_cancel_that_comes_before_the_wrapper_starts_stops_it_from_running(
+    backend: LocalBackend, host: Snapshot
+) -> None:
+    # On a busy machine or API the request that stops a cancelled exec can run before the one that
+    # starts it: the wrapper must then not run the command at all (it once ran to its end, a fork
+    # bomb included). The wrapper's and the stop command's shell, run for real in a sandbox.
+    from pytest_sandbox.backends._daytona_exec import kill_command, wrap
+
+    tag = secrets.token_hex(6)
+    with backend.create(host) as sb:
+        early = time.monotonic()
+        sb.exec(["/bin/sh", "-c", kill_command(tag)]).check()  # nothing to kill yet: waits, then leaves
+        assert time.monotonic() - early >= 1.5
+        late = sb.exec(["/bin/sh", "-c", wrap(tag, ["sh", "-c", "touch /ran"], "/", None, 1 << 20)])
+        assert late.ok and late.stdout == ""
+        assert not sb.fs.exists("/ran")
+        assert sb.exec(f"ls /tmp/.psb-{tag}.* 2>/dev/null | wc -l").stdout.strip() == "0"  # nothing left
+        # and a wrapper that runs first is killed by the stop command (whole tree, then its files)
+        tag = secrets.token_hex(6)
+        sb.exec(["/bin/sh", "-c", wrap(tag, ["sh", "-c", "sleep 600; touch /ran"], "/", None, 1 << 20) + " &"])
+        assert wait_for(lambda: sb.fs.exists(f"/tmp/.psb-{tag}.pid"))
+        sb.exec(["/bin/sh", "-c", kill_command(tag)]).check()
+        assert sb.exec("pgrep -f 'sleep 60[0]' | wc -l").stdout.strip() == "0"
+        assert sb.exec(f"ls /tmp/.psb-{tag}.* 2>/dev/null | wc -l").stdout.strip() == "0"
 
 
 def test_an_answer_that_never_comes_is_not_called_an_unreachable_api() -> None:

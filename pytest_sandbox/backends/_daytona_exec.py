@@ -24,6 +24,7 @@ _WRAP = (
     CLIP_SH
     + r"""
 i=$1; c=$2; t=$3; k=$4; L=$5; shift 5; d=/tmp/.psb-$i; echo $$ >$d.pid
+if [ -e $d.cancel ]; then rm -f $d.*; exit 0; fi
 if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi
 if [ -n "$c" ] && ! cd -- "$c" 2>$d.err; then rc=125; : >$d.out
 elif [ -z "$t" ]; then "$@" >$d.out 2>$d.err <$in; rc=$?
@@ -64,10 +65,14 @@ def unwrap(tag: str, text: str, sandbox_id: str) -> tuple[int, bool, bytes, byte
 
 def kill_command(tag: str) -> str:
     """The command that kills exec ``tag``'s whole tree (the wrapper first) and removes its files."""
-    # The wrapper writes its pid first thing; a cancel can come before it has.
-    wait = f"n=0; while [ ! -s /tmp/.psb-{tag}.pid ] && [ $n -lt 40 ]; do sleep 0.05; n=$((n + 1)); done"
-    kill = f'sh -c {shlex.quote(KILL_TREE_SH)} sh "$(cat /tmp/.psb-{tag}.pid 2>/dev/null)"'
-    return shlex.join(["/bin/sh", "-c", f"{wait}; {kill}; rm -f /tmp/.psb-{tag}.*"])
+    # A cancel can come before the wrapper has started (a busy machine or API). The wrapper writes
+    # its pid and then looks for the cancel mark; this writes the mark and then looks for the pid:
+    # one of the two sees the other's, so the command is killed or never runs. Without a pid within
+    # two seconds the mark stays, for a wrapper that starts later.
+    d = f"/tmp/.psb-{tag}"
+    wait = f": >{d}.cancel; n=0; while [ ! -s {d}.pid ] && [ $n -lt 40 ]; do sleep 0.05; n=$((n + 1)); done"
+    kill = f'sh -c {shlex.quote(KILL_TREE_SH)} sh "$(cat {d}.pid)"'
+    return shlex.join(["/bin/sh", "-c", f"{wait}; if [ -s {d}.pid ]; then {kill}; rm -f {d}.*; fi"])
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -18,19 +18,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import json
 import os
 import resource
-import select
 import shlex
-import subprocess
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .. import _proc
-from .._build import BUILD_CA_PATH, build_env, build_recipe, run_step
+from .._build import build_env, build_recipe, loopback_proxy, run_step
 from .._lifeline import Reaper
 from ..engine import layers as _layers
 from ..engine import pause as _pause
@@ -38,9 +35,10 @@ from ..engine.bases import Bases
 from ..engine.cgroups import Cgroup
 from ..engine.disk import Disk
 from ..engine.expose import Exposure, Forwarder, SocketMaker
-from ..engine.host import DEFAULT_ENV, HOLDER, HOST_ENV, Host, UserNamespace
+from ..engine.host import DEFAULT_ENV, HOST_ENV, Host, UserNamespace
 from ..engine.ids import IdMap
 from ..engine.limits import apply_to_running, rlimits_for
+from ..engine.net import RESOLV_CONF, Uplink
 from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
 from ..engine.share import Shares
@@ -60,9 +58,6 @@ from ._base import (
 )
 
 __all__ = ["LocalBackend", "LocalSandbox"]
-
-# docker's default --shm-size: /dev/shm is memory outside the disk limit, so it gets a small one.
-SHM_SIZE = 64 << 20
 
 
 class LocalBackend(BackendBase):
@@ -282,9 +277,15 @@ class LocalBackend(BackendBase):
             with self.store.shared():
                 self.store.put(snap)
             return snap
-        sb = self.create(parent, network=True)
+        env = build_env()
+        proxy = loopback_proxy(env)
+        if proxy is not None and self.host.uplinks.usable:
+            say_once(f"build steps share the host's network: ${proxy} is a proxy on its loopback")
+        sb = LocalSandbox(self, parent, network=True, env={}, limits=self.limits, host_network=proxy is not None)
+        with self._lock:
+            self._live.add(sb)
         try:
-            workdir = run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=build_env(), log=log)
+            workdir = run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=env, log=log)
             return sb._freeze(key=key, workdir=workdir, description=step.describe())
         finally:
             sb.close()
@@ -363,7 +364,14 @@ class LocalSandbox(SandboxBase):
     """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
 
     def __init__(
-        self, backend: LocalBackend, snapshot: Snapshot, *, network: bool, env: dict[str, str], limits: Limits
+        self,
+        backend: LocalBackend,
+        snapshot: Snapshot,
+        *,
+        network: bool,
+        env: dict[str, str],
+        limits: Limits,
+        host_network: bool = False,
     ) -> None:
         self.backend = backend
         self._limits = limits
@@ -381,6 +389,8 @@ class LocalSandbox(SandboxBase):
         self._running: set[_proc.Cancel] = set()
         self._fs: SafeFS | None = None
         self._exposed: dict[int, Exposure] = {}
+        self._uplink: Uplink | None = None
+        self._host_net = host_network
         store = backend.store
         with store.shared():
             if not all(store.layer_path(x).is_dir() for x in snapshot.layers):
@@ -452,7 +462,9 @@ class LocalSandbox(SandboxBase):
         return LimitStatus("disk", size, True, self._disk.how)
 
     def _release(self) -> None:
-        """What the sandbox holds outside its directory: its helper, cgroup and disk mount."""
+        """What the sandbox holds outside its directory: its uplink, helper, cgroup and disk."""
+        if self._uplink is not None:
+            self._uplink.wait()
         if self._helper is not None:
             self._helper.close()
         if self._cgroup is not None:
@@ -472,90 +484,32 @@ class LocalSandbox(SandboxBase):
         b = self.backend
         argv = b.bwrap_launcher()
         argv += b.host.mount_args(self.snapshot_of, self._scratch, self._scratch_launch)
-        argv += [
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--perms",
-            "1777",
-            "--size",
-            str(SHM_SIZE),
-            "--tmpfs",
-            "/dev/shm",
-            *b.host.kernel_view,
-            *b.host.own_userns,
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--hostname",
-            "sandbox",
-            "--new-session",
-            "--cap-add",
-            "ALL",
-            "--chdir",
-            self.snapshot_of.workdir,
-        ]
-        if self.network:
-            if self.snapshot_of.base.get("kind") != "host":
-                argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-            if b.host.ca_launch:
-                argv += ["--ro-bind", b.host.ca_launch, BUILD_CA_PATH]
-        else:
-            argv += ["--unshare-net"]
-        info_r, info_w = os.pipe2(os.O_CLOEXEC)
-        seccomp = os.memfd_create("seccomp", os.MFD_CLOEXEC)
-        os.write(seccomp, b.host.seccomp)
-        os.lseek(seccomp, 0, os.SEEK_SET)
-        argv += ["--seccomp", str(seccomp), "--info-fd", str(info_w), *HOLDER]
-        err = os.memfd_create("bwrap-stderr", os.MFD_CLOEXEC)
+        isolated = self.network and not self._host_net and b.host.uplinks.usable
+        if self.network and not self._host_net and not isolated:
+            say_once(f"network=True shares the host's network here: {b.host.uplinks.reason}")
+        self._host_net = self.network and not isolated
+        resolv = _proc.memfd("resolv.conf", RESOLV_CONF) if isolated else -1
+        seccomp = _proc.memfd("seccomp", b.host.seccomp)
         try:
-            # No --die-with-parent: it fires when the creating *thread* exits. Instead the holder
-            # exits when its stdin (our pipe) closes, which also happens when we are killed.
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                pass_fds=(info_w, seccomp),
-                start_new_session=True,
-                env={"PATH": DEFAULT_ENV["PATH"]},
-            )
-            os.close(info_w)
-            os.close(seccomp)
-            seccomp = -1
-            assert self._proc.stdout is not None
-            ready = self._proc.stdout.readline()
-            self._proc.stdout.close()
-            if ready != b"r\n":
-                self._proc.wait()
-                msg = os.pread(err, 65536, 0).decode(errors="replace").strip()
-                if "sh" in msg and "No such file" in msg:
-                    msg += " (the image needs /bin/sh)"
-                raise SandboxError(f"the sandbox did not start: {msg or 'bwrap exited'}")
-            info = b""
-            while True:
-                try:
-                    self.pid = int(json.loads(info)["child-pid"])
-                    break
-                except ValueError:
-                    # poll, not select: a runner with 1000 live sandboxes holds fds past 1024
-                    poller = select.poll()
-                    poller.register(info_r, select.POLLIN)
-                    poller.poll(5000)
-                    chunk = os.read(info_r, 4096)
-                    if not chunk:
-                        raise SandboxError("bwrap did not report the sandbox's pid") from None
-                    info += chunk
+            argv += b.host.sandbox_args(self.snapshot_of, host_net=self._host_net, network=self.network, resolv=resolv)
+            argv += ["--seccomp", str(seccomp)]
+            self._proc, self.pid = b.host.launch(argv, [seccomp, *([resolv] if resolv >= 0 else [])])
         finally:
-            os.close(info_r)
-            os.close(err)
-            if seccomp >= 0:
-                os.close(seccomp)
+            for fd in (seccomp, resolv):
+                if fd >= 0:
+                    os.close(fd)
         # bwrap started the init and the holder outside the sandbox's limits
         apply_to_running(self.pid, self._limits, self._cgroup, rlimits=bool(self._prlimit))
         b._reaper.watch(self.pid)
+        if isolated:
+            try:
+                self._uplink = b.host.uplinks.connect(self.pid)
+                if self._cgroup is not None:  # what the sandbox makes it hold counts as the sandbox's
+                    self._cgroup.adopt([self._uplink.proc.pid])
+            except BaseException:
+                os.kill(self.pid, 9)
+                self._proc.wait()
+                raise
 
     # -- context -----------------------------------------------------------------------------
 
@@ -585,7 +539,7 @@ class LocalSandbox(SandboxBase):
         sandbox's environment and ``env`` over it, and the environment's file (see
         :meth:`Host.enter_argv`)."""
         env = {**self._env, **(env or {})}
-        return self.backend.host.enter_argv(self.pid, argv, cwd=cwd, env=env, network=self.network, via=self._prlimit)
+        return self.backend.host.enter_argv(self.pid, argv, cwd=cwd, env=env, network=self._host_net, via=self._prlimit)
 
     def _run(
         self,
@@ -655,9 +609,8 @@ class LocalSandbox(SandboxBase):
         session of its own, so it cannot push input into the caller's terminal (no job control)."""
         self._check_open()
         line, script, slot = self.nsenter_argv(argv or LOGIN_SHELL, env=env)
-        data = os.memfd_create("env", os.MFD_CLOEXEC)
+        data = _proc.memfd("env", script)
         try:
-            os.write(data, script)
             child = self._spawner().spawn(line, dict(HOST_ENV), 0, 1, 2, (data, slot))
         finally:
             os.close(data)
@@ -666,11 +619,11 @@ class LocalSandbox(SandboxBase):
 
     def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
         """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
-        loopback (TCP: a database, an HTTP server), open until the sandbox closes. A networked
-        sandbox shares the host's network: its ports are reachable as they are."""
+        loopback (TCP: a database, an HTTP server), open until the sandbox closes. A sandbox that
+        shares the host's network (see :mod:`~pytest_sandbox.engine.net`) has its ports there."""
         self._check_open()
         check_port(port, protocol)
-        if self.network:
+        if self._host_net:
             return ("127.0.0.1", port)
         with self.backend._lock:
             exp = self._exposed.get(port)
@@ -782,6 +735,8 @@ class LocalSandbox(SandboxBase):
                 exp.close()
         with contextlib.suppress(ProcessLookupError, AttributeError):
             os.kill(self.pid, 9)  # pid 1 of the sandbox's pid namespace: the kernel kills the rest
+        if self._uplink is not None:
+            self._uplink.close()
         proc = getattr(self, "_proc", None)
         if proc is not None:
             with contextlib.suppress(Exception):

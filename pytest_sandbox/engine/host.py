@@ -6,18 +6,21 @@ command line and overlay mounts that start one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
+import select
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .._build import host_ca_bundle
+from .._build import BUILD_CA_PATH, host_ca_bundle
 from .._lifeline import Helper
-from ..errors import EngineUnavailableError
+from ..errors import EngineUnavailableError, SandboxError
 from ..store import Store, new_id, write_atomic
 from ..types import Snapshot
 from . import seccomp
@@ -25,6 +28,7 @@ from .cgroups import Cgroups
 from .disk import Disks
 from .ids import IdMap, root_map
 from .limits import sandbox_share
+from .net import Uplinks
 from .spawn import Spawner
 
 __all__ = [
@@ -64,6 +68,7 @@ MAX_LAYER_OPTION_BYTES = 3000
 # every process in its pid namespace: bwrap's init would otherwise wait for orphaned background
 # processes forever.
 HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
+SHM_SIZE = 64 << 20
 # Where root's helper mount namespace shows the store (see _UserNamespace).
 MOUNT_POINT = "/tmp"
 # docker's defaults for /proc and /sys: kernel settings and hardware read-only, kernel memory,
@@ -263,6 +268,7 @@ class Host:
             launch_path=self.launch_path,
             templates=store.root / "d",
         )
+        self.uplinks = Uplinks(root=self.ids is not None, nsenter=self._nsenter)
         self.prlimit = shutil.which("prlimit") or next(
             (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
         )
@@ -354,15 +360,79 @@ class Host:
         enter = ["-U", "--preserve-credentials", "-m"] if self.ids is None else ["-U", "-m"]
         return [self._nsenter, "-t", str(self.userns.pid), *enter, "--", self.bwrap_launch]
 
-    @property
-    def own_userns(self) -> list[str]:
-        """bwrap's options that give a sandbox a user namespace of its own, inside the backend's.
+    def sandbox_args(self, snap: Snapshot, *, network: bool, host_net: bool, resolv: int) -> list[str]:
+        """bwrap's options for a sandbox's namespaces, ``/proc``, ``/dev`` and network: the host's
+        (``host_net``), or one of its own, with ``resolv`` (a file descriptor, or -1) as its
+        ``/etc/resolv.conf`` and, when it has an uplink (``network``), the build CA bundle."""
+        args = ["--proc", "/proc", "--dev", "/dev"]
+        # docker's default --shm-size (SHM_SIZE): /dev/shm is memory outside the disk limit.
+        args += ["--perms", "1777", "--size", str(SHM_SIZE), "--tmpfs", "/dev/shm", *self.kernel_view]
+        if self.ids is None:
+            # A user namespace of its own inside the backend's: the kernel counts RLIMIT_NPROC per
+            # user per user namespace, so in one shared by all sandboxes each one's pids limit
+            # would be all of theirs (one at its limit left the others unable to fork). bwrap maps
+            # one id in a namespace it makes, as the backend's does rootless; as root the
+            # backend's maps 65536 ids and is kept.
+            args += ["--unshare-user", "--uid", "0", "--gid", "0"]
+        args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+        args += ["--new-session", "--cap-add", "ALL", "--chdir", snap.workdir]
+        if host_net:
+            if snap.base.get("kind") != "host":
+                args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+        else:
+            args += ["--unshare-net"]
+            if resolv >= 0:
+                args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf"]
+        if network and self.ca_launch:
+            args += ["--ro-bind", self.ca_launch, BUILD_CA_PATH]
+        return args
 
-        Rootless only: the kernel counts RLIMIT_NPROC per user per user namespace, so in one
-        namespace shared by all sandboxes each one's ``pids`` limit would be all of theirs (one at
-        its limit left the others unable to fork). bwrap maps one id in a namespace it makes, as
-        the backend's does rootless; as root the backend's maps 65536 and is kept."""
-        return ["--unshare-user", "--uid", "0", "--gid", "0"] if self.ids is None else []
+    def launch(self, argv: list[str], pass_fds: Sequence[int]) -> tuple[subprocess.Popen[bytes], int]:
+        """Start bwrap (``argv``, up to its command; ``pass_fds`` the files it names) with the
+        holder as the sandbox's command. Returns bwrap and the pid of the sandbox's init once the
+        holder runs. The holder exits when bwrap's stdin (the returned process's) is closed."""
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        err = os.memfd_create("bwrap-stderr", os.MFD_CLOEXEC)
+        try:
+            # No --die-with-parent: it fires when the creating *thread* exits. Instead the holder
+            # exits when its stdin (our pipe) closes, which also happens when we are killed.
+            proc = subprocess.Popen(
+                [*argv, "--info-fd", str(info_w), *HOLDER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                pass_fds=(info_w, *pass_fds),
+                start_new_session=True,
+                env={"PATH": DEFAULT_ENV["PATH"]},
+            )
+            os.close(info_w)
+            info_w = -1
+            assert proc.stdout is not None
+            ready = proc.stdout.readline()
+            proc.stdout.close()
+            if ready != b"r\n":
+                proc.wait()
+                msg = os.pread(err, 65536, 0).decode(errors="replace").strip()
+                if "sh" in msg and "No such file" in msg:
+                    msg += " (the image needs /bin/sh)"
+                raise SandboxError(f"the sandbox did not start: {msg or 'bwrap exited'}")
+            info = b""
+            while True:
+                try:
+                    return proc, int(json.loads(info)["child-pid"])
+                except ValueError:
+                    # poll, not select: a runner with 1000 live sandboxes holds fds past 1024
+                    poller = select.poll()
+                    poller.register(info_r, select.POLLIN)
+                    poller.poll(5000)
+                    chunk = os.read(info_r, 4096)
+                    if not chunk:
+                        raise SandboxError("bwrap did not report the sandbox's pid") from None
+                    info += chunk
+        finally:
+            for fd in (info_r, info_w, err):
+                if fd >= 0:
+                    os.close(fd)
 
     def launch_path(self, path: Path) -> str:
         """``path`` (in the store) as bwrap sees it when it starts a sandbox."""

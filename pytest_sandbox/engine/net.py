@@ -1,0 +1,148 @@
+"""A network for a sandbox that asks for one, of its own: never the host's.
+
+A sandbox with ``network=True`` gets a network namespace of its own, like every other sandbox,
+joined to the outside by slirp4netns (user-mode NAT, the uplink rootless podman uses): it can open
+connections out and resolve names, and nothing can connect in except through ``expose()``. In the
+host's network namespace, sandbox code would reach every service on the host's loopback (a
+database, a Docker or Daytona API, a debugger port), the host's abstract Unix sockets, and listen
+on the host's ports. slirp4netns runs with ``--disable-host-loopback``, so the gateway address does
+not lead to the host's loopback either; the host's other addresses are reached as any machine on
+the network reaches them.
+
+slirp4netns needs ``/dev/net/tun``. Rootless it starts inside the sandbox's user namespace, as
+root there (the caller's ids); as root it runs as root (root inside cannot open ``/dev/net/tun``,
+which belongs to host root), confined by its own ``--enable-sandbox`` (an empty mount namespace,
+no capabilities but binding low ports) and ``--enable-seccomp``. Where it cannot run, a networked
+sandbox shares the host's network, and a warning names what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import shutil
+import subprocess
+
+from ..errors import SandboxError
+
+__all__ = ["RESOLV_CONF", "Uplink", "Uplinks"]
+
+RESOLV_CONF = b"nameserver 10.0.2.3\n"
+"""The sandbox's ``/etc/resolv.conf``: slirp4netns's DNS address, which forwards to the host's
+resolver (a resolver on the host's loopback, such as systemd-resolved's, would be unreachable)."""
+
+_READY_TIMEOUT = 10.0
+
+
+class Uplinks:
+    """Whether sandboxes of this host can have a network of their own, and how they get one."""
+
+    def __init__(self, *, root: bool, nsenter: str) -> None:
+        self._root = root
+        self._nsenter = nsenter
+        self.slirp = shutil.which("slirp4netns")
+        self.reason = ""
+        if self.slirp is None:
+            self.reason = "slirp4netns is not installed (apt-get install slirp4netns)"
+            return
+        # Opened, not stat'ed: in a container the device may be missing, or denied by its cgroup.
+        try:
+            os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            if exc.errno == errno.EACCES and not root:
+                fix = (
+                    "chmod 0666 /dev/net/tun, as the kernel's tuntap documentation has it: opening it "
+                    "grants nothing without CAP_NET_ADMIN"
+                )
+            else:
+                fix = "in a container, give it the device: docker run --device /dev/net/tun"
+            self.reason = f"/dev/net/tun cannot be opened ({exc.strerror}; {fix})"
+
+    @property
+    def usable(self) -> bool:
+        """True when a networked sandbox gets a network of its own here."""
+        return not self.reason
+
+    def connect(self, pid: int) -> Uplink:
+        """An uplink for the network namespace of the sandbox whose init is ``pid``."""
+        assert self.slirp is not None
+        enter = [] if self._root else [self._nsenter, "-t", str(pid), "-U", "--preserve-credentials", "--"]
+        return Uplink([*enter, self.slirp], pid)
+
+
+class Uplink:
+    """One sandbox's slirp4netns. It exits when :meth:`close` closes its exit pipe, or when the
+    runner dies (the kernel closes the pipe then): nothing is left behind after ``kill -9``."""
+
+    def __init__(self, launch: list[str], pid: int) -> None:
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        exit_r, self._exit_w = os.pipe2(os.O_CLOEXEC)
+        # A file, not a pipe: a pipe nobody reads would stop slirp4netns once full.
+        self._err = os.memfd_create("slirp4netns-stderr", os.MFD_CLOEXEC)
+        argv = [
+            *launch,
+            "--configure",
+            "--mtu=65520",
+            "--disable-host-loopback",
+            "--enable-sandbox",
+            "--enable-seccomp",
+            f"--ready-fd={ready_w}",
+            f"--exit-fd={exit_r}",
+            "--netns-type=path",
+            f"/proc/{pid}/ns/net",
+            "tap0",
+        ]
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._err,
+                pass_fds=(ready_w, exit_r),
+                start_new_session=True,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+        except OSError as exc:
+            for fd in (ready_r, ready_w, exit_r, self._exit_w, self._err):
+                os.close(fd)
+            raise SandboxError(f"slirp4netns did not start ({exc}); create the sandbox without network") from exc
+        os.close(ready_w)
+        os.close(exit_r)
+        try:
+            poller = select.poll()
+            poller.register(ready_r, select.POLLIN)
+            ready = os.read(ready_r, 1) if poller.poll(int(_READY_TIMEOUT * 1000)) else b""
+        finally:
+            os.close(ready_r)
+        if ready != b"1":
+            self.close()
+            err = self._stderr()
+            self.wait()
+            raise SandboxError(f"the sandbox's network did not come up (slirp4netns: {err or 'no answer'})")
+
+    def _stderr(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        lines = os.pread(self._err, 65536, 0).decode(errors="replace").splitlines()
+        # slirp4netns warns that its seccomp support is experimental; that is not the error
+        return "; ".join(line for line in lines if "experimental" not in line)[-500:]
+
+    def close(self) -> None:
+        """Stop slirp4netns (it exits on its own; :meth:`wait` reaps it). Idempotent."""
+        if self._exit_w >= 0:
+            os.close(self._exit_w)
+            self._exit_w = -1
+
+    def wait(self) -> None:
+        """Reap slirp4netns, killing it if it did not exit within a few seconds of :meth:`close`."""
+        self.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self._err >= 0:
+            os.close(self._err)
+            self._err = -1
