@@ -228,3 +228,23 @@ def test_a_proxy_on_loopback_is_recognised() -> None:
     assert loopback_proxy({"https_proxy": "http://user:pw@[::1]:3128/"}) == "https_proxy"
     assert loopback_proxy({"http_proxy": "http://proxy.corp.example:3128", "no_proxy": "127.0.0.1"}) is None
     assert loopback_proxy({}) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: rootless, mounts reach new namespaces as slaves")
+def test_the_uplink_leaves_the_hosts_mounts_alone(backend: LocalBackend, host: Snapshot, tmp_path: Path) -> None:
+    # As /var/lib/docker is: a shared mount with mounts below it (every container's root). An
+    # uplink that detached its old root in the host's mount namespace unmounted those on the host.
+    needs_uplink(backend)
+    shared, below = tmp_path / "shared", tmp_path / "shared" / "below"
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "psb-shared", str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        below.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "psb-below", str(below)], check=True)
+        (below / "still-here").write_text("yes")
+        with backend.create(host, network=True) as sb:
+            assert sb.exec("echo up").stdout == "up\n"
+        assert (below / "still-here").read_text() == "yes", "a networked sandbox unmounted a host mount"
+    finally:
+        subprocess.run(["umount", "-R", str(shared)], check=False)

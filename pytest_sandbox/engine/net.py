@@ -12,7 +12,8 @@ the network reaches them.
 slirp4netns needs ``/dev/net/tun``. Rootless it starts inside the sandbox's user namespace, as
 root there (the caller's ids); as root it runs as root (root inside cannot open ``/dev/net/tun``,
 which belongs to host root), confined by its own ``--enable-sandbox`` (an empty mount namespace,
-no capabilities but binding low ports) and ``--enable-seccomp``. Where it cannot run, a networked
+no capabilities but binding low ports) and ``--enable-seccomp``, started in a mount namespace whose
+mounts are all private (see :meth:`Uplinks.connect`). Where it cannot run, a networked
 sandbox shares the host's network, and a warning names what is missing.
 """
 
@@ -42,10 +43,16 @@ class Uplinks:
     def __init__(self, *, root: bool, nsenter: str) -> None:
         self._root = root
         self._nsenter = nsenter
+        # util-linux, beside nsenter
+        beside = os.path.join(os.path.dirname(nsenter), "unshare")
+        self._unshare = beside if os.path.exists(beside) else shutil.which("unshare") or ""
         self.slirp = shutil.which("slirp4netns")
         self.reason = ""
         if self.slirp is None:
             self.reason = "slirp4netns is not installed (apt-get install slirp4netns)"
+            return
+        if root and not self._unshare:
+            self.reason = "unshare is not installed (apt-get install util-linux)"
             return
         # Opened, not stat'ed: in a container the device may be missing, or denied by its cgroup.
         try:
@@ -68,7 +75,14 @@ class Uplinks:
     def connect(self, pid: int) -> Uplink:
         """An uplink for the network namespace of the sandbox whose init is ``pid``."""
         assert self.slirp is not None
-        enter = [] if self._root else [self._nsenter, "-t", str(pid), "-U", "--preserve-credentials", "--"]
+        if self._root:
+            # --enable-sandbox makes "/" private but not what is mounted below it, then detaches
+            # the old root: in the host's mount namespace that unmount travels through shared
+            # mounts to the host (every running Docker container lost its root filesystem).
+            # unshare gives it a namespace of its own whose mounts are all private first.
+            enter = [self._unshare, "--mount", "--propagation", "private", "--"]
+        else:  # its namespace then is the sandbox user namespace's: shared mounts come as slaves
+            enter = [self._nsenter, "-t", str(pid), "-U", "--preserve-credentials", "--"]
         return Uplink([*enter, self.slirp], pid)
 
 
