@@ -85,13 +85,14 @@ def test_async_exec_files_fork_and_snapshot(debian_target: Target) -> None:
 
 def test_fifty_execs_across_ten_sandboxes_run_at_once(debian_target: Target) -> None:
     """Every exec waits until all 50 are running (a barrier the test lifts when it sees them all),
-    so the run can only finish if none waits for another."""
+    so the run can only finish if none waits for another. The barrier is a file with something in
+    it: an upload may create the file before it writes its bytes."""
 
     async def go() -> None:
         async with aio.AsyncBackend(debian_target.backend) as backend:
             sbs = await asyncio.gather(*(backend.create(debian_target.snapshot) for _ in range(10)))
             wait = (
-                "touch /tmp/started.$1; n=0; while [ ! -e /tmp/go ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done"
+                "touch /tmp/started.$1; n=0; while [ ! -s /tmp/go ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done"
             )
             execs = [
                 asyncio.ensure_future(sb.exec(["sh", "-c", f"{wait}; cat /tmp/go; echo $1", "sh", str(i)]))

@@ -248,3 +248,40 @@ def test_the_uplink_leaves_the_hosts_mounts_alone(backend: LocalBackend, host: S
         assert (below / "still-here").read_text() == "yes", "a networked sandbox unmounted a host mount"
     finally:
         subprocess.run(["umount", "-R", str(shared)], check=False)
+
+
+RAW_ATTACK = r"""
+import socket, sys
+for family, kind in ((socket.AF_PACKET, socket.SOCK_RAW), (socket.AF_INET, socket.SOCK_RAW)):
+    try:
+        socket.socket(family, kind, socket.htons(3) if family == socket.AF_PACKET else socket.IPPROTO_UDP)
+        print("raw socket made")
+    except PermissionError:
+        print("refused")
+"""
+
+
+def _cap_bits(status: str, field: str = "CapEff") -> int:
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")), 16)
+
+
+def test_a_networked_sandbox_cannot_forge_packets_or_routes(backend: LocalBackend, host: Snapshot) -> None:
+    # With CAP_NET_RAW a packet socket puts a hand-made packet for 127.0.0.1 on tap0, and with
+    # CAP_NET_ADMIN a route does the same for an ordinary connect(): slirp4netns delivers either
+    # to the host's loopback (--disable-host-loopback only guards its gateway address).
+    needs_uplink(backend)
+    net_raw, net_admin = 1 << 13, 1 << 12
+    with backend.create(host, network=True) as sb:
+        assert sb.exec(["python3", "-c", RAW_ATTACK]).stdout.split() == ["refused", "refused"]
+        # No process has them to use, and none can get them back by exec (no_new_privs caps what
+        # an exec gives at what the process had): a command, the sandbox's init and its holder.
+        for who in ("self", "1", "2"):
+            status = sb.exec(f"cat /proc/{who}/status").stdout
+            for field in ("CapEff", "CapPrm", "CapAmb"):
+                assert not _cap_bits(status, field) & (net_raw | net_admin), (who, field, status)
+            assert "NoNewPrivs:\t1" in status, (who, status)
+        assert not _cap_bits(sb.exec("cat /proc/self/status").stdout, "CapBnd") & (net_raw | net_admin)
+        res = sb.exec("ip route add 127.0.0.2/32 dev tap0 || echo refused")
+        assert "refused" in res.stdout or res.exit_code == 127, res  # 127: no ip in this image
+    with backend.create(host) as offline:  # no uplink: nothing to reach, the caps stay
+        assert _cap_bits(offline.exec("cat /proc/self/status").stdout) & net_raw

@@ -539,7 +539,10 @@ class LocalSandbox(SandboxBase):
         sandbox's environment and ``env`` over it, and the environment's file (see
         :meth:`Host.enter_argv`)."""
         env = {**self._env, **(env or {})}
-        return self.backend.host.enter_argv(self.pid, argv, cwd=cwd, env=env, network=self._host_net, via=self._prlimit)
+        uplink = self.network and not self._host_net
+        return self.backend.host.enter_argv(
+            self.pid, argv, cwd=cwd, env=env, network=self._host_net, via=self._prlimit, uplink=uplink
+        )
 
     def _run(
         self,

@@ -69,6 +69,8 @@ MAX_LAYER_OPTION_BYTES = 3000
 # processes forever.
 HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
 SHM_SIZE = 64 << 20
+# setpriv's options that take raw sockets and network administration away from a command
+NO_NET_CAPS = ["--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
 # Where root's helper mount namespace shows the store (see _UserNamespace).
 MOUNT_POINT = "/tmp"
 # docker's defaults for /proc and /sys: kernel settings and hardware read-only, kernel memory,
@@ -269,6 +271,7 @@ class Host:
             templates=store.root / "d",
         )
         self.uplinks = Uplinks(root=self.ids is not None, nsenter=self._nsenter)
+        self.setpriv = self.uplinks.setpriv
         self.prlimit = shutil.which("prlimit") or next(
             (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
         )
@@ -321,7 +324,15 @@ class Host:
             self.ca_launch = self.launch_path(ca)
 
     def enter_argv(
-        self, pid: int, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str], network: bool, via: list[str]
+        self,
+        pid: int,
+        argv: Sequence[str],
+        *,
+        cwd: str | None,
+        env: Mapping[str, str],
+        network: bool,
+        via: list[str],
+        uplink: bool = False,
     ) -> tuple[list[str], bytes, int]:
         """The host command line that runs ``argv`` in the sandbox whose init is ``pid``, in
         ``cwd``, with exactly ``env``, started through ``via`` (a ``prlimit`` command line, or
@@ -339,6 +350,13 @@ class Host:
         inner = ["/bin/sh", "-c", ENTER_SH, "sh", cwd or "", "FD", *argv]
         script = env_script(env)
         target = [self.nsenter, "-t", str(pid)]
+        if uplink:
+            # With a network to the outside, no raw packets and no routes of its own: either lets
+            # a packet for the host's 127.0.0.1 leave through the uplink, which then delivers it.
+            # Dropped between entering the user namespace (where the caps are) and the rest.
+            creds = ["--preserve-credentials"] if self.ids is None else []
+            line = [*via, *target, "-U", *creds, "--", self.setpriv, *NO_NET_CAPS, "--", *target, *ns, "--", *inner]
+            return line, script, len(line) - len(argv) - 1
         if self.ids is None:  # rootless: the caller's ids, which are root inside
             line = [*via, *target, "-U", "--preserve-credentials", *ns, "--", *inner]
             return line, script, len(line) - len(argv) - 1
@@ -381,6 +399,8 @@ class Host:
                 args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
         else:
             args += ["--unshare-net"]
+            if network:  # an uplink: see enter_argv
+                args += ["--cap-drop", "CAP_NET_RAW", "--cap-drop", "CAP_NET_ADMIN"]
             if resolv >= 0:
                 args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf"]
         if network and self.ca_launch:

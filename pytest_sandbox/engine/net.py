@@ -9,6 +9,10 @@ on the host's ports. slirp4netns runs with ``--disable-host-loopback``, so the g
 not lead to the host's loopback either; the host's other addresses are reached as any machine on
 the network reaches them.
 
+Commands in such a sandbox have no ``CAP_NET_RAW`` and no ``CAP_NET_ADMIN``: with either, sandbox
+code could put a packet for ``127.0.0.1`` on the uplink's interface itself (a raw packet, or a route
+of its own), and slirp4netns would deliver it to the host's loopback.
+
 slirp4netns needs ``/dev/net/tun``. Rootless it starts inside the sandbox's user namespace, as
 root there (the caller's ids); as root it runs as root (root inside cannot open ``/dev/net/tun``,
 which belongs to host root), confined by its own ``--enable-sandbox`` (an empty mount namespace,
@@ -44,15 +48,14 @@ class Uplinks:
         self._root = root
         self._nsenter = nsenter
         # util-linux, beside nsenter
-        beside = os.path.join(os.path.dirname(nsenter), "unshare")
-        self._unshare = beside if os.path.exists(beside) else shutil.which("unshare") or ""
+        self._unshare, self.setpriv = (_util_linux(nsenter, name) for name in ("unshare", "setpriv"))
         self.slirp = shutil.which("slirp4netns")
         self.reason = ""
         if self.slirp is None:
             self.reason = "slirp4netns is not installed (apt-get install slirp4netns)"
             return
-        if root and not self._unshare:
-            self.reason = "unshare is not installed (apt-get install util-linux)"
+        if not self.setpriv or (root and not self._unshare):
+            self.reason = "util-linux's unshare and setpriv are needed (apt-get install util-linux)"
             return
         # Opened, not stat'ed: in a container the device may be missing, or denied by its cgroup.
         try:
@@ -84,6 +87,12 @@ class Uplinks:
         else:  # its namespace then is the sandbox user namespace's: shared mounts come as slaves
             enter = [self._nsenter, "-t", str(pid), "-U", "--preserve-credentials", "--"]
         return Uplink([*enter, self.slirp], pid)
+
+
+def _util_linux(nsenter: str, name: str) -> str:
+    """util-linux's ``name``, beside nsenter (by its real path) or on PATH; "" if neither."""
+    beside = os.path.join(os.path.dirname(nsenter), name)
+    return beside if os.path.exists(beside) else shutil.which(name) or ""
 
 
 class Uplink:
