@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -26,7 +27,7 @@ import pytest
 from pytest_sandbox import Image, LimitWarning, Snapshot, errors
 from pytest_sandbox._build import loopback_proxy
 from pytest_sandbox.backends.local import LocalBackend
-from pytest_sandbox.engine.net import Uplinks
+from pytest_sandbox.engine.net import MAX_FILES, Uplinks
 from tests.conftest import needs_tool, wait_for
 
 FETCH = "python3 -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=3).read().decode())' {url}"
@@ -133,29 +134,25 @@ def test_a_networked_sandbox_connects_out_and_is_reached_through_expose(backend:
             assert urllib.request.urlopen(f"http://{addr}:{exposed}/", timeout=3).status == 200
 
 
-def _uplinks_of(pid: int) -> list[int]:
-    """The host pids of slirp4netns processes serving the sandbox whose init is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"slirp4netns") and f"/proc/{pid}/ns/net".encode() in argv:
-            found.append(int(entry.name))
-    return found
+def _slirp_runs(pid: int) -> bool:
+    """Whether host process ``pid`` is (still) a slirp4netns."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"slirp4netns")
+    except OSError:
+        return False
 
 
 def test_the_uplink_goes_with_its_sandbox(backend: LocalBackend, host: Snapshot) -> None:
     needs_uplink(backend)
     sb = backend.create(host, network=True)
-    pid = sb.pid
-    uplinks = _uplinks_of(pid)
-    assert uplinks
+    assert sb._uplink is not None
+    slirp = sb._uplink.proc.pid
+    assert _slirp_runs(slirp)
     if sb._cgroup is not None:  # it works for the sandbox: it is held by the sandbox's limits
-        assert set(uplinks) <= set(sb._cgroup.pids())
+        assert slirp in sb._cgroup.pids()
+    assert resource.prlimit(slirp, resource.RLIMIT_NOFILE) == (MAX_FILES, MAX_FILES)
     sb.close()
-    assert wait_for(lambda: not _uplinks_of(pid))
+    assert wait_for(lambda: not _slirp_runs(slirp))
 
 
 def test_the_uplink_goes_with_a_killed_runner(backend: LocalBackend, tmp_path: Path) -> None:
@@ -166,7 +163,7 @@ def test_the_uplink_goes_with_a_killed_runner(backend: LocalBackend, tmp_path: P
         "from pytest_sandbox.backends.local import LocalBackend\n"
         "b = LocalBackend(sys.argv[1])\n"
         "sb = b.create(b.build(Image.host()), network=True)\n"
-        "print(sb.pid, flush=True)\n"
+        "print(sb._uplink.proc.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -175,12 +172,12 @@ def test_the_uplink_goes_with_a_killed_runner(backend: LocalBackend, tmp_path: P
     )
     try:
         assert runner.stdout is not None
-        pid = int(runner.stdout.readline())
-        assert _uplinks_of(pid)
+        slirp = int(runner.stdout.readline())
+        assert _slirp_runs(slirp)
     finally:
         runner.send_signal(signal.SIGKILL)
         runner.wait()
-    assert wait_for(lambda: not _uplinks_of(pid)), "slirp4netns outlived its runner"
+    assert wait_for(lambda: not _slirp_runs(slirp)), "slirp4netns outlived its runner"
 
 
 def test_without_an_uplink_a_networked_sandbox_shares_the_hosts_network_and_says_so(

@@ -498,18 +498,21 @@ class LocalSandbox(SandboxBase):
             for fd in (seccomp, resolv):
                 if fd >= 0:
                     os.close(fd)
-        # bwrap started the init and the holder outside the sandbox's limits
-        apply_to_running(self.pid, self._limits, self._cgroup, rlimits=bool(self._prlimit))
-        b._reaper.watch(self.pid)
-        if isolated:
-            try:
-                self._uplink = b.host.uplinks.connect(self.pid)
+        try:
+            # bwrap started the init and the holder outside the sandbox's limits
+            apply_to_running(self.pid, self._limits, self._cgroup, rlimits=bool(self._prlimit))
+            b._reaper.watch(self.pid)
+            if isolated:
+                self._uplink = b.host.uplinks.connect(self.pid, alive=lambda: self._proc.poll() is None)
                 if self._cgroup is not None:  # what the sandbox makes it hold counts as the sandbox's
                     self._cgroup.adopt([self._uplink.proc.pid])
-            except BaseException:
+        except BaseException:  # the sandbox goes (its uplink with it, in _release)
+            with contextlib.suppress(OSError):
                 os.kill(self.pid, 9)
-                self._proc.wait()
-                raise
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+            self._proc.wait()
+            raise
 
     # -- context -----------------------------------------------------------------------------
 

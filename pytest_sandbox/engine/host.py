@@ -5,6 +5,7 @@ command line and overlay mounts that start one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -425,6 +426,11 @@ class Host:
                 start_new_session=True,
                 env={"PATH": DEFAULT_ENV["PATH"]},
             )
+        except BaseException:
+            for fd in (info_r, info_w, err):
+                os.close(fd)
+            raise
+        try:
             os.close(info_w)
             info_w = -1
             assert proc.stdout is not None
@@ -449,6 +455,13 @@ class Host:
                     if not chunk:
                         raise SandboxError("bwrap did not report the sandbox's pid") from None
                     info += chunk
+        except BaseException:  # bwrap goes too: its holder ends with its stdin
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             for fd in (info_r, info_w, err):
                 if fd >= 0:

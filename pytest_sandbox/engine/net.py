@@ -26,19 +26,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import select
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 
 from ..errors import SandboxError
 
-__all__ = ["RESOLV_CONF", "Uplink", "Uplinks"]
+__all__ = ["MAX_FILES", "RESOLV_CONF", "Uplink", "Uplinks"]
 
 RESOLV_CONF = b"nameserver 10.0.2.3\n"
 """The sandbox's ``/etc/resolv.conf``: slirp4netns's DNS address, which forwards to the host's
 resolver (a resolver on the host's loopback, such as systemd-resolved's, would be unreachable)."""
 
 _READY_TIMEOUT = 10.0
+MAX_FILES = 4096
+"""slirp4netns's open files: a socket per TCP connection and per UDP flow of its sandbox."""
 
 
 class Uplinks:
@@ -75,8 +80,9 @@ class Uplinks:
         """True when a networked sandbox gets a network of its own here."""
         return not self.reason
 
-    def connect(self, pid: int) -> Uplink:
-        """An uplink for the network namespace of the sandbox whose init is ``pid``."""
+    def connect(self, pid: int, alive: Callable[[], bool]) -> Uplink:
+        """An uplink for the network namespace of the sandbox whose init is ``pid`` (``alive``
+        says it still is, once the namespace is open)."""
         assert self.slirp is not None
         if self._root:
             # --enable-sandbox makes "/" private but not what is mounted below it, then detaches
@@ -86,7 +92,13 @@ class Uplinks:
             enter = [self._unshare, "--mount", "--propagation", "private", "--"]
         else:  # its namespace then is the sandbox user namespace's: shared mounts come as slaves
             enter = [self._nsenter, "-t", str(pid), "-U", "--preserve-credentials", "--"]
-        return Uplink([*enter, self.slirp], pid)
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if not alive():
+                raise SandboxError("the sandbox died while it was being started; create it again")
+            return Uplink([*enter, self.slirp], netns)
+        finally:
+            os.close(netns)
 
 
 def _util_linux(nsenter: str, name: str) -> str:
@@ -97,9 +109,14 @@ def _util_linux(nsenter: str, name: str) -> str:
 
 class Uplink:
     """One sandbox's slirp4netns. It exits when :meth:`close` closes its exit pipe, or when the
-    runner dies (the kernel closes the pipe then): nothing is left behind after ``kill -9``."""
+    runner dies (the kernel closes the pipe then): nothing is left behind after ``kill -9``.
 
-    def __init__(self, launch: list[str], pid: int) -> None:
+    ``netns`` is an open file of the sandbox's network namespace (a pid could be reused by then);
+    slirp4netns gets it at a file descriptor, and at most :data:`MAX_FILES` files of its own (a
+    socket per connection and per UDP flow: a sandbox could otherwise hold the host's ports)."""
+
+    def __init__(self, launch: list[str], netns: int) -> None:
+        self._lock = threading.Lock()
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, self._exit_w = os.pipe2(os.O_CLOEXEC)
         # A file, not a pipe: a pipe nobody reads would stop slirp4netns once full.
@@ -114,7 +131,7 @@ class Uplink:
             f"--ready-fd={ready_w}",
             f"--exit-fd={exit_r}",
             "--netns-type=path",
-            f"/proc/{pid}/ns/net",
+            f"/proc/self/fd/{netns}",
             "tap0",
         ]
         try:
@@ -123,7 +140,7 @@ class Uplink:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._err,
-                pass_fds=(ready_w, exit_r),
+                pass_fds=(ready_w, exit_r, netns),
                 start_new_session=True,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
@@ -134,16 +151,20 @@ class Uplink:
         os.close(ready_w)
         os.close(exit_r)
         try:
+            with contextlib.suppress(OSError):
+                resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (MAX_FILES, MAX_FILES))
             poller = select.poll()
             poller.register(ready_r, select.POLLIN)
             ready = os.read(ready_r, 1) if poller.poll(int(_READY_TIMEOUT * 1000)) else b""
+            if ready != b"1":
+                self.close()
+                why = self._stderr() or "no answer"
+                raise SandboxError(f"the sandbox's network did not come up (slirp4netns: {why})")
+        except BaseException:  # an interrupt too: nothing of it may outlive this
+            self.wait()
+            raise
         finally:
             os.close(ready_r)
-        if ready != b"1":
-            self.close()
-            err = self._stderr()
-            self.wait()
-            raise SandboxError(f"the sandbox's network did not come up (slirp4netns: {err or 'no answer'})")
 
     def _stderr(self) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -153,10 +174,12 @@ class Uplink:
         return "; ".join(line for line in lines if "experimental" not in line)[-500:]
 
     def close(self) -> None:
-        """Stop slirp4netns (it exits on its own; :meth:`wait` reaps it). Idempotent."""
-        if self._exit_w >= 0:
-            os.close(self._exit_w)
-            self._exit_w = -1
+        """Stop slirp4netns (it exits on its own; :meth:`wait` reaps it). Idempotent, and safe
+        from two threads (a number closed twice could be another sandbox's file by then)."""
+        with self._lock:
+            fd, self._exit_w = self._exit_w, -1
+        if fd >= 0:
+            os.close(fd)
 
     def wait(self) -> None:
         """Reap slirp4netns, killing it if it did not exit within a few seconds of :meth:`close`."""
@@ -166,6 +189,7 @@ class Uplink:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if self._err >= 0:
-            os.close(self._err)
-            self._err = -1
+        with self._lock:
+            fd, self._err = self._err, -1
+        if fd >= 0:
+            os.close(fd)
