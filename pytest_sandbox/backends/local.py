@@ -484,10 +484,11 @@ class LocalSandbox(SandboxBase):
         b = self.backend
         argv = b.bwrap_launcher()
         argv += b.host.mount_args(self.snapshot_of, self._scratch, self._scratch_launch)
-        isolated = self.network and not self._host_net and b.host.uplinks.usable
-        if self.network and not self._host_net and not isolated:
+        own = self.network and not self._host_net  # a network of its own, asked for
+        isolated = own and b.host.uplinks.usable
+        if own and not isolated:
             say_once(f"network=True shares the host's network here: {b.host.uplinks.reason}")
-        self._host_net = self.network and not isolated
+            self._host_net = True
         resolv = _proc.memfd("resolv.conf", RESOLV_CONF) if isolated else -1
         seccomp = _proc.memfd("seccomp", b.host.seccomp)
         try:
@@ -542,9 +543,8 @@ class LocalSandbox(SandboxBase):
         sandbox's environment and ``env`` over it, and the environment's file (see
         :meth:`Host.enter_argv`)."""
         env = {**self._env, **(env or {})}
-        uplink = self.network and not self._host_net
         return self.backend.host.enter_argv(
-            self.pid, argv, cwd=cwd, env=env, network=self._host_net, via=self._prlimit, uplink=uplink
+            self.pid, argv, cwd=cwd, env=env, network=self._host_net, via=self._prlimit, uplink=self._uplink is not None
         )
 
     def _run(

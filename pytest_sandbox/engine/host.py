@@ -198,12 +198,11 @@ class UserNamespace:
             lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')"]
         else:  # with a mount namespace of its own, for the sandboxes' disks (engine/disk.py)
             share = sandbox_share()
-            soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+            soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
             if share is not None and (soft == resource.RLIM_INFINITY or share < soft):
                 # The namespace keeps the RLIMIT_NPROC its creator had, and holds every process
                 # in it to that count of the user's: all sandboxes together leave the runner (out
                 # of it, under the user's own limit) its share.
-                hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
                 lines += ["import resource as r", f"r.setrlimit(r.RLIMIT_NPROC,({share},{hard}))"]
             lines += ["if libc.unshare(0x10000000|0x20000)!=0: fail('unshare')"]
         lines += ["os.write(1,b'u')"]
@@ -272,7 +271,6 @@ class Host:
             templates=store.root / "d",
         )
         self.uplinks = Uplinks(root=self.ids is not None, nsenter=self._nsenter)
-        self.setpriv = self.uplinks.setpriv
         self.prlimit = shutil.which("prlimit") or next(
             (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
         )
@@ -351,21 +349,20 @@ class Host:
         inner = ["/bin/sh", "-c", ENTER_SH, "sh", cwd or "", "FD", *argv]
         script = env_script(env)
         target = [self.nsenter, "-t", str(pid)]
-        if uplink:
-            # With a network to the outside, no raw packets and no routes of its own: either lets
-            # a packet for the host's 127.0.0.1 leave through the uplink, which then delivers it.
-            # Dropped between entering the user namespace (where the caps are) and the rest.
-            creds = ["--preserve-credentials"] if self.ids is None else []
-            line = [*via, *target, "-U", *creds, "--", self.setpriv, *NO_NET_CAPS, "--", *target, *ns, "--", *inner]
-            return line, script, len(line) - len(argv) - 1
-        if self.ids is None:  # rootless: the caller's ids, which are root inside
-            line = [*via, *target, "-U", "--preserve-credentials", *ns, "--", *inner]
-            return line, script, len(line) - len(argv) - 1
-        # Root drops to root *inside* (an unprivileged host uid) before entering anything else.
-        # One nsenter would enter every namespace, fork into the pid namespace and only then
-        # setuid: until then its child is visible inside, still host uid 0, and the sandbox's
-        # CAP_SYS_PTRACE reaches it (its user namespace is the sandbox's already).
-        line = [*via, *target, "-U", "--", *target, *ns, "--", *inner]
+        creds = ["--preserve-credentials"] if self.ids is None else []  # rootless: root inside
+        if self.ids is None and not uplink:  # one stage: the caller's ids, which are root inside
+            line = [*via, *target, "-U", *creds, *ns, "--", *inner]
+        else:
+            # Root drops to root *inside* (an unprivileged host uid) before entering anything
+            # else. One nsenter would enter every namespace, fork into the pid namespace and only
+            # then setuid: until then its child is visible inside, still host uid 0, and the
+            # sandbox's CAP_SYS_PTRACE reaches it (its user namespace is the sandbox's already).
+            # With a network to the outside, no raw packets and no routes of its own either:
+            # either lets a packet for the host's 127.0.0.1 leave through the uplink, which then
+            # delivers it. They are dropped between the user namespace (where the caps are) and
+            # the rest.
+            drop = [self.uplinks.setpriv, *NO_NET_CAPS, "--"] if uplink else []
+            line = [*via, *target, "-U", *creds, "--", *drop, *target, *ns, "--", *inner]
         return line, script, len(line) - len(argv) - 1
 
     def bwrap_launcher(self) -> list[str]:
