@@ -33,7 +33,7 @@ __all__ = [
     "build_env",
     "build_recipe",
     "host_ca_bundle",
-    "loopback_proxy",
+    "loopback_proxies",
     "mmdebstrap_tar",
     "run_step",
     "step_argv",
@@ -69,15 +69,29 @@ def build_env(ca_path: str = BUILD_CA_PATH) -> dict[str, str]:
     return env
 
 
-def loopback_proxy(env: dict[str, str]) -> str | None:
-    """The name of the first proxy variable in ``env`` that points at the host's loopback (a local
-    proxy such as cntlm), which a network of the sandbox's own cannot reach; else None."""
+def loopback_proxies(env: dict[str, str]) -> tuple[dict[str, str], dict[int, tuple[str, int]]]:
+    """Proxies on the host's loopback (a local proxy such as cntlm), which a network of the
+    sandbox's own cannot reach: ``env`` with each such variable pointing at ``127.0.0.1`` inside
+    the sandbox instead, and for each port there, the host address it stands for. A build step
+    reaches that one port through a forwarder, never by joining the host's network."""
+    out, ports = dict(env), dict[int, tuple[str, int]]()
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         value = env.get(name, "")
-        host = urllib.parse.urlsplit(value if "://" in value else f"http://{value}").hostname or ""
-        if value and (host == "localhost" or host.startswith("127.") or host == "::1"):
-            return name
-    return None
+        if not value:
+            continue
+        url = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
+        host = url.hostname or ""
+        if host != "localhost" and not host.startswith("127.") and host != "::1":
+            continue
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            continue  # not a port: the proxy variable is broken whatever we do
+        ports.setdefault(port, ("::1" if host == "::1" else "127.0.0.1", port))
+        user = url.netloc.rpartition("@")[0]
+        netloc = f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"
+        out[name] = urllib.parse.urlunsplit(url._replace(netloc=netloc))
+    return out, ports
 
 
 def step_argv(step: Step) -> list[str]:
@@ -115,7 +129,8 @@ def mmdebstrap_tar(base: DebianBase, key: str, out: Path, nsteps: int, log: LogC
     argv = [mm, f"--variant={base.variant}", "--format=tar"]
     if base.include:
         argv.append("--include=" + ",".join(base.include))
-    argv += [base.suite, str(out)]
+    # Every option before "--": the suite and the path are positional whatever they hold.
+    argv += ["--", base.suite, str(out)]
     lines: list[str] = []
 
     def keep(line: str) -> None:

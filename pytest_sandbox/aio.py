@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ._offload import offload
 from .backends import open_backend as _open_sync
-from .backends._base import exec_argv, exec_env
+from .backends._base import exec_argv, exec_cwd, exec_env
 from .image import Image
 from .types import (
     DEFAULT_MAX_DOWNLOAD,
@@ -39,6 +39,7 @@ from .types import (
     Limits,
     LimitStatus,
     LogCallback,
+    Network,
     Sandbox,
     ServiceStatus,
     Snapshot,
@@ -172,7 +173,7 @@ class AsyncSandbox(_Awaited):
         ``CancelledError``; processes it left in the background earlier keep running."""
         argv = exec_argv(command)
         kw: dict[str, Any] = {
-            "cwd": cwd,
+            "cwd": exec_cwd(cwd),
             "env": exec_env(env),
             "input": input,
             "timeout": timeout,
@@ -243,7 +244,7 @@ class AsyncBackend(_Awaited):
         self,
         snapshot: Snapshot | Image | str,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, str] | None = None,
         limits: Limits | None = None,
     ) -> AsyncSandbox:

@@ -109,7 +109,7 @@ class SnapshotBuildError(SandboxError):
         self.exit_code = exit_code
         self.output = output
         self.reason = reason
-        code = f"exit code {exit_code}" if exit_code is not None else reason
+        code = "; ".join(x for x in (f"exit code {exit_code}" if exit_code is not None else "", reason) if x)
         out = tail(output)
         msg = (
             f"{'the base' if step_index == 0 else f'step {step_index}/{step_count}'} `{step}` failed ({code}) "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .refs import Reference
 
 __all__ = [
     "ENGINE_FORMAT",
@@ -32,6 +33,7 @@ __all__ = [
     "RegistryBase",
     "RootfsBase",
     "Step",
+    "check_argv",
     "env_items",
     "is_image_ref",
 ]
@@ -152,10 +154,26 @@ class Service:
 def _check_abs(path: str, what: str) -> str:
     if not isinstance(path, str) or not path.startswith("/"):
         raise ConfigError(f"{what} must be an absolute sandbox path like '/work', got {path!r}")
-    return path
+    return check_argv([path], what)[0]
+
+
+def check_argv(argv: Sequence[str], what: str) -> list[str]:
+    """``argv`` as a list, each argument a string without NUL: no process can be given one (the
+    kernel ends an argument at it), so it is refused here rather than found mid-spawn."""
+    out = list(argv)
+    for arg in out:
+        if not isinstance(arg, str):
+            raise ConfigError(f"{what} takes strings, got {arg!r}")
+        if "\0" in arg:
+            raise ConfigError(f"{what}: {arg[:60]!r} holds a NUL byte, which no command line can carry; remove it")
+    return out
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# What mmdebstrap is given as its positional suite, and in --include: names, never an option or a
+# path (a suite of "--setup-hook=CMD" ran CMD on the host).
+_SUITE = re.compile(r"[a-z0-9][a-z0-9.-]*\Z")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+\Z")  # Debian policy 5.6.1
 
 
 def env_items(values: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -303,7 +321,21 @@ class Image:
             "standard",
         }:
             raise ConfigError(f"unknown mmdebstrap variant {variant!r}; use e.g. 'minbase'")
-        return cls(base=DebianBase(suite, variant, tuple(sorted(include))))
+        if not isinstance(suite, str) or not _SUITE.match(suite):
+            raise ConfigError(
+                f"Debian suite {suite!r} is not valid: a suite is a name like 'bookworm' or 'stable' "
+                "(lowercase letters, digits, '.' and '-', starting with a letter or digit)"
+            )
+        if isinstance(include, str):
+            raise ConfigError(f"include= takes a list of package names, not the string {include!r}")
+        packages = tuple(sorted(include))
+        for name in packages:
+            if not isinstance(name, str) or not _PACKAGE.match(name):
+                raise ConfigError(
+                    f"Debian package name {name!r} in include= is not valid: lowercase letters, digits, '+', '-' "
+                    "and '.', starting with a letter or digit (install local .deb files with a copy() and a run() step)"
+                )
+        return cls(base=DebianBase(suite, variant, packages))
 
     @classmethod
     def from_rootfs(cls, path: str | os.PathLike[str]) -> Image:
@@ -320,18 +352,39 @@ class Image:
 
         Backends that cannot pull it yet raise a clear error when building.
         """
-        if not ref or any(c.isspace() for c in ref):
-            raise ConfigError(f"image reference {ref!r} is not valid; use e.g. 'python:3.12-slim'")
+        Reference.parse(ref)  # the one grammar of registry references
         return cls(base=RegistryBase(ref))
 
     @classmethod
-    def from_ref(cls, ref: str) -> Image:
-        """A base as markers, options and the Daytona endpoint name one: ``host``,
-        ``debian[:suite]``, ``rootfs:PATH`` (or an absolute path), else a registry reference like
-        ``python:3.12-slim``."""
+    def from_ref(cls, ref: str, *, host_paths: bool = True) -> Image:
+        """A base as markers, options, the CLI and the Daytona endpoint name one, parsed by one
+        strict grammar before anything runs::
+
+            host                  the host's system directories
+            debian[:SUITE]        Image.debian(SUITE), SUITE a name like bookworm ([a-z0-9][a-z0-9.-]*)
+            rootfs:PATH | /PATH   Image.from_rootfs(PATH)
+            anything else         a registry reference, [REGISTRY/]NAME[:TAG][@sha256:DIGEST]
+
+        ``host_paths=False`` (what the Daytona-compatible endpoint passes for its clients' strings)
+        refuses every form that names something of this machine: ``host``, ``rootfs:`` and paths.
+        No form takes whitespace, control characters or a leading ``-`` (which a command would read
+        as an option)."""
+        if not isinstance(ref, str) or not ref:
+            raise ConfigError(f"an image reference is a non-empty string, got {ref!r}")
+        if ref.startswith("-") or any(ord(c) < 0x21 or c == "\x7f" for c in ref):
+            raise ConfigError(
+                f"image reference {ref!r} is not valid: it may not start with '-' or hold whitespace or control "
+                "characters; use e.g. 'debian:bookworm' or 'python:3.12-slim'"
+            )
+        local = ref == "host" or ref.startswith(("rootfs:", "/"))
+        if local and not host_paths:
+            raise ConfigError(
+                f"image reference {ref!r} names something of the endpoint's machine, which its clients may not use; "
+                "use a registry reference (e.g. 'python:3.12-slim') or 'debian:SUITE'"
+            )
         if ref == "host":
             return cls.host()
-        if ref == "debian" or (ref.startswith("debian:") and "/" not in ref):
+        if ref == "debian" or (ref.startswith("debian:") and "/" not in ref and "@" not in ref):
             return cls.debian(ref.partition(":")[2] or "bookworm")
         if ref.startswith("rootfs:"):
             return cls.from_rootfs(ref[len("rootfs:") :])
@@ -355,6 +408,7 @@ class Image:
         args = (command,) if isinstance(command, str) else tuple(command)
         if not args or not all(isinstance(a, str) for a in args):
             raise ConfigError(f"run() takes a command string or a list of strings, got {command!r}")
+        check_argv(args, "run()")
         return self._add(Step("run", args, env=env_items(env or {})))
 
     def apt_install(self, *packages: str) -> Image:

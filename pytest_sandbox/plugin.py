@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -21,14 +21,15 @@ from ._relay import Relay, append_line
 from .errors import ConfigError, SandboxError, tail
 from .image import Image, env_items, is_image_ref
 from .session import KEEP_CHOICES, SessionManager
-from .types import LIMIT_NAMES, Backend, ExecResult, Limits, LimitStatus, Sandbox, Snapshot, show_limit
+from .types import LIMIT_NAMES, Backend, ExecResult, Limits, LimitStatus, Network, Sandbox, Snapshot, show_limit
 
 BACKEND_CHOICES = ("auto", "local", "docker", "daytona")
 MARKER_DOC = (
     "sandbox(image=None, network=False, env=None, memory=None, pids=None, cpus=None, disk=None): "
     "the sandbox for this test (class, module) is forked from `image`: an Image, a name from the "
     "sandbox_images fixture, or a base reference ('host', 'debian:bookworm', 'rootfs:/path', "
-    "'python:3.12-slim'); network=True gives it a network (local engine: its own, NAT); env adds environment "
+    "'python:3.12-slim'); network=True gives it a network of its own (the internet, not the host; a "
+    "Network(allow=..., deny=...) or a list of CIDRs and hosts narrows it); env adds environment "
     "variables; memory, pids, cpus and disk are its limits (e.g. memory='1G', pids=512)."
 )
 MARKER_ARGS = ("image", "network", "env", *LIMIT_NAMES)
@@ -75,6 +76,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "the RAM, pids=4096, disk=10G). ini: sandbox_limits",
     )
     group.addoption(
+        "--sandbox-max-memory",
+        default=None,
+        metavar="SIZE",
+        help="cap the memory of all sandboxes of this run together (every xdist worker's), e.g. 8G "
+        "(local engine; default: no cap of its own, the job's cgroup still holds them). ini: sandbox_max_memory",
+    )
+    group.addoption(
         "--sandbox-cache-from",
         default=None,
         metavar="REPOSITORY",
@@ -91,6 +99,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sandbox_cache_from", "default for --sandbox-cache-from", default="")
     parser.addini("sandbox_cache_to", "default for --sandbox-cache-to", default="")
     parser.addini("sandbox_limits", "default for --sandbox-limits", default="")
+    parser.addini("sandbox_max_memory", "default for --sandbox-max-memory", default="")
     parser.addini("sandbox_cache_dir", "default for --sandbox-cache-dir", default="")
     parser.addini("sandbox_rebuild", "default for --sandbox-rebuild", type="bool", default=False)
     parser.addini("sandbox_keep", "default for --sandbox-keep", default="never")
@@ -132,6 +141,10 @@ def pytest_configure(config: pytest.Config) -> None:
         limits = Limits.parse(str(_option(config, "limits") or ""))
     except ConfigError as exc:
         raise pytest.UsageError(f"--sandbox-limits / sandbox_limits: {exc}") from None
+    try:
+        max_memory = Limits(memory=str(_option(config, "max_memory") or "") or None).memory_bytes
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--sandbox-max-memory / sandbox_max_memory: {exc}") from None
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "sandbox_run_id" in workerinput:
         run_id, run_start = workerinput["sandbox_run_id"], float(workerinput["sandbox_run_start"])
@@ -144,6 +157,7 @@ def pytest_configure(config: pytest.Config) -> None:
         cache_dir=str(_option(config, "cache_dir") or "") or None,
         rebuild=bool(_option(config, "rebuild")),
         limits=limits,
+        max_memory=max_memory,
         run_id=run_id,
         run_start=run_start,
         log=_log(config),
@@ -208,8 +222,10 @@ def _validate_marker(item: pytest.Item) -> None:
             raise pytest.UsageError(
                 f"{where}: image= must be an Image, an image name or a base reference, got {type(image).__name__}"
             )
-        if not isinstance(mark.kwargs.get("network", False), bool):
-            raise pytest.UsageError(f"{where}: network= must be True or False")
+        try:
+            Network.of(mark.kwargs.get("network", False))
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
         env = mark.kwargs.get("env", {})
         if not isinstance(env, Mapping) or not all(isinstance(k, str) for k in env):
             raise pytest.UsageError(f"{where}: env= must be a dict of names to values")
@@ -400,7 +416,7 @@ def _resolve(request: pytest.FixtureRequest, what: Image | Snapshot | str, where
 def _create(
     request: pytest.FixtureRequest,
     what: Image | Snapshot,
-    network: bool,
+    network: bool | Network | Sequence[str],
     env: Mapping[str, Any] | None,
     label: str,
     limits: Limits | None = None,
@@ -435,7 +451,7 @@ def sandbox(request: pytest.FixtureRequest, sandbox_backend: Backend) -> Iterato
         if image is None
         else _resolve(request, image, f"@pytest.mark.sandbox on {request.node.nodeid}")
     )
-    network, env = bool(kwargs.get("network", False)), kwargs.get("env")
+    network, env = kwargs.get("network", False), kwargs.get("env")
     sb = _create(request, what, network, env, request.node.nodeid, _marker_limits(kwargs))
     yield sb
     _finish(request, sb, request.node.nodeid)
@@ -469,7 +485,7 @@ def sandbox_factory(request: pytest.FixtureRequest, sandbox_backend: Backend) ->
     def make(
         what: Image | Snapshot | str | None = None,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, Any] | None = None,
         limits: Limits | None = None,
     ) -> Sandbox:

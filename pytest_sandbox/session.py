@@ -14,7 +14,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ from typing import Any
 import filelock
 
 from .backends import describe_backend, open_backend, resolve_backend
-from .errors import ConfigError, SandboxError, ServiceError, SnapshotBuildError
+from .errors import ConfigError, SandboxError, ServiceError, SnapshotBuildError, say_once
 from .image import Image
 from .store import format_age
-from .types import Backend, Limits, Sandbox, Snapshot
+from .types import Backend, Limits, Network, Sandbox, Snapshot
 
 __all__ = ["KEEP_CHOICES", "SessionManager"]
 
@@ -137,6 +137,7 @@ class SessionManager:
         cache_dir: str | None = None,
         rebuild: bool = False,
         limits: Limits | None = None,
+        max_memory: int | None = None,
         run_id: str = "",
         run_start: float | None = None,
         log: Callable[[str], None] = print,
@@ -151,6 +152,7 @@ class SessionManager:
         self.cache_dir = cache_dir
         self.rebuild = rebuild
         self.limits = limits
+        self.max_memory = max_memory
         self.run_id = run_id
         self.run_start = run_start if run_start is not None else time.time()
         self.log = log
@@ -188,7 +190,12 @@ class SessionManager:
         if self._backend is None:
             name = resolve_backend(self.backend_name)
             # Every backend keeps its build locks (and the remote ones their records) there.
-            self._backend = open_backend(name, cache_dir=self.cache_dir, limits=self.limits)
+            options: dict[str, Any] = {"cache_dir": self.cache_dir, "limits": self.limits}
+            if name == "local":  # all sandboxes of the run (every worker's) in one cgroup, capped
+                options.update(max_memory=self.max_memory, run=self.run_id)
+            elif self.max_memory is not None:
+                say_once(f"--sandbox-max-memory is held by the local engine only: the {name} backend ignores it")
+            self._backend = open_backend(name, **options)
         return self._backend
 
     def _failure_file(self, key: str) -> Path | None:
@@ -302,7 +309,7 @@ class SessionManager:
         self,
         what: Snapshot | Image,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, str] | None = None,
         limits: Limits | None = None,
     ) -> Sandbox:

@@ -35,7 +35,7 @@ from typing import Any
 
 import filelock
 
-from ._hostfs import TreeWalk, rmtree_at
+from ._hostfs import DIR_FLAGS, TreeWalk, rmtree_at
 from ._lifeline import end_processes_using
 from .errors import ConfigError, SnapshotNotFoundError
 from .types import Snapshot
@@ -243,33 +243,135 @@ class LayerCheck:
         return cls(tuple(data["top"]), int(data["entries"]), int(data["size"]))
 
 
+_MAX_LINKS = 40  # as the kernel's own path walk
+
+
+class _Untrusted(Exception):
+    """A directory on the way to the cache that another user controls."""
+
+
+def _owners(uid: int) -> set[int]:
+    """Who may own the directories on the way to a cache: root and ``uid``; inside a user
+    namespace also the overflow uid, which is how every unmapped owner (the host's root among
+    them) shows there: who it is cannot be told, so the modes must say no one else writes."""
+    owners = {0, uid}
+    with contextlib.suppress(OSError, ValueError):
+        if Path("/proc/self/uid_map").read_text().split() != ["0", "0", "4294967295"]:
+            owners.add(int(Path("/proc/sys/kernel/overflowuid").read_text()))
+    return owners
+
+
+def _trusted(st: os.stat_result, owners: set[int]) -> bool:
+    """A directory (or link) that only ``owners`` can change: owned by one of them, and writable
+    by no one else unless sticky (there others can make entries, but not replace ours, whose
+    owner is checked in turn)."""
+    return st.st_uid in owners and (not st.st_mode & 0o022 or bool(st.st_mode & stat.S_ISVTX))
+
+
+def private_dir(path: Path) -> int:
+    """An fd of directory ``path`` (absolute), made where missing (0700), reached through
+    directories that only root and this user can change (:func:`_trusted`): another user who
+    could swap a component for a symlink would have root write, chmod and chown where they
+    chose. Symlinks on the way are followed only where they sit in such a directory. The walk
+    never follows a link it has not checked."""
+    owners = _owners(os.geteuid())
+    todo = [p for p in str(path).split("/") if p not in ("", ".")][::-1]
+    fd = os.open("/", DIR_FLAGS)
+    links = 0
+    try:
+        if not _trusted(os.fstat(fd), owners):
+            raise _Untrusted("/")
+        where = Path("/")
+        while todo:
+            name = todo.pop()
+            if name == "..":  # where is the real path walked so far: walk its parent again from /
+                todo.extend(p for p in str(where.parent).split("/")[::-1] if p)
+                os.close(fd)
+                fd, where = os.open("/", DIR_FLAGS), Path("/")
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if st.st_uid not in owners:
+                raise _Untrusted(str(where / name))
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_LINKS:
+                    raise _Untrusted(f"{where / name} (links that loop)")
+                target = os.readlink(name, dir_fd=fd)
+                todo.extend(p for p in target.split("/")[::-1] if p not in ("", "."))
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd, where = os.open("/", DIR_FLAGS), Path("/")
+                continue
+            nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd, where = nfd, where / name
+            if not _trusted(os.fstat(fd), owners):
+                raise _Untrusted(str(where))
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Store:
     """Snapshot records and layers under one cache directory, safe for many processes at once."""
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.cache_dir = Path(os.path.abspath(self.cache_dir))
         self.root = self.cache_dir / f"v{STORE_FORMAT}"
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.root.mkdir(exist_ok=True, mode=0o700)
-            st = self.root.stat()
-            if st.st_uid != os.geteuid():
-                raise ConfigError(
-                    f"cache directory {self.root} is not owned by the current user (uid {os.geteuid()}); "
-                    "use a cache directory of your own (PYTEST_SANDBOX_CACHE or --sandbox-cache-dir)"
-                )
-            if st.st_mode & 0o007:  # other users must never reach a sandbox's files (setuid ones included)
-                os.chmod(self.root, stat.S_IMODE(st.st_mode) & ~0o077)
-            for sub in ("l", "i", "s", "t", "r", "k", "o"):
-                (self.root / sub).mkdir(exist_ok=True, mode=0o700)
-            tag = self.cache_dir / "CACHEDIR.TAG"
-            if not tag.exists():
-                tag.write_text(CACHEDIR_TAG)
+            top = private_dir(self.cache_dir)
+        except _Untrusted as exc:
+            raise ConfigError(
+                f"cache directory {self.cache_dir} is reached through {exc}, which another user controls: they could "
+                "point it at files of yours. Use a cache directory below your own home (PYTEST_SANDBOX_CACHE or "
+                "--sandbox-cache-dir), or one in a directory only you (and root) can change."
+            ) from None
         except OSError as exc:
             raise ConfigError(
                 f"cannot use cache directory {self.cache_dir}: {exc}. Point PYTEST_SANDBOX_CACHE "
                 "(or --sandbox-cache-dir) at a writable directory."
             ) from exc
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.root.name, 0o700, dir_fd=top)
+            root = os.open(self.root.name, DIR_FLAGS, dir_fd=top)
+            try:
+                st = os.fstat(root)
+                if st.st_uid != os.geteuid():
+                    raise ConfigError(
+                        f"cache directory {self.root} is not owned by the current user (uid {os.geteuid()}); "
+                        "use a cache directory of your own (PYTEST_SANDBOX_CACHE or --sandbox-cache-dir)"
+                    )
+                if st.st_mode & 0o007:  # other users must never reach a sandbox's files (setuid ones included)
+                    os.fchmod(root, stat.S_IMODE(st.st_mode) & ~0o077)
+                for sub in ("l", "i", "s", "t", "r", "k", "o"):
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(sub, 0o700, dir_fd=root)
+                    os.close(os.open(sub, DIR_FLAGS, dir_fd=root))  # a directory, not a link planted there
+            finally:
+                os.close(root)
+            with contextlib.suppress(FileExistsError):
+                tag = os.open(
+                    "CACHEDIR.TAG",
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=top,
+                )
+                with os.fdopen(tag, "w") as f:
+                    f.write(CACHEDIR_TAG)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use cache directory {self.cache_dir}: {exc}. Point PYTEST_SANDBOX_CACHE "
+                "(or --sandbox-cache-dir) at a writable directory."
+            ) from exc
+        finally:
+            os.close(top)
         self._owner: str | None = None
         self._owner_fd: int | None = None
         self._lock = threading.Lock()

@@ -7,15 +7,17 @@ Core module: imports only :mod:`.errors` (and :mod:`.image` for type hints).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from .errors import ConfigError, ExecError
+from .errors import ConfigError, ExecError, SandboxError
 from .image import Service
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ __all__ = [
     "LimitStatus",
     "Limits",
     "LogCallback",
+    "Network",
     "Sandbox",
     "SandboxFS",
     "ServiceStatus",
@@ -124,6 +127,71 @@ def format_bytes(n: int) -> str:
             q = n / size
             return f"{q:.0f} {unit}" if q == int(q) else f"{q:.1f} {unit}"
     return f"{n} B"
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?\Z")
+
+
+@dataclass(frozen=True)
+class Network:
+    """What a networked sandbox may reach: ``create(snapshot, network=Network(...))``.
+
+    ``network=True`` is ``Network()``: the internet, not the host. Refused whatever the policy
+    (unless an ``allow`` entry covers them): link-local addresses (``169.254.0.0/16`` and
+    ``fe80::/10``, where cloud metadata services answer with credentials), the other metadata
+    addresses, the host's own addresses on every interface, and the networks only the host reaches
+    (those of its interfaces that carry no default route: ``docker0``, libvirt, a veth).
+
+    ``allow``: when given, only these destinations, and DNS, are reachable. ``deny``: refused
+    besides (``Network(deny=Network.PRIVATE)`` keeps a sandbox off every private network). Entries
+    are CIDRs (``"10.0.0.0/8"``), addresses or host names (resolved on the host when the sandbox
+    starts). ``deny`` is checked first, then ``allow``, then the refusals above, as E2B orders its
+    ``deny_out`` and ``allow_out``. A plain list, ``network=["10.1.0.0/16"]``, is an allow-list.
+    """
+
+    allow: Sequence[str] = ()
+    deny: Sequence[str] = ()
+
+    PRIVATE: ClassVar[tuple[str, ...]] = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+    """The private and shared address ranges (RFC 1918, RFC 6598, RFC 4193)."""
+
+    def __post_init__(self) -> None:
+        for name in ("allow", "deny"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise ConfigError(f"Network({name}=...) takes a list of CIDRs or host names, got {value!r}")
+            object.__setattr__(self, name, tuple(_destination(x, name) for x in value))
+
+    @classmethod
+    def of(cls, value: bool | Network | Sequence[str] | None) -> Network | None:
+        """``create()``'s ``network=`` as a policy: None for no network (False), ``Network()`` for
+        True, an allow-list for a list of destinations."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, Network):
+            return value
+        if isinstance(value, (list, tuple)):
+            return cls(allow=tuple(value))
+        raise ConfigError(
+            f"network= takes True, False, a Network(allow=..., deny=...) or a list of CIDRs and host names, "
+            f"got {value!r}"
+        )
+
+
+def _destination(entry: object, where: str) -> str:
+    """A CIDR, address or host name, checked (it ends up in packet filter rules)."""
+    if isinstance(entry, str):
+        try:
+            return str(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            if _HOST_NAME.match(entry) and not entry.replace(".", "").isdigit():
+                return entry.rstrip(".").lower()
+    raise ConfigError(
+        f"Network({where}=...): {entry!r} is not a CIDR (10.0.0.0/8), an address or a host name (pypi.example)"
+    )
 
 
 @dataclass(frozen=True)
@@ -291,12 +359,20 @@ class Snapshot:
         return self.key[:12]
 
     def lineage(self, get: Callable[[str], Snapshot | None]) -> list[Snapshot]:
-        """This snapshot and the ancestors ``get`` still finds by key, oldest first."""
+        """This snapshot and the ancestors ``get`` still finds by key, oldest first. A chain that
+        comes back to a key it passed (a damaged or forged record) is a :class:`SandboxError`."""
         out = [self]
+        seen = {self.key}
         while out[-1].parent:
             parent = get(out[-1].parent)
             if parent is None:
                 break
+            if parent.key in seen:
+                raise SandboxError(
+                    f"snapshot {self.short}'s ancestry loops back to {parent.short} (a damaged or forged record): "
+                    f"remove it with `pytest-sandbox rm {self.short}`"
+                )
+            seen.add(parent.key)
             out.append(parent)
         return out[::-1]
 
@@ -464,10 +540,14 @@ class Backend(Protocol):
         self,
         snapshot: Snapshot | Image | str,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, str] | None = None,
         limits: Limits | None = None,
-    ) -> Sandbox: ...
+    ) -> Sandbox:
+        """A new sandbox forked from ``snapshot``. ``network``: False (loopback only), True (a
+        network of its own: the internet, not the host), or a :class:`Network` policy (a list of
+        destinations is an allow-list)."""
+        ...
 
     def get_snapshot(self, key_or_name: str) -> Snapshot: ...
     def snapshots(self) -> Iterator[Snapshot]: ...

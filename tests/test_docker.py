@@ -205,3 +205,26 @@ def test_expose_reaches_a_port_on_the_containers_loopback(docker_backend: Backen
             assert r.read() == b"from-docker\n"
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{host}:{port}/i.html", timeout=5)
+
+
+REACH = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); print('reached')"
+
+
+def test_a_networked_container_has_a_network_of_its_own_and_not_the_hosts_addresses(
+    docker_backend: Backend, docker_debian: Snapshot
+) -> None:
+    # Before: network=True was Docker's host network (the host's loopback services, its abstract
+    # sockets, its ports); build steps too.
+    if not docker_backend.reaches_in():  # type: ignore[attr-defined]
+        pytest.skip("the policy is held from the host: root with the Docker engine on this machine")
+    from pytest_sandbox._netfilter import host_addresses
+
+    mine = [str(n.network_address) for n in host_addresses()]
+    with docker_backend.create(docker_debian, network=True) as sb:
+        assert sb.exec("readlink /proc/1/ns/net").stdout.strip() != os.readlink("/proc/self/ns/net")
+        assert sb.exec("cat /proc/net/dev").stdout.count(":") >= 2  # lo and the bridge's eth0
+        for addr in [*mine, "169.254.169.254"]:
+            res = sb.exec(["python3", "-c", REACH, addr, "22"])  # refused in its own namespace: no packet leaves
+            assert "reached" not in res.stdout and "ConnectionRefusedError" in res.stderr, (addr, res)
+        raw = sb.exec(["python3", "-c", "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)"])
+        assert "PermissionError" in raw.stderr, raw  # no packet sockets to write past the rules

@@ -15,17 +15,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import textwrap
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import ConfigError, Image, RegistryError
+from pytest_sandbox import ConfigError, Image, RegistryError, SandboxError
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.engine.unpack import LayerError, unpack_layer
 from pytest_sandbox.store import Store, rmtree
@@ -353,3 +355,162 @@ def test_a_whiteout_of_dot_or_dotdot_is_refused(fresh: LocalBackend, tmp_path: P
         fresh.import_archive(snapshot_archive(tmp_path / "evil.tar", [evil], "b" * 64))
     assert in_store(fresh) == before
     assert fresh.store.layer_ok(kept.layers[-1], full=True)
+
+
+# -- 6. archive headers built to be held whole -------------------------------------------------
+def _block(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def _header(name: str, size: int, kind: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _member(name: str = "f", data: bytes = b"x") -> bytes:
+    return _header(name, len(data), tarfile.REGTYPE) + _block(data)
+
+
+def _repeat(piece: bytes, size: int) -> Iterator[bytes]:
+    """``size`` bytes of ``piece`` over and over, a MiB at a time (the test never holds them)."""
+    chunk = piece * (MiB // len(piece))
+    while size > 0:
+        yield chunk[: min(size, len(chunk))]
+        size -= len(chunk)
+    yield b"\0" * (-size % 512 if size < 0 else 0)
+
+
+def _extended(kind: bytes, size: int, piece: bytes) -> Iterator[bytes]:
+    """One extended header of ``size`` bytes (its data made of ``piece``), then a real member."""
+    yield _header("././@LongLink" if kind in (b"L", b"K") else "././@PaxHeader", size, kind)
+    body = b"".join(_repeat(piece, size)) if size <= MiB else None
+    if body is not None:
+        yield _block(body)
+    else:
+        written = 0
+        for chunk in _repeat(piece, size):
+            written += len(chunk)
+            yield chunk
+        yield b"\0" * (-written % 512)
+    yield _member()
+
+
+HUGE = 300 * MiB
+
+
+def _hostile_layers() -> dict[str, Callable[[], Iterator[bytes]]]:
+    def pax() -> Iterator[bytes]:  # one PAX record of 300 MiB
+        yield from _extended(tarfile.XHDTYPE, HUGE, b"x")
+
+    def long_name() -> Iterator[bytes]:  # a GNU long name of 300 MiB
+        yield from _extended(tarfile.GNUTYPE_LONGNAME, HUGE, b"d/")
+
+    def chain() -> Iterator[bytes]:  # 100,000 long-name headers in a row: tarfile reads each by recursion
+        for _ in range(100_000):
+            yield _header("././@LongLink", 2, tarfile.GNUTYPE_LONGNAME) + _block(b"a\0")
+        yield _member()
+
+    def globals_() -> Iterator[bytes]:  # 600 global headers of 64 KiB of new names: kept, and copied per member
+        for i in range(600):
+            record = b"".join(f"{k:05d}.{i:05d}={'v' * 40}\n".encode() for k in range(1200))
+            lines = b"".join(b"%d %s" % (len(r) + len(str(len(r))) + 1, r) for r in record.splitlines(True))
+            yield _header("././@PaxHeader", len(lines), tarfile.XGLTYPE) + _block(lines)
+            yield _member(f"f{i}")
+
+    def sparse_map() -> Iterator[bytes]:  # a PAX 1.0 sparse map of 75 million numbers, read as a list
+        pax = tarfile.TarInfo("f")
+        pax.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1"}
+        pax.size = HUGE
+        yield pax.tobuf(format=tarfile.PAX_FORMAT)
+        yield b"%d\n" % (HUGE // 4)
+        yield from _repeat(b"0\n1\n", HUGE - 512)
+
+    return {"pax": pax, "long name": long_name, "chain": chain, "globals": globals_, "sparse map": sparse_map}
+
+
+CAPPED_UNPACK = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
+from pathlib import Path
+from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.backends.local import LocalBackend
+from pytest_sandbox.engine.unpack import unpack_layer
+try:
+    if sys.argv[1] == "layer":
+        unpack_layer(Path(sys.argv[2]), Path(sys.argv[3]), "a hostile layer", ids=None)
+    else:
+        with LocalBackend(sys.argv[3]) as b:
+            b.import_archive(sys.argv[2])
+    print("OUTCOME unpacked")
+except SandboxError as exc:
+    print("OUTCOME", type(exc).__name__, exc)
+except BaseException as exc:
+    print("OUTCOME crashed", type(exc).__name__, str(exc)[:200])
+"""
+
+
+@pytest.mark.parametrize("case", sorted(_hostile_layers()))
+@pytest.mark.parametrize("where", ["layer", "archive"])
+def test_archive_headers_are_bounded_and_refused_with_bounded_memory(tmp_path: Path, case: str, where: str) -> None:
+    # Before: tarfile held a header of any size whole (a 270 KiB layer cost the runner +781 MiB),
+    # recursed once per extended header, and kept every global header and sparse map entry.
+    blob = tmp_path / ("layer.tar.gz" if where == "layer" else "archive.tar.gz")
+    with gzip.open(blob, "wb", compresslevel=1) as out:
+        for chunk in _hostile_layers()[case]():
+            out.write(chunk)
+        out.write(b"\0" * 1024)
+    assert blob.stat().st_size < 32 * MiB  # small on the wire, built to be big in memory
+    code = CAPPED_UNPACK.format(cap=512 * MiB)
+    res = subprocess.run(
+        [sys.executable, "-c", code, where, str(blob), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    outcome = next((x for x in res.stdout.splitlines() if x.startswith("OUTCOME ")), res.stderr[-2000:])
+    expected = "LayerError" if where == "layer" else "RegistryError"
+    assert outcome.startswith(f"OUTCOME {expected}"), outcome
+    assert "headers" in outcome or "extended headers in a row" in outcome, outcome
+
+
+def test_a_real_layers_headers_still_unpack(tmp_path: Path) -> None:
+    """Long names, PAX records with xattrs and a global header, as real tools write them."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.pax_headers = {"comment": "made by a tool"}
+        name = "/".join(["d" * 100] * 20) + "/f"  # 2 KB: a GNU or PAX long name
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        info.pax_headers = {"SCHILY.xattr.user.note": "kept"}
+        tf.addfile(info, io.BytesIO(b"ok"))
+    blob = tmp_path / "l.tar.gz"
+    blob.write_bytes(gzip.compress(data.getvalue()))
+    unpack_layer(blob, tmp_path / "out", "a layer", ids=None)
+    assert (tmp_path / "out" / name).read_bytes() == b"ok"
+    assert os.getxattr(tmp_path / "out" / name, "user.note") == b"kept"
+
+
+# -- 7. ancestry that loops --------------------------------------------------------------------
+def test_a_snapshot_that_is_its_own_parent_is_refused_at_import(fresh: LocalBackend, tmp_path: Path) -> None:
+    # Before: Snapshot.lineage never returned for it, and export and push hung.
+    key = "b" * 64
+    archive = snapshot_archive(tmp_path / "loop.tar", [layer(Entry("hello.txt", data=b"hi"))], key, parent=key)
+    with pytest.raises(RegistryError, match="its own ancestor"):
+        fresh.import_archive(archive)
+    assert fresh.store.get(key) is None
+
+
+def test_a_stored_ancestry_loop_is_an_error_not_a_hang(fresh: LocalBackend, tmp_path: Path) -> None:
+    a, b = "a" * 64, "c" * 64
+    fresh.import_archive(snapshot_archive(tmp_path / "a.tar", [layer(Entry("a", data=b"a"))], a, parent=b))
+    snap = fresh.store.get(a)
+    assert snap is not None
+    # a record altered on disk (or by an older version) to close the loop
+    looped = replace(snap, key=b, parent=a)
+    fresh.store.put(looped)
+    with pytest.raises(SandboxError, match="ancestry loops back"):
+        snap.lineage(fresh.store.get)
+    with pytest.raises(SandboxError, match="ancestry loops back"):
+        fresh.export(snap, tmp_path / "out.tar")
+    assert not (tmp_path / "out.tar").exists()

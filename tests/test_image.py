@@ -31,7 +31,7 @@ def test_key_known_value_pins_canonical_form() -> None:
     assert Image.host().run("true").key == Image.host().run("true").key
     assert Image.host().key != Image.debian().key
     assert Image.debian("bookworm").key != Image.debian("trixie").key
-    assert Image.debian(include=["a", "b"]).key == Image.debian(include=["b", "a"]).key
+    assert Image.debian(include=["aa", "bb"]).key == Image.debian(include=["bb", "aa"]).key
 
 
 def test_reordering_steps_changes_key() -> None:
@@ -96,3 +96,65 @@ def test_bad_recipes_say_what_to_fix(make: object, fragment: str) -> None:
 def test_describe_lists_steps() -> None:
     text = Image.debian().apt_install("git").run(["echo", "a b"]).describe()
     assert text.splitlines() == ["FROM debian:bookworm (minbase)", "APT INSTALL git", "RUN echo 'a b'"]
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "debian:--setup-hook=touch${IFS}x",  # an mmdebstrap option, not a suite
+        "debian:bookworm --customize-hook=x",
+        "debian:Bookworm",
+        "-v",
+        "python:3.12\n",
+        "evil.example:99999/x",
+        "evil.example#/x",
+        "user@evil.example/x",
+        "",
+    ],
+)
+def test_one_strict_grammar_refuses_what_is_not_a_reference(ref: str) -> None:
+    with pytest.raises(ConfigError):
+        Image.from_ref(ref)
+
+
+def test_a_client_names_no_path_or_host_of_the_machine() -> None:
+    for ref in ("host", "/etc", "rootfs:/etc", "rootfs:relative"):
+        with pytest.raises(ConfigError, match="names something of the endpoint's machine"):
+            Image.from_ref(ref, host_paths=False)
+    assert Image.from_ref("debian:trixie", host_paths=False).base.describe() == "debian:trixie (minbase)"
+    assert Image.from_ref("127.0.0.1:5000/team/env:v1", host_paths=False).base_kind == "registry"
+
+
+def test_debian_suites_and_packages_are_names() -> None:
+    for suite in ("--setup-hook=x", "a b", "../x", "Stable", ""):
+        with pytest.raises(ConfigError, match="suite"):
+            Image.debian(suite)
+    for package in ("--x", "/tmp/evil.deb", "a,b", "x"):
+        with pytest.raises(ConfigError, match="package name"):
+            Image.debian(include=[package])
+    with pytest.raises(ConfigError, match="not the string"):
+        Image.debian(include="python3")  # type: ignore[arg-type]
+    assert Image.debian("bookworm-backports", include=["python3", "g++", "libc6.1"]).base.include == (
+        "g++",
+        "libc6.1",
+        "python3",
+    )
+
+
+def test_mmdebstrap_gets_its_suite_and_path_after_the_end_of_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_sandbox import _build
+
+    seen: list[list[str]] = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(_build.shutil, "which", lambda name: "/usr/bin/mmdebstrap")
+    monkeypatch.setattr(_build._proc, "run", lambda argv, **kw: seen.append(list(argv)) or Done())
+    base = Image.debian("bookworm", include=["python3"]).base
+    _build.mmdebstrap_tar(base, "k" * 64, tmp_path / "-out.tar", 0, lambda _line: None)  # type: ignore[arg-type]
+    argv = seen[0]
+    assert argv[argv.index("--") + 1 :] == ["bookworm", str(tmp_path / "-out.tar")]
+    assert all(a.startswith("--") for a in argv[1 : argv.index("--")])

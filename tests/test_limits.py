@@ -8,7 +8,10 @@ Daytona-compatible endpoint. The heavy cases run under an outer limit the test s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -320,7 +323,8 @@ def test_rootless_cgroup_v2_goes_below_the_subtree_systemd_delegates(tmp_path: P
             root.joinpath(*parts[:depth], "cgroup.subtree_control").chmod(0o444)
     cg = Cgroups("abc", root=root, own=own)
     service = root.joinpath(*parts[:3])
-    assert cg.version == 2 and cg.dirs == {"unified": service / "pytest-sandbox" / "abc"}, cg.reason
+    assert cg.version == 2 and cg.groups == {"unified": service / "pytest-sandbox" / "abc"}, cg.reason
+    assert cg.dirs == {"unified": service / "pytest-sandbox" / "abc" / "run-0"}
     assert (service / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
     # Nothing delegated (a plain login without a user session): said, not pretended.
     none = Cgroups("abc", root=root, own="/system.slice/ssh.service")
@@ -342,7 +346,7 @@ def test_cgroup_v2_for_real_on_a_unified_hierarchy(tmp_path: Path, monkeypatch) 
     if os.geteuid() != 0 or unified is None:
         pytest.skip("needs root and a cgroup v2 hierarchy")
     real = cgroups.Cgroups
-    monkeypatch.setattr(host, "Cgroups", lambda group: real(group, root=unified))
+    monkeypatch.setattr(host, "Cgroups", lambda group, **kw: real(group, root=unified, **kw))
     have = set((unified / "cgroup.controllers").read_text().split())
     with LocalBackend(tmp_path / "cache") as b:
         assert b.host.cgroups.version == 2
@@ -368,3 +372,116 @@ def test_cgroup_v2_for_real_on_a_unified_hierarchy(tmp_path: Path, monkeypatch) 
                 assert c.fs.read("/tmp/f") == b"x\n"
         assert gone(cg.dirs.values())
     assert not (unified / "pytest-sandbox" / b.host.cgroups.group / b.store.owner).exists()
+
+
+# -- sandboxes of a run, and of a job ----------------------------------------------------------
+def _own_memory_cgroup() -> Path | None:
+    """This process's memory cgroup (v1's memory hierarchy, or v2's), where root may nest."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    unified = Path("/sys/fs/cgroup")
+    if (unified / "cgroup.controllers").is_file() and "memory" in (unified / "cgroup.controllers").read_text():
+        own = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
+        return unified / own.lstrip("/")
+    return None
+
+
+JOB = """
+import json, os, sys
+from pytest_sandbox import Image, Limits
+from pytest_sandbox.backends.local import LocalBackend
+with LocalBackend(sys.argv[1]) as b:
+    with b.create(b.build(Image.host()), limits=Limits(memory="2G")) as sb:
+        res = sb.exec({alloc!r})
+        print(json.dumps({{"cgroup": str(sb._cgroup.dirs["memory"]), "code": res.exit_code, "oom": res.oom_killed}}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root: sandbox cgroups nest below the runner's own")
+def test_a_jobs_memory_cap_holds_its_sandboxes(tmp_path: Path) -> None:
+    # Before: as root, sandbox cgroups sat at the hierarchy's root, outside the runner's: a CI
+    # job's memory cap did not bound its sandboxes.
+    own = _own_memory_cgroup()
+    if own is None or not (own / "cgroup.procs").is_file() or own.parent.name == "unified":
+        pytest.skip("no memory controller for this process's cgroup")
+    job = own / f"psb-job-{os.getpid()}"
+    job.mkdir()
+    try:
+        v1 = (job / "memory.limit_in_bytes").exists()
+        (job / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(256 << 20))
+        if v1:
+            (job / "memory.memsw.limit_in_bytes").write_text(str(256 << 20))
+
+        def join() -> None:  # the runner starts inside the capped cgroup, as a CI job's processes do
+            (job / "cgroup.procs").write_text(str(os.getpid()))
+
+        code = JOB.format(alloc=ALLOC.format(n=600 << 20))
+        res = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=join,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        assert Path(got["cgroup"]).is_relative_to(job), got  # below the job's cgroup
+        assert got["code"] == 137 and got["oom"], got  # killed at the job's cap, not the sandbox's 2G
+    finally:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                for child in sorted(job.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                    if child.is_dir():
+                        child.rmdir()
+                job.rmdir()
+                break
+            time.sleep(0.05)
+
+
+def test_max_memory_caps_the_runs_sandboxes_together(tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = LocalBackend(tmp_path / "cache", max_memory="200M", run="testrun")
+    with b:
+        if b.host.cgroups.cap_reason:
+            assert any("NOT held" in str(w.message) for w in caught)
+            pytest.skip(f"no memory cgroup here: {b.host.cgroups.cap_reason}")
+        host = b.build(Image.host())
+        run = b.host.cgroups.dirs["memory" if "memory" in b.host.cgroups.dirs else "unified"]
+        assert run.name == "run-testrun"
+        with b.create(host, limits=Limits(memory="1G")) as one:  # its own limit is above the run's
+            res = one.exec(ALLOC.format(n=400 << 20))
+            assert res.exit_code == 137 and res.oom_killed, res
+        hold = HOLD.format(n=130 << 20) + " > /tmp/up &"
+        with b.create(host) as first, b.create(host) as second:
+            first.exec(hold).check()
+            assert wait_for(lambda: first.fs.exists("/tmp/up") and first.fs.read_text("/tmp/up") == "1\n", 30)
+            res = second.exec(ALLOC.format(n=130 << 20))  # together past 200M: one of them goes
+            holder = first.exec("pgrep -f 'time[.]sleep' >/dev/null && echo alive").stdout
+            assert res.oom_killed or "alive" not in holder, (res, holder)
+
+
+HOLD = (
+    'python3 -c \'import time; b = bytearray({n}); b[::4096] = b"x" * len(b[::4096]); '
+    "print(1, flush=True); time.sleep(60)'"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root: cgroups of other owners at the hierarchy's root")
+def test_gc_finds_leftover_cgroups_below_the_runner_and_where_they_used_to_be(backend: LocalBackend) -> None:
+    cg = backend.host.cgroups
+    if not cg.usable:
+        pytest.skip(f"no cgroups here: {cg.reason}")
+    made = []
+    for groups in cg._places():
+        for group in groups.values():
+            dead = group / "run-gone" / "deadbeef" / "sb1"  # a run of an owner that died
+            old = group / "0ddba11" / "sb2"  # the layout earlier versions left
+            for d in (dead, old):
+                d.mkdir(parents=True, exist_ok=True)
+                made.append(d)
+    assert backend.gc() >= 2
+    assert not any(d.exists() for d in made), [d for d in made if d.exists()]
+    assert not any((g / "run-gone").exists() for groups in cg._places() for g in groups.values())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Image, Snapshot, SnapshotBuildError
+from pytest_sandbox import ConfigError, Image, Snapshot, SnapshotBuildError
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.oci import Reference, RegistryConfig
 from tests.conftest import start_registry
@@ -205,8 +205,8 @@ def test_unknown_image_missing_tag_unreachable_registry(backend: LocalBackend, i
         backend.build(Image.from_registry(f"{images.registry}/psb/base:nope"))
     with pytest.raises(SnapshotBuildError, match=r"cannot reach the registry 127\.0\.0\.1:9"):
         backend.build(Image.from_registry("127.0.0.1:9/psb/base:1"))
-    with pytest.raises(SnapshotBuildError, match="not a valid repository name"):
-        backend.build(Image.from_registry("Psb/Base"))
+    with pytest.raises(ConfigError, match="not a valid repository name"):  # refused before anything runs
+        Image.from_registry("Psb/Base")
 
 
 ESCAPES = {

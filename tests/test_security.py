@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -871,6 +872,81 @@ def test_cache_directory_is_private(tmp_path: Path) -> None:
     with LocalBackend(tmp_path / "c") as b:
         mode = stat.S_IMODE(b.store.root.stat().st_mode)
         assert mode & 0o007 == 0, f"the store is open to other users: mode {mode:o}"
+
+
+@pytest.mark.skipif(not ROOT, reason="as root: another user's directory is one root would follow them into")
+def test_root_follows_no_link_another_user_planted_in_the_cache_path(tmp_path: Path) -> None:
+    # Before: with the cache under a directory another user controls and v2 a symlink, root
+    # chmod/chowned the link's target (a root-owned 0755 directory became 0710 root:<group>)
+    # and filled it.
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 54321, 54321)  # a directory of another user's
+    (theirs / "cache").mkdir()
+    os.chown(theirs / "cache", 54321, 54321)
+    (theirs / "cache" / "v2").symlink_to(victim)
+    os.lchown(theirs / "cache" / "v2", 54321, 54321)
+    for cache in (theirs / "cache", theirs / "fresh"):
+        with pytest.raises(ConfigError, match="another user controls"):
+            LocalBackend(cache)
+    st = victim.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, os.listdir(victim)) == (0o755, 0, 0, [])
+    assert not (theirs / "fresh").exists()
+
+
+def test_no_link_is_followed_where_the_cache_is_made_and_no_other_user_can_write_the_way(tmp_path: Path) -> None:
+    # As any user: a directory on the way that others can write (not sticky) lets them swap what
+    # comes next; a link planted where the store's own directories go is never followed.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match=f"reached through {shared}, which another user controls"):
+        LocalBackend(shared / "cache")
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    (own / "v2").symlink_to(target)
+    with pytest.raises(ConfigError, match="cannot use cache directory"):
+        LocalBackend(own)
+    (own / "v2").unlink()
+    (own / "CACHEDIR.TAG").symlink_to(target / "written")
+    with LocalBackend(own) as b:
+        assert b.store.root.is_dir() and not b.store.root.is_symlink()
+    assert not (target / "written").exists() and os.listdir(target) == []
+    # Links on the way that only root or the user could have made are followed as usual.
+    (tmp_path / "link").symlink_to(own)
+    with LocalBackend(tmp_path / "link") as b:
+        assert b.store.root == tmp_path / "link" / "v2"
+
+
+def test_the_sandboxs_mounts_name_no_path_of_the_cache(backend: LocalBackend, host: Snapshot) -> None:
+    with backend.create(host) as sb:
+        mounts = sb.exec("cat /proc/self/mountinfo").stdout
+    if ROOT:
+        assert str(backend.store.cache_dir) not in mounts and "/tmp/l/" in mounts
+    else:  # rootless: overlayfs shows its layers' paths, as rootless podman's does (see the README)
+        assert str(backend.store.root / "l") in mounts
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda sb: sb.exec(["echo", "a\0b"]),
+        lambda sb: sb.exec("echo a\0b"),
+        lambda sb: sb.exec("true", cwd="/tmp\0/x"),
+        lambda sb: sb.exec("true", env={"A": "a\0b"}),
+    ],
+    ids=["argv", "command", "cwd", "env"],
+)
+def test_a_nul_in_a_command_is_a_config_error_at_the_call(backend: LocalBackend, host: Snapshot, call: Any) -> None:
+    # Before: a NUL in argv killed the spawn helper's thread ("the spawn helper died").
+    with backend.create(host) as sb:
+        with pytest.raises(ConfigError, match="NUL"):
+            call(sb)
+        assert sb.exec("echo still").stdout == "still\n"
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to switch to another host user")

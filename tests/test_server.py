@@ -336,3 +336,58 @@ def test_the_endpoint_serves_the_docker_backend_too(
     finally:
         srv.shutdown()
         thread.join(timeout=30)
+
+
+# -- what a client names: never an option of a host command, never a host path -------------------
+@pytest.mark.parametrize(
+    ("image", "words"),
+    [
+        # Before: the suite went to mmdebstrap's argv, where "--setup-hook=CMD" is an option that ran
+        # CMD on the endpoint's host (as root when it runs as root).
+        ("debian:--setup-hook=touch\t$PSB_MARK", "is not valid"),
+        ("debian:--customize-hook=touch${IFS}$PSB_MARK", "is not valid: a suite is a name"),
+        ("debian:bookworm\nx", "may not start with '-' or hold whitespace"),
+        ("--setup-hook=touch${IFS}$PSB_MARK", "may not start with '-'"),
+        # Before: a host directory became a base, and an API client read a 0600 file of a 0700
+        # directory it had no right to.
+        ("{secret}", "names something of the endpoint's machine"),
+        ("rootfs:{secret}", "names something of the endpoint's machine"),
+        ("host", "names something of the endpoint's machine"),
+        ("evil.example:99999/x", "is not a registry host"),
+    ],
+)
+@pytest.mark.parametrize("form", ["imageName", "Dockerfile"])
+def test_a_clients_image_reference_runs_no_option_and_names_no_host_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_dir: Path, image: str, words: str, form: str
+) -> None:
+    mark, secret = tmp_path / "pwned", tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "key").write_text("s3cret")
+    monkeypatch.setenv("PSB_MARK", str(mark))
+    proc, url = _serve(cache_dir)
+    try:
+        ref = image.replace("{secret}", str(secret))
+        body: dict[str, Any] = {"name": f"attack-{form}"}
+        if form == "imageName":
+            body["imageName"] = ref
+        else:
+            if "\n" in ref:  # a newline ends a Dockerfile's line: what follows is another instruction
+                words = "is not supported by the local Daytona endpoint"
+            body["buildInfo"] = {"dockerfileContent": f"FROM {ref}\nRUN cat /key\n"}
+        before = _request(f"{url}/snapshots")[1]["items"]
+        status, answer = _request(f"{url}/snapshots", "POST", body)
+        assert status == 400, answer
+        assert words in answer["message"], answer
+        assert _request(f"{url}/snapshots")[1]["items"] == before  # nothing was started or recorded
+        time.sleep(0.5)  # a hook would have run by now
+        assert not mark.exists()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def test_a_clients_network_allow_list_is_parsed_strictly(endpoint: str) -> None:
+    for bad in ("10.0.0.0/8 -j ACCEPT", "-A OUTPUT", "10.0.0.0/33"):
+        status, answer = _request(f"{endpoint}/sandbox", "POST", {"networkAllowList": bad})
+        assert status == 400 and "is not a CIDR" in answer["message"], answer

@@ -34,7 +34,7 @@ from ..errors import (
     SandboxError,
     SandboxFileError,
 )
-from ..image import Image, Service, env_items
+from ..image import Image, Service, check_argv, env_items
 from ..store import Store
 from ..types import LABEL, Backend, ExecResult, FileInfo, LogCallback, Sandbox, ServiceStatus, Snapshot
 
@@ -55,6 +55,7 @@ __all__ = [
     "stat_info",
     "SandboxBase",
     "exec_argv",
+    "exec_cwd",
     "exec_env",
     "exec_result",
     "extract_tar",
@@ -113,14 +114,19 @@ def exec_env(env: Mapping[str, str] | None) -> dict[str, str] | None:
     return dict(env_items(env)) if env else None
 
 
+def exec_cwd(cwd: str | None) -> str | None:
+    """``exec()``'s ``cwd``, checked: a string without NUL, or None."""
+    return None if cwd is None else check_argv([cwd], "exec() cwd")[0]
+
+
 def exec_argv(command: str | Sequence[str]) -> list[str]:
     """``exec()``'s command as an argv: a string runs through ``/bin/sh -c``."""
     if isinstance(command, str):
-        return ["/bin/sh", "-c", command]
+        return check_argv(["/bin/sh", "-c", command], "exec()")
     argv = list(command)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"exec() takes a string or a non-empty list of strings, got {command!r}")
-    return argv
+    return check_argv(argv, "exec()")
 
 
 def exec_result(
@@ -376,9 +382,8 @@ class SandboxBase(Sandbox):
         At most ``max_output`` bytes (default 16 MiB) of stdout, and of stderr, are kept: the
         first and last halves, with a marker between them, and ``truncated`` set.
         """
-        return self._run(
-            exec_argv(command), cwd=cwd, env=exec_env(env), input=input, timeout=timeout, max_output=max_output
-        )
+        argv, cwd = exec_argv(command), exec_cwd(cwd)
+        return self._run(argv, cwd=cwd, env=exec_env(env), input=input, timeout=timeout, max_output=max_output)
 
 
 def check_port(port: object, protocol: object = "tcp") -> None:

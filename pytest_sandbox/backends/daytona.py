@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ from ..types import (
     Limits,
     LimitStatus,
     LogCallback,
+    Network,
     Snapshot,
     Usage,
     show_limit,
@@ -373,7 +375,7 @@ class DaytonaBackend(RemoteBackend):
         if step.kind == "env":
             return self._snapshot(key, meta, time.time())
         sdk = self._sdk
-        sb = DaytonaSandbox(self, parent, network=True, env={})
+        sb = DaytonaSandbox(self, parent, network=Network(), env={})
         try:
             ca = host_ca_bundle()
             if ca:  # only for this step: removed before the snapshot is taken
@@ -406,18 +408,26 @@ class DaytonaBackend(RemoteBackend):
         self,
         snapshot: Snapshot | Image | str,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, str] | None = None,
         limits: Limits | None = None,
     ) -> DaytonaSandbox:
         """A new Daytona sandbox from a snapshot (an Image is built first); no network unless asked.
 
-        Daytona sizes a sandbox by its snapshot: the backend's limits size the snapshots it builds,
-        and ``limits`` other than those cannot be applied here (``sb.limits`` says so)."""
+        ``network``'s ``allow`` list becomes Daytona's allow-lists (CIDRs: ``network_allow_list``,
+        names: ``domain_allow_list``); Daytona has no deny-list, so ``deny`` is refused. Daytona
+        sizes a sandbox by its snapshot: the backend's limits size the snapshots it builds, and
+        ``limits`` other than those cannot be applied here (``sb.limits`` says so)."""
+        policy = Network.of(network)
+        if policy is not None and policy.deny:
+            raise ConfigError(
+                "Daytona takes allow-lists only (network_allow_list, domain_allow_list): give Network(allow=[...]) "
+                "on the daytona backend, or use the local engine for a deny-list"
+            )
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         wanted = self.asked if limits is None else limits.over(self.asked)
-        return DaytonaSandbox(self, snapshot, network=network, env=dict(env_items(env or {})), limits=wanted)
+        return DaytonaSandbox(self, snapshot, network=policy, env=dict(env_items(env or {})), limits=wanted)
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """Daytona does not tell a snapshot's size through its API."""
@@ -442,6 +452,26 @@ class DaytonaBackend(RemoteBackend):
         return removed + self.store.gc()
 
 
+def _allow_lists(network: Network | None) -> dict[str, str]:
+    """A policy's allow-list as Daytona's two: addresses and networks, and names."""
+    if network is None or not network.allow:
+        return {}
+    nets = [x for x in network.allow if _is_network(x)]
+    names = [x for x in network.allow if x not in nets]
+    return {
+        **({"network_allow_list": ",".join(nets)} if nets else {}),
+        **({"domain_allow_list": ",".join(names)} if names else {}),
+    }
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError:
+        return False
+    return True
+
+
 def _sdk_timeout(timeout: float | None) -> int | None:
     # The wrapper enforces the timeout; the SDK's is the net under it, for a sandbox that hangs.
     return None if timeout is None else int(timeout) + 60
@@ -463,7 +493,7 @@ class DaytonaSandbox(SandboxBase):
         backend: DaytonaBackend,
         snapshot: Snapshot,
         *,
-        network: bool,
+        network: Network | None,
         env: dict[str, str],
         sdk_sandbox: Any = None,
         limits: Limits | None = None,
@@ -482,7 +512,8 @@ class DaytonaSandbox(SandboxBase):
                 snapshot=snapshot.base["snapshot"],
                 env_vars={**dict(snapshot.env), **env},
                 labels=backend.labels(**{f"{LABEL}.key": snapshot.key}),
-                network_block_all=not network,
+                network_block_all=network is None,
+                **_allow_lists(network),
                 auto_stop_interval=AUTO_STOP_MINUTES,
                 auto_delete_interval=AUTO_DELETE_MINUTES,
                 os_user="root",

@@ -3,6 +3,10 @@ DOCKER_HOST), through the ``docker`` SDK (``pip install 'pytest-sandbox[docker]'
 
 A recipe becomes images tagged ``pytest-sandbox:<key>``, one per step prefix, exactly as the local
 engine keys its layers; a sandbox is a container with no network; ``snapshot()`` commits it.
+A networked container (and every build step) is on Docker's default bridge, a network of its
+own, never the host's; where pytest runs as root on the engine's machine, its
+:class:`~pytest_sandbox.types.Network` policy is loaded into its namespace (``_netfilter``), so
+it reaches the internet and not this host.
 Every container carries the owner token of the process that made it; a watchdog process removes
 them as soon as that process dies (also on ``kill -9``, within about two seconds), and ``gc`` (run
 at every start) removes any whose owner is gone.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import os
 import shutil
@@ -22,7 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .._build import build_env, build_recipe, host_ca_bundle, mmdebstrap_tar, run_step
+from .._build import build_env, build_recipe, host_ca_bundle, loopback_proxies, mmdebstrap_tar, run_step
+from .._netfilter import Filter
 from .._proc import CLIP_SH, TRUNCATED, Cancel
 from ..engine.cgroups import oom_kill_count
 from ..engine.expose import Exposure, Forwarder, SocketMaker
@@ -44,6 +50,7 @@ from ..types import (
     Limits,
     LimitStatus,
     LogCallback,
+    Network,
     Snapshot,
     Usage,
     show_limit,
@@ -401,7 +408,8 @@ class DockerBackend(RemoteBackend):
                 return self._commit(container, key, parent=parent.key, description=step.describe(), env=dict(step.env))
             finally:
                 container.remove(force=True)
-        sb = DockerSandbox(self, parent, network=True, env={})
+        env, proxies = loopback_proxies(build_env(f"/{_BUILD_CA_NAME}"))
+        sb = DockerSandbox(self, parent, network=Network(), env={}, proxies=proxies)
         try:
             # The host CA goes in as a file for this step only, removed before the commit.
             ca = host_ca_bundle()
@@ -415,7 +423,7 @@ class DockerBackend(RemoteBackend):
                     index=i,
                     count=n,
                     workdir=parent.workdir,
-                    env=build_env(f"/{_BUILD_CA_NAME}"),
+                    env=env,
                     log=log,
                 )
             finally:
@@ -430,16 +438,18 @@ class DockerBackend(RemoteBackend):
         self,
         snapshot: Snapshot | Image | str,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, str] | None = None,
         limits: Limits | None = None,
     ) -> DockerSandbox:
-        """A new container from a snapshot (an Image is built first); no network unless asked;
+        """A new container from a snapshot (an Image is built first); no network unless asked
+        (then Docker's bridge, with ``network``'s policy where it can be held: see the module);
         ``limits`` over the backend's become docker's --memory, --pids-limit, --cpus flags."""
+        policy = Network.of(network)
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         wanted = self.limits if limits is None else limits.over(self.limits)
-        sb = DockerSandbox(self, snapshot, network=network, env=dict(env_items(env or {})), limits=wanted)
+        sb = DockerSandbox(self, snapshot, network=policy, env=dict(env_items(env or {})), limits=wanted)
         with self._lock:
             self._live.add(sb)
         return sb
@@ -468,6 +478,17 @@ class DockerBackend(RemoteBackend):
                 self.remove_snapshot(snap)
                 removed += 1
         return removed + self.store.gc()
+
+    def reaches_in(self) -> bool:
+        """Whether this process may enter containers' namespaces: root, with the engine on this
+        machine (``DOCKER_HOST`` unix://)."""
+        where = os.environ.get("DOCKER_HOST") or "unix://"
+        return os.geteuid() == 0 and where.startswith("unix://")
+
+    @functools.cached_property
+    def netfilter(self) -> Filter:
+        """Loads networked containers' policies (see the module)."""
+        return Filter(str(self.store.root / "xtables.lock"))
 
     @functools.cached_property
     def forwarder(self) -> Forwarder:
@@ -499,10 +520,11 @@ class DockerSandbox(SandboxBase):
         backend: DockerBackend,
         snapshot: Snapshot,
         *,
-        network: bool,
+        network: Network | None,
         env: dict[str, str],
         build: bool = False,
         limits: Limits = DEFAULT_LIMITS,
+        proxies: Mapping[int, tuple[str, int]] | None = None,
     ) -> None:
         self.backend = backend
         self._limits = limits
@@ -520,18 +542,48 @@ class DockerSandbox(SandboxBase):
             "init": True,
             "stdin_open": True,
             "labels": backend.labels(**{f"{LABEL}.key": snapshot.key}),
-            "network_mode": "host" if network else "none",
+            # A network of its own (the bridge), never the host's; no raw sockets, whose packets
+            # would pass around the policy's rules.
+            "network_mode": "none" if network is None else "bridge",
             "environment": env,
             "working_dir": snapshot.workdir,
+            "hostname": "sandbox",
         }
-        if not network:
-            kwargs["hostname"] = "sandbox"
+        if network is not None:
+            kwargs["cap_drop"] = ["NET_RAW"]
         self._status = _docker_limits(limits, kwargs, backend.storage_size_ok)
         self._oom_file: Path | Literal[False] | None = None  # None: not looked for yet
         try:
             self.container = backend.client.containers.run(f"{REPO}:{snapshot.key}", **kwargs)
         except backend._errors.APIError as exc:
             raise SandboxError(f"docker could not start a container of {snapshot.short}: {exc}") from exc
+        self._forwarded: list[Exposure] = []
+        if network is not None:
+            try:
+                self._hold_network(network, dict(proxies or {}))
+            except BaseException:
+                self.close()
+                raise
+
+    def _hold_network(self, policy: Network, proxies: dict[int, tuple[str, int]]) -> None:
+        """Load ``policy`` into the container's network namespace, and forward ``proxies`` (host
+        loopback ports a build step's proxy variables name) into it, where this process can."""
+        b = self.backend
+        if not b.reaches_in():
+            say_once(
+                "the docker backend holds a networked container's reach (no link-local services such as cloud "
+                "metadata, none of this host's addresses) only where pytest runs as root on the Docker engine's "
+                "machine: here its containers reach them. Run as root there, or use the local engine"
+            )
+            if proxies:
+                say_once("build steps on the docker backend cannot use a proxy on this host's loopback here")
+            return
+        self.container.reload()
+        pid = int(self.container.attrs["State"]["Pid"])
+        nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        b.netfilter.apply([nsenter, "-t", str(pid), "-n", "--"], policy, dns=_nameservers(self.container.attrs))
+        for port, target in proxies.items():
+            self._forwarded.append(b.forwarder.open_inward(b.socket_maker(), pid, port, target))
 
     @property
     def limits(self) -> dict[str, LimitStatus]:
@@ -680,8 +732,7 @@ class DockerSandbox(SandboxBase):
         network namespace, so it needs root and the engine on this machine."""
         self._check_open()
         check_port(port, protocol)
-        where = os.environ.get("DOCKER_HOST") or "unix://"
-        if os.geteuid() != 0 or not where.startswith("unix://"):
+        if not self.backend.reaches_in():
             raise EngineUnavailableError(
                 "expose() on the docker backend enters the container's network namespace: it needs root "
                 "and a Docker engine on this machine (DOCKER_HOST unix://). Use the local engine, or "
@@ -698,17 +749,32 @@ class DockerSandbox(SandboxBase):
     def fork(self) -> DockerSandbox:
         """A new container from this one's current state (an ephemeral snapshot)."""
         snap = self.snapshot(ephemeral=True)
-        return self.backend.create(snap, network=self.network, env=self._extra_env)
+        return self.backend.create(snap, network=self.network or False, env=self._extra_env)
 
     def close(self) -> None:
         """Remove the container and everything running in it. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for exp in self.__dict__.get("_exposed", {}).values():
+        for exp in [*self.__dict__.get("_exposed", {}).values(), *self.__dict__.get("_forwarded", ())]:
             with contextlib.suppress(Exception):
                 exp.close()
         with contextlib.suppress(Exception):
             self.container.remove(force=True)
         with self.backend._lock:
             self.backend._live.discard(self)
+
+
+def _nameservers(attrs: Mapping[str, Any]) -> list[str]:
+    """The IPv4 name servers of a container's ``/etc/resolv.conf`` (Docker writes it on the host)."""
+    try:
+        text = Path(str(attrs.get("ResolvConfPath") or "")).read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        word, _, value = line.strip().partition(" ")
+        if word == "nameserver":
+            with contextlib.suppress(ValueError):
+                out.append(str(ipaddress.IPv4Address(value.strip())))
+    return out

@@ -27,14 +27,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .. import _proc
-from .._build import build_env, build_recipe, loopback_proxy, run_step
+from .._build import build_env, build_recipe, loopback_proxies, run_step
 from .._lifeline import Reaper
-from ..engine import layers as _layers
-from ..engine import pause as _pause
 from ..engine.bases import Bases
 from ..engine.cgroups import Cgroup
 from ..engine.disk import Disk
 from ..engine.expose import Exposure, Forwarder, SocketMaker
+from ..engine.freeze import freeze
 from ..engine.host import DEFAULT_ENV, HOST_ENV, Host, UserNamespace
 from ..engine.ids import IdMap
 from ..engine.limits import apply_to_running, rlimits_for
@@ -43,10 +42,28 @@ from ..engine.pool import Spares, WarmPool
 from ..engine.safefs import SafeFS
 from ..engine.share import Shares
 from ..engine.spawn import Confined, Spawner
-from ..errors import SandboxClosedError, SandboxError, ServiceError, say_once
+from ..errors import (
+    ConfigError,
+    EngineUnavailableError,
+    SandboxClosedError,
+    SandboxError,
+    ServiceError,
+    SnapshotBuildError,
+    say_once,
+)
 from ..image import Image, Step, env_items
-from ..store import Store, disk_usage, format_size, new_id, rmtree
-from ..types import DEFAULT_LIMITS, ExecResult, Limits, LimitStatus, LogCallback, Snapshot, Usage
+from ..store import Store, disk_usage, format_size, new_id
+from ..types import (
+    DEFAULT_LIMITS,
+    ExecResult,
+    Limits,
+    LimitStatus,
+    LogCallback,
+    Network,
+    Snapshot,
+    Usage,
+    format_bytes,
+)
 from ._base import (
     LOGIN_SHELL,
     BackendBase,
@@ -63,15 +80,30 @@ __all__ = ["LocalBackend", "LocalSandbox"]
 class LocalBackend(BackendBase):
     """The embedded engine. ``open_backend("local")`` returns one; close it when done (``with``).
 
-    ``cache_dir`` defaults to ``$PYTEST_SANDBOX_CACHE`` or the XDG cache directory.
+    ``cache_dir`` defaults to ``$PYTEST_SANDBOX_CACHE`` or the XDG cache directory. ``max_memory``
+    (bytes, or a size like ``"8G"``) caps the memory of all sandboxes of ``run`` together: every
+    backend opened with the same ``run`` (the plugin gives its xdist workers one) shares it.
     """
 
     name = "local"
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, *, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        limits: Limits | None = None,
+        max_memory: int | str | None = None,
+        run: str = "",
+    ) -> None:
         self.limits = (limits or Limits()).over(DEFAULT_LIMITS)
         self.store = Store(cache_dir)
-        self.host = Host(self.store)
+        total = Limits(memory=max_memory).memory_bytes
+        if run and not run.isalnum():
+            raise ConfigError(f"run takes letters and digits (it names a cgroup), got {run!r}")
+        self.host = Host(self.store, run=run, max_memory=total)
+        if total is not None and self.host.cgroups.cap_reason:
+            why = self.host.cgroups.cap_reason
+            say_once(f"max_memory={format_bytes(total)} for all sandboxes together is NOT held: {why}")
         self.ids: IdMap | None = self.host.ids
         self.rootless = self.ids is None
         self._bases = Bases(self.store, self.ids, self.name)
@@ -90,7 +122,7 @@ class LocalBackend(BackendBase):
         # more than the rest of a fork, so a fork (a search tree's node) does not wait for it.
         self._ready_disks: Spares[tuple[str, Path, Disk]] = Spares(self._new_disk_dir, self._drop_disk_dir)
         self._pool: WarmPool[LocalSandbox] = WarmPool(
-            lambda snap: LocalSandbox(self, snap, network=False, env={}, limits=self.limits)
+            lambda snap: LocalSandbox(self, snap, network=None, env={}, limits=self.limits)
         )
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # one pipe per live sandbox: the default 1024 is too few for big suites
@@ -277,15 +309,30 @@ class LocalBackend(BackendBase):
             with self.store.shared():
                 self.store.put(snap)
             return snap
-        env = build_env()
-        proxy = loopback_proxy(env)
-        if proxy is not None and self.host.uplinks.usable:
-            say_once(f"build steps share the host's network: ${proxy} is a proxy on its loopback")
-        sb = LocalSandbox(self, parent, network=True, env={}, limits=self.limits, host_network=proxy is not None)
+        # A network of its own (the default policy: the internet, not the host), never the host's;
+        # a proxy on the host's loopback is reached through a forwarder to its one port.
+        env, proxies = loopback_proxies(build_env())
+        uplinks = self.host.uplinks
+        sb = LocalSandbox(
+            self, parent, network=Network() if uplinks.usable else None, env={}, limits=self.limits, proxies=proxies
+        )
         with self._lock:
             self._live.add(sb)
         try:
-            workdir = run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=env, log=log)
+            try:
+                workdir = run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=env, log=log)
+            except SnapshotBuildError as exc:
+                if uplinks.usable or exc.exit_code is None:
+                    raise
+                raise SnapshotBuildError(
+                    key=exc.key,
+                    step_index=exc.step_index,
+                    step_count=exc.step_count,
+                    step=exc.step,
+                    exit_code=exc.exit_code,
+                    output=exc.output,
+                    reason=f"build steps have no network here: {uplinks.reason}",
+                ) from exc
             return sb._freeze(key=key, workdir=workdir, description=step.describe())
         finally:
             sb.close()
@@ -295,15 +342,18 @@ class LocalBackend(BackendBase):
         self,
         snapshot: Snapshot | Image | str,
         *,
-        network: bool = False,
+        network: bool | Network | Sequence[str] = False,
         env: Mapping[str, str] | None = None,
         limits: Limits | None = None,
     ) -> LocalSandbox:
         """Fork a fresh copy-on-write sandbox from a snapshot (an Image is built first).
 
-        ``network=False`` (the default) leaves only loopback; ``env`` adds environment variables
+        ``network=False`` (the default) leaves only loopback; ``True`` (or a
+        :class:`~pytest_sandbox.Network` policy, or a list of destinations to allow) gives it a
+        network of its own to the outside, never the host's; ``env`` adds environment variables
         for every command in the sandbox; ``limits`` override the backend's (see ``sb.limits``).
         """
+        policy = Network.of(network)
         self._check_backend_open()
         snapshot = resolve_snapshot(self, snapshot)
         failed = self._service_failures.get(snapshot.key)
@@ -312,10 +362,10 @@ class LocalBackend(BackendBase):
         wanted = self.limits if limits is None else limits.over(self.limits)
         # Spares run with the backend's limits, and their services started with the snapshot's
         # environment: other limits, or extra env for services, get a sandbox of their own.
-        pooled = not network and wanted == self.limits and not (env and snapshot.services)
+        pooled = policy is None and wanted == self.limits and not (env and snapshot.services)
         sb = self._pool.take(snapshot) if pooled else None
         if sb is None:
-            sb = LocalSandbox(self, snapshot, network=network, env=dict(env_items(env or {})), limits=wanted)
+            sb = LocalSandbox(self, snapshot, network=policy, env=dict(env_items(env or {})), limits=wanted)
         else:
             sb._set_env(dict(env_items(env or {})))
         with self._lock:
@@ -368,10 +418,10 @@ class LocalSandbox(SandboxBase):
         backend: LocalBackend,
         snapshot: Snapshot,
         *,
-        network: bool,
+        network: Network | None,
         env: dict[str, str],
         limits: Limits,
-        host_network: bool = False,
+        proxies: Mapping[int, tuple[str, int]] | None = None,
     ) -> None:
         self.backend = backend
         self._limits = limits
@@ -389,8 +439,9 @@ class LocalSandbox(SandboxBase):
         self._running: set[_proc.Cancel] = set()
         self._fs: SafeFS | None = None
         self._exposed: dict[int, Exposure] = {}
+        self._forwarded: list[Exposure] = []  # host ports reached from inside (a build's proxy)
         self._uplink: Uplink | None = None
-        self._host_net = host_network
+        self._proxies = dict(proxies or {})
         store = backend.store
         with store.shared():
             if not all(store.layer_path(x).is_dir() for x in snapshot.layers):
@@ -453,6 +504,12 @@ class LocalSandbox(SandboxBase):
         if unenforced:
             say_once("; ".join(str(s) for s in unenforced))
 
+    @property
+    def _networked(self) -> bool:
+        """Whether anything of the outside reaches into the sandbox's network namespace (an
+        uplink, a forwarded proxy port): its commands then have no raw sockets or routes."""
+        return self.network is not None or bool(self._proxies)
+
     def _make_disk(self, size: int) -> LimitStatus:
         try:
             self._disk = self.backend.host.disks.make(self._dir, size)
@@ -482,17 +539,18 @@ class LocalSandbox(SandboxBase):
 
     def _start(self) -> None:
         b = self.backend
+        uplinks = b.host.uplinks
+        if self.network is not None and not uplinks.usable:
+            raise EngineUnavailableError(
+                f"network=True gives a sandbox a network of its own, never the host's, and here {uplinks.reason}; "
+                "or create it without network"
+            )
         argv = b.bwrap_launcher()
         argv += b.host.mount_args(self.snapshot_of, self._scratch, self._scratch_launch)
-        own = self.network and not self._host_net  # a network of its own, asked for
-        isolated = own and b.host.uplinks.usable
-        if own and not isolated:
-            say_once(f"network=True shares the host's network here: {b.host.uplinks.reason}")
-            self._host_net = True
-        resolv = _proc.memfd("resolv.conf", RESOLV_CONF) if isolated else -1
+        resolv = _proc.memfd("resolv.conf", RESOLV_CONF) if self.network is not None else -1
         seccomp = _proc.memfd("seccomp", b.host.seccomp)
         try:
-            argv += b.host.sandbox_args(self.snapshot_of, host_net=self._host_net, network=self.network, resolv=resolv)
+            argv += b.host.sandbox_args(self.snapshot_of, network=self._networked, resolv=resolv)
             argv += ["--seccomp", str(seccomp)]
             self._proc, self.pid = b.host.launch(argv, [seccomp, *([resolv] if resolv >= 0 else [])])
         finally:
@@ -503,10 +561,12 @@ class LocalSandbox(SandboxBase):
             # bwrap started the init and the holder outside the sandbox's limits
             apply_to_running(self.pid, self._limits, self._cgroup, rlimits=bool(self._prlimit))
             b._reaper.watch(self.pid)
-            if isolated:
-                self._uplink = b.host.uplinks.connect(self.pid, alive=lambda: self._proc.poll() is None)
+            if self.network is not None:
+                self._uplink = uplinks.connect(self.pid, self.network, alive=lambda: self._proc.poll() is None)
                 if self._cgroup is not None:  # what the sandbox makes it hold counts as the sandbox's
                     self._cgroup.adopt([self._uplink.proc.pid])
+            for port, target in self._proxies.items():  # a build step's proxy on the host's loopback
+                self._forwarded.append(b._forwarder.open_inward(b.socket_maker(), self.pid, port, target))
         except BaseException:  # the sandbox goes (its uplink with it, in _release)
             with contextlib.suppress(OSError):
                 os.kill(self.pid, 9)
@@ -544,7 +604,7 @@ class LocalSandbox(SandboxBase):
         :meth:`Host.enter_argv`)."""
         env = {**self._env, **(env or {})}
         return self.backend.host.enter_argv(
-            self.pid, argv, cwd=cwd, env=env, network=self._host_net, via=self._prlimit, uplink=self._uplink is not None
+            self.pid, argv, cwd=cwd, env=env, via=self._prlimit, networked=self._networked
         )
 
     def _run(
@@ -625,12 +685,9 @@ class LocalSandbox(SandboxBase):
 
     def expose(self, port: int, protocol: str = "tcp") -> tuple[str, int]:
         """A ``(host, port)`` on this machine's loopback that reaches ``port`` on the sandbox's
-        loopback (TCP: a database, an HTTP server), open until the sandbox closes. A sandbox that
-        shares the host's network (see :mod:`~pytest_sandbox.engine.net`) has its ports there."""
+        loopback (TCP: a database, an HTTP server), open until the sandbox closes."""
         self._check_open()
         check_port(port, protocol)
-        if self._host_net:
-            return ("127.0.0.1", port)
         with self.backend._lock:
             exp = self._exposed.get(port)
         if exp is None:
@@ -667,44 +724,26 @@ class LocalSandbox(SandboxBase):
         services = tuple(parent.services) + tuple(s for s in self.running_services if s not in parent.services)
         # Stopped cleanly first: the copy holds a shut-down service, so forks never pay recovery.
         self._stop_services()
-        tmp = store.tmp_dir()
-        try:
-            changed = False
-            # Stopped processes cannot change, rename or swap what is being copied.
-            with _pause.paused(self.pid, self._cgroup):
-                for sub in sorted((self._scratch / "u").iterdir()):
-                    if any(sub.iterdir()):
-                        dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
-                        _layers.copy_tree(sub, dest)
-                        changed = True
-                if changed:  # the layer's top directory is the sandbox's /, whatever was copied
-                    _layers.copy_tree(self._scratch / "u" / "root", tmp / "layer", top_only=True)
-            layers = list(parent.layers)
-            with store.shared():
-                if changed:
-                    layers.append(store.publish_layer(tmp / "layer"))
-                if b.host.needs_squash(layers):
-                    _layers.squash([store.layer_path(x) for x in layers[1:]], tmp / "squash")
-                    layers = [layers[0], store.publish_layer(tmp / "squash")]
-                snap = Snapshot(
-                    key=key or "x" + new_id(8),
-                    backend=b.name,
-                    layers=tuple(layers),
-                    base=parent.base,
-                    env=parent.env,
-                    workdir=workdir or parent.workdir,
-                    parent=parent.key,
-                    description=description or f"snapshot of sandbox {self.id}",
-                    name=name,
-                    owner=store.owner if ephemeral else None,
-                    services=services,
-                )
-                store.put(snap)
-            if ephemeral:
-                b._ephemeral.append(snap.key)
-            return snap
-        finally:
-            rmtree(tmp)
+
+        def record(layers: tuple[str, ...]) -> Snapshot:
+            return Snapshot(
+                key=key or "x" + new_id(8),
+                backend=b.name,
+                layers=layers,
+                base=parent.base,
+                env=parent.env,
+                workdir=workdir or parent.workdir,
+                parent=parent.key,
+                description=description or f"snapshot of sandbox {self.id}",
+                name=name,
+                owner=store.owner if ephemeral else None,
+                services=services,
+            )
+
+        snap = freeze(store, self._scratch, self.pid, self._cgroup, parent.layers, b.host.needs_squash, record)
+        if ephemeral:
+            b._ephemeral.append(snap.key)
+        return snap
 
     def snapshot(self, name: str | None = None) -> Snapshot:
         """Freeze this sandbox's current files into a new snapshot; the sandbox keeps running.
@@ -725,7 +764,7 @@ class LocalSandbox(SandboxBase):
             snap = self._freeze(ephemeral=True, description=f"fork of sandbox {self.id}")
         finally:
             self._start_services()
-        return self.backend.create(snap, network=self.network, env=self._extra_env, limits=self._limits)
+        return self.backend.create(snap, network=self.network or False, env=self._extra_env, limits=self._limits)
 
     def close(self) -> None:
         """Kill every process in the sandbox and delete its writable layer. Idempotent."""
@@ -736,7 +775,7 @@ class LocalSandbox(SandboxBase):
             running = list(self._running)
         for stop in running:
             stop.set()
-        for exp in list(self._exposed.values()):
+        for exp in [*self._exposed.values(), *self._forwarded]:
             with contextlib.suppress(Exception):
                 exp.close()
         with contextlib.suppress(ProcessLookupError, AttributeError):

@@ -1,11 +1,16 @@
 """One cgroup per sandbox, for its limits (memory, pids, cpu) and for freezing it.
 
 cgroup v1 (one hierarchy per controller, as on this project's CI machines) and v2 (the unified
-hierarchy most current distributions use) are both handled; rootless, v2 is used below the cgroup
-systemd delegates to the user's session (``user@UID.service``), where there is one. Sandboxes
-live below ``pytest-sandbox/<store>/<owner>/<sandbox>``: ``<store>`` names the cache directory (another cache
-on this host judges its own owners), ``<owner>`` its owner token, so ``gc`` finds what a crashed
-process left and removes it. Where no cgroup can be made (rootless without a delegated cgroup), the engine
+hierarchy most current distributions use) are both handled. As root, sandboxes live below the
+runner's own cgroup (per controller on v1), so whatever caps the job (a CI runner's memory or task
+limit, a systemd unit's) caps them too; rootless, v2 is used below the cgroup systemd delegates to
+the user's session (``user@UID.service``), where there is one. Below that:
+``pytest-sandbox/<store>/run-<run>/<owner>/<sandbox>``: ``<store>`` names the cache directory
+(another cache on this host judges its own owners), ``<run>`` the test run (all its xdist
+workers; its memory cap, ``--sandbox-max-memory``, holds all their sandboxes together),
+``<owner>`` the owner token of the process, so ``gc`` finds what a crashed process left and
+removes it (also where earlier versions put them: ``pytest-sandbox/<store>/<owner>`` at the
+hierarchy's root). Where no cgroup can be made (rootless without a delegated cgroup), the engine
 falls back to rlimits for what they can cover and says what is not enforced.
 """
 
@@ -25,6 +30,10 @@ __all__ = ["CGROUP_ROOT", "Cgroup", "Cgroups", "oom_kill_count"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "pytest-sandbox"
+RUNNER = "pytest-sandbox.runner"
+"""Where, on v2, the processes of the runner's own cgroup move when sandboxes nest below it: a
+cgroup that passes controllers to its children may hold no processes itself."""
+RUN = "run-"
 _V1 = ("memory", "pids", "cpu", "freezer")
 _PERIOD = 100_000  # CFS period in microseconds: cpus=1.5 is 150 ms of CPU time every 100 ms
 
@@ -37,18 +46,35 @@ def _write(path: Path, value: str) -> None:
 class Cgroups:
     """This machine's cgroup setup, as far as this process may use it."""
 
-    def __init__(self, group: str, root: Path = CGROUP_ROOT, own: str | None = None) -> None:
+    def __init__(
+        self,
+        group: str,
+        root: Path = CGROUP_ROOT,
+        own: str | None = None,
+        *,
+        own_v1: dict[str, str] | None = None,
+        run: str = "",
+        max_memory: int | None = None,
+    ) -> None:
         self.group = group
-        # This process's cgroup (v2), where a rootless user's delegated subtree is found.
+        # This process's cgroup (v2, and per controller on v1): as root sandboxes nest below it;
+        # rootless, a user's delegated subtree is found above it.
         self._own = own if own is not None else _own_cgroup()
+        self._own_v1 = own_v1 if own_v1 is not None else _own_v1_cgroups()
+        self._root = root
+        self._run = RUN + (run or "0")
         self._wanted: set[str] = set()
         self.version = 0
-        self.dirs: dict[str, Path] = {}  # controller -> the directory our sandboxes go below
+        self.dirs: dict[str, Path] = {}  # controller -> the run's directory, owners below it
+        self.groups: dict[str, Path] = {}  # controller -> this cache's directory, runs below it
         self.reason = ""
+        self.cap_reason = ""  # why max_memory is not held, when it is not
         try:
             self._detect(root)
         except OSError as exc:
             self.version, self.dirs, self.reason = 0, {}, f"cgroups cannot be used here ({exc.strerror})"
+        if max_memory is not None:
+            self._cap_run(max_memory)
 
     def _detect(self, root: Path) -> None:
         if (root / "cgroup.controllers").is_file():  # pure v2
@@ -59,26 +85,59 @@ class Cgroups:
             self.reason = "no cgroup hierarchy is mounted at /sys/fs/cgroup"
             return
         for c, d in v1.items():
-            parent = d / PARENT / self.group
-            parent.mkdir(parents=True, exist_ok=True)  # PermissionError as a plain user: no cgroups
-            self.dirs[c] = parent
+            base = d.joinpath(*_parts(self._own_v1.get(c, "/"))) if os.geteuid() == 0 else d
+            if not base.is_dir():  # our cgroup as another namespace names it: not ours to nest in
+                base = d
+            group = base / PARENT / self.group
+            run = group / self._run
+            run.mkdir(parents=True, exist_ok=True)  # PermissionError as a plain user: no cgroups
+            self.groups[c], self.dirs[c] = group, run
         self.version = 1
 
     def _v2(self, root: Path) -> None:
-        base = root if os.geteuid() == 0 else self._delegated(root)
+        base = self._nest_v2(root) if os.geteuid() == 0 else self._delegated(root)
         if base is None:
             self.reason = (
                 "rootless, and no cgroup is delegated to this user (a systemd user session delegates one: "
                 "log in through it, or run under `systemd-run --user --scope`)"
             )
             return
-        parent = base / PARENT / self.group
-        parent.mkdir(parents=True, exist_ok=True)
+        group = base / PARENT / self.group
+        run = group / self._run
+        run.mkdir(parents=True, exist_ok=True)
         self._wanted = {"memory", "pids", "cpu"} & set((base / "cgroup.controllers").read_text().split())
-        for d in (base, base / PARENT, parent):
+        try:
+            _enable(base, self._wanted)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or base == root:
+                raise
+            _evacuate(base)  # it holds processes (ours among them): they move to a leaf of its own
+            _enable(base, self._wanted)
+        for d in (base / PARENT, group, run):
             _enable(d, self._wanted)
-        self.dirs = {"unified": parent}
+        self.groups, self.dirs = {"unified": group}, {"unified": run}
         self.version = 2
+
+    def _nest_v2(self, root: Path) -> Path:
+        """Root's place for sandboxes on v2: this process's own cgroup (the parent of the leaf it
+        was moved to, when an earlier runner of the job moved it)."""
+        parts = _parts(self._own)
+        if parts and parts[-1] == RUNNER:
+            parts = parts[:-1]
+        base = root.joinpath(*parts)
+        return base if base.is_dir() else root
+
+    def _cap_run(self, limit: int) -> None:
+        """The memory of all the run's sandboxes together: at most ``limit`` bytes."""
+        run = self.dirs.get("unified" if self.version == 2 else "memory")
+        f = None if run is None else run / ("memory.max" if self.version == 2 else "memory.limit_in_bytes")
+        if f is None or not f.exists():
+            self.cap_reason = self.reason or "the memory controller is not available to our cgroups"
+            return
+        try:
+            _write(f, str(limit))
+        except OSError as exc:
+            self.cap_reason = f"its cgroup takes no limit ({exc.strerror})"
 
     def _delegated(self, root: Path) -> Path | None:
         """The highest cgroup above this process's that this user owns and may divide: systemd
@@ -112,33 +171,43 @@ class Cgroups:
 
     def release(self, owner: str) -> None:
         """Remove ``owner``'s directory once its sandboxes' cgroups are gone (a clean close), and
-        this cache's directory when no other owner uses it (a later create() makes it again)."""
-        for d in self.dirs.values():
-            with contextlib.suppress(OSError):
-                (d / owner).rmdir()
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        the run's and this cache's directories when no other owner uses them (a later create()
+        makes them again)."""
+        for c, d in self.dirs.items():
+            for gone in (d / owner, d, self.groups[c]):
+                with contextlib.suppress(OSError):
+                    gone.rmdir()
+
+    def _places(self) -> list[dict[str, Path]]:
+        """This cache's directories per controller: below this process's cgroup, and where
+        earlier versions (and runners in other cgroups of the machine's root) put them."""
+        old = {c: (self._root if self.version == 2 else self._root / c) / PARENT / self.group for c in self.groups}
+        return [self.groups] + ([old] if old != self.groups else [])
 
     def gc(self, alive: Callable[[str], bool]) -> int:
         """Remove the cgroups of owners that are gone (``alive(owner)`` false); returns how many."""
         removed = 0
-        owners: set[str] = set()
-        for d in self.dirs.values():
-            with contextlib.suppress(OSError):
-                owners.update(p.name for p in d.iterdir() if p.is_dir())
-        for owner in owners:
-            if alive(owner):
-                continue
-            names: set[str] = set()
-            for d in self.dirs.values():
-                with contextlib.suppress(OSError):
-                    names.update(p.name for p in (d / owner).iterdir() if p.is_dir())
-            for name in names:
-                Cgroup(self.version, {c: d / owner / name for c, d in self.dirs.items()}).remove()
-                removed += 1
-            for d in self.dirs.values():
-                with contextlib.suppress(OSError):
-                    (d / owner).rmdir()
+        for groups in self._places():
+            owners: dict[str, dict[str, Path]] = {}  # owner (under its run) -> controller -> its directory
+            for c, group in groups.items():
+                for child in _subdirs(group):
+                    for owner in _subdirs(child) if child.name.startswith(RUN) else [child]:
+                        owners.setdefault(str(owner.relative_to(group)), {})[c] = owner
+            for where, dirs in owners.items():
+                if alive(where.rpartition("/")[2]):
+                    continue
+                names = {p.name for d in dirs.values() for p in _subdirs(d)}
+                for name in names:
+                    Cgroup(self.version, {c: d / name for c, d in dirs.items()}).remove()
+                    removed += 1
+                for d in dirs.values():
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            for group in groups.values():  # runs nobody uses any more
+                for child in _subdirs(group):
+                    if child.name.startswith(RUN):
+                        with contextlib.suppress(OSError):
+                            child.rmdir()
         return removed
 
 
@@ -154,6 +223,44 @@ def oom_kill_count(path: Path) -> int | None:
         if key == "oom_kill":
             return int(value)
     return 0
+
+
+def _subdirs(d: Path) -> list[Path]:
+    try:
+        return [p for p in d.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p and p != ".."]
+
+
+def _own_v1_cgroups() -> dict[str, str]:
+    """This process's cgroup in each v1 hierarchy (``4:memory:/job`` in /proc/self/cgroup)."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(","):
+                if c:
+                    out[c] = path
+    return out
+
+
+def _evacuate(d: Path) -> None:
+    """Move every process of cgroup ``d`` to its leaf :data:`RUNNER` (the caps of ``d`` still
+    hold them), so that ``d`` may pass controllers to the sandboxes' cgroups: what container
+    engines do for the cgroup they start in."""
+    leaf = d / RUNNER
+    leaf.mkdir(exist_ok=True)
+    for _ in range(10):  # processes forked meanwhile are moved in the next round
+        pids = (d / "cgroup.procs").read_text().split()
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                _write(leaf / "cgroup.procs", pid)
 
 
 def _own_cgroup() -> str:

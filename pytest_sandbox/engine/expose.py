@@ -123,6 +123,26 @@ class Forwarder:
         """Listen on a free port of host 127.0.0.1; each connection goes to ``port`` through a
         socket from ``connect()`` (made in the sandbox's network namespace)."""
         listener = socket.create_server(("127.0.0.1", 0))
+        return self._serve(listener, connect, ("127.0.0.1", port))
+
+    def open_inward(self, maker: SocketMaker, pid: int, port: int, target: tuple[str, int]) -> Exposure:
+        """``127.0.0.1:port`` in the network namespace of process ``pid`` leads to ``target`` in
+        this process's network (the host's): one host port, and nothing else of the host's
+        loopback, for a sandbox that needs it (a build step's proxy on the host's loopback)."""
+        listener = maker.socket_in(pid)
+        try:
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+        except OSError as exc:
+            listener.close()
+            raise SandboxError(f"cannot forward {target[0]}:{target[1]} into the sandbox's network: {exc}") from exc
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        return self._serve(listener, lambda: socket.socket(family, socket.SOCK_STREAM), target)
+
+    def _serve(
+        self, listener: socket.socket, new_socket: Callable[[], socket.socket], target: tuple[str, int]
+    ) -> Exposure:
+        """Serve ``listener``: each accepted connection piped to ``target`` over ``new_socket()``."""
         listener.setblocking(False)
         holder: list[Exposure] = []
 
@@ -131,10 +151,10 @@ class Forwarder:
             exp.writers.add(writer)
             inner_w: asyncio.StreamWriter | None = None
             try:
-                inner = connect()
+                inner = new_socket()
                 inner.setblocking(False)
                 try:
-                    await asyncio.get_running_loop().sock_connect(inner, ("127.0.0.1", port))
+                    await asyncio.get_running_loop().sock_connect(inner, target)
                 except OSError:
                     inner.close()
                     return  # nothing listens there: the client sees its connection closed
@@ -151,7 +171,7 @@ class Forwarder:
 
         async def serve() -> Exposure:
             server = await asyncio.start_server(handle, sock=listener)
-            exp = Exposure(self, server, ("127.0.0.1", listener.getsockname()[1]))
+            exp = Exposure(self, server, listener.getsockname()[:2])
             holder.append(exp)
             return exp
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .._build import BUILD_CA_PATH, host_ca_bundle
+from .._hostfs import DIR_FLAGS
 from .._lifeline import Helper
 from ..errors import EngineUnavailableError, SandboxError
 from ..store import Store, new_id, write_atomic
@@ -242,7 +243,7 @@ class Host:
     sandbox directories and its bwrap copy through a group, while other host users cannot.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, run: str = "", max_memory: int | None = None) -> None:
         self._bwrap, self._nsenter = preflight()
         self.store = store
         # Root's sandboxes run as an unprivileged host id range; rootless ones as the caller.
@@ -257,7 +258,9 @@ class Host:
         if self.ids is not None:
             self._prepare_root_store(self.ids)
         # Named by the cache directory: another cache on this host judges its own owners.
-        self.cgroups = Cgroups(hashlib.sha256(str(store.root).encode()).hexdigest()[:12])
+        self.cgroups = Cgroups(
+            hashlib.sha256(str(store.root).encode()).hexdigest()[:12], run=run or store.owner, max_memory=max_memory
+        )
         if self.ids is None and not self.cgroups.usable and not self.cgroups.reason.startswith("rootless"):
             self.cgroups.reason = "rootless, and no cgroup is delegated to this user"
         self._userns: UserNamespace | None = None
@@ -270,7 +273,9 @@ class Host:
             launch_path=self.launch_path,
             templates=store.root / "d",
         )
-        self.uplinks = Uplinks(root=self.ids is not None, nsenter=self._nsenter)
+        self.uplinks = Uplinks(
+            root=self.ids is not None, nsenter=self._nsenter, lockfile=str(store.root / "xtables.lock")
+        )
         self.prlimit = shutil.which("prlimit") or next(
             (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.path.exists(p)), None
         )
@@ -292,8 +297,12 @@ class Host:
         root = self.store.root
         for d in (root, root / "l", root / "r", root / "b"):
             d.mkdir(exist_ok=True)
-            os.chown(d, 0, ids.gid_base)
-            os.chmod(d, 0o710)
+            fd = os.open(d, DIR_FLAGS)  # never a link's target: chown and chmod go to this directory
+            try:
+                os.fchown(fd, 0, ids.gid_base)
+                os.fchmod(fd, 0o710)
+            finally:
+                os.close(fd)
         # bwrap runs as sandbox root, which cannot reach the Python installation (often under
         # /root): it runs from a copy inside the store, with the libraries the wheel ships.
         src = Path(self._bwrap)
@@ -329,9 +338,8 @@ class Host:
         *,
         cwd: str | None,
         env: Mapping[str, str],
-        network: bool,
         via: list[str],
-        uplink: bool = False,
+        networked: bool = False,
     ) -> tuple[list[str], bytes, int]:
         """The host command line that runs ``argv`` in the sandbox whose init is ``pid``, in
         ``cwd``, with exactly ``env``, started through ``via`` (a ``prlimit`` command line, or
@@ -343,14 +351,12 @@ class Host:
         ``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``GLIBC_TUNABLES`` and the like on the host, before
         any namespace is entered. It travels in a file, not in arguments: every host user can read
         a process's arguments (``ps``), and an environment may hold secrets."""
-        # A networked sandbox shares the host's network namespace, which we are already in (and
-        # which an unprivileged user may not setns() into).
-        ns = ["-m", "-u", "-i", *([] if network else ["-n"]), "-p", "-C", "-r", "-w"]
+        ns = ["-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w"]
         inner = ["/bin/sh", "-c", ENTER_SH, "sh", cwd or "", "FD", *argv]
         script = env_script(env)
         target = [self.nsenter, "-t", str(pid)]
         creds = ["--preserve-credentials"] if self.ids is None else []  # rootless: root inside
-        if self.ids is None and not uplink:  # one stage: the caller's ids, which are root inside
+        if self.ids is None and not networked:  # one stage: the caller's ids, which are root inside
             line = [*via, *target, "-U", *creds, *ns, "--", *inner]
         else:
             # Root drops to root *inside* (an unprivileged host uid) before entering anything
@@ -361,7 +367,7 @@ class Host:
             # either lets a packet for the host's 127.0.0.1 leave through the uplink, which then
             # delivers it. They are dropped between the user namespace (where the caps are) and
             # the rest.
-            drop = [self.uplinks.setpriv, *NO_NET_CAPS, "--"] if uplink else []
+            drop = [self.uplinks.setpriv, *NO_NET_CAPS, "--"] if networked else []
             line = [*via, *target, "-U", *creds, "--", *drop, *target, *ns, "--", *inner]
         return line, script, len(line) - len(argv) - 1
 
@@ -376,10 +382,10 @@ class Host:
         enter = ["-U", "--preserve-credentials", "-m"] if self.ids is None else ["-U", "-m"]
         return [self._nsenter, "-t", str(self.userns.pid), *enter, "--", self.bwrap_launch]
 
-    def sandbox_args(self, snap: Snapshot, *, network: bool, host_net: bool, resolv: int) -> list[str]:
-        """bwrap's options for a sandbox's namespaces, ``/proc``, ``/dev`` and network: the host's
-        (``host_net``), or one of its own, with ``resolv`` (a file descriptor, or -1) as its
-        ``/etc/resolv.conf`` and, when it has an uplink (``network``), the build CA bundle."""
+    def sandbox_args(self, snap: Snapshot, *, network: bool, resolv: int) -> list[str]:
+        """bwrap's options for a sandbox's namespaces, ``/proc``, ``/dev`` and network (always one
+        of its own), with ``resolv`` (a file descriptor, or -1) as its ``/etc/resolv.conf`` and,
+        when the outside reaches into it (``network``: an uplink, a proxy), the build CA bundle."""
         args = ["--proc", "/proc", "--dev", "/dev"]
         # docker's default --shm-size (SHM_SIZE): /dev/shm is memory outside the disk limit.
         args += ["--perms", "1777", "--size", str(SHM_SIZE), "--tmpfs", "/dev/shm", *self.kernel_view]
@@ -392,15 +398,11 @@ class Host:
             args += ["--unshare-user", "--uid", "0", "--gid", "0"]
         args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
         args += ["--new-session", "--cap-add", "ALL", "--chdir", snap.workdir]
-        if host_net:
-            if snap.base.get("kind") != "host":
-                args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-        else:
-            args += ["--unshare-net"]
-            if network:  # an uplink: see enter_argv
-                args += ["--cap-drop", "CAP_NET_RAW", "--cap-drop", "CAP_NET_ADMIN"]
-            if resolv >= 0:
-                args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf"]
+        args += ["--unshare-net"]
+        if network:  # an uplink or a forwarded port: see enter_argv
+            args += ["--cap-drop", "CAP_NET_RAW", "--cap-drop", "CAP_NET_ADMIN"]
+        if resolv >= 0:
+            args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf"]
         if network and self.ca_launch:
             args += ["--ro-bind", self.ca_launch, BUILD_CA_PATH]
         return args

@@ -6,8 +6,10 @@ connections out and resolve names, and nothing can connect in except through ``e
 host's network namespace, sandbox code would reach every service on the host's loopback (a
 database, a Docker or Daytona API, a debugger port), the host's abstract Unix sockets, and listen
 on the host's ports. slirp4netns runs with ``--disable-host-loopback``, so the gateway address does
-not lead to the host's loopback either; the host's other addresses are reached as any machine on
-the network reaches them.
+not lead to the host's loopback either. slirp4netns connects out as a host process, so what the
+host reaches the sandbox would too (a port the host firewalls from the outside, a host-only
+network, a cloud metadata service): the sandbox's :class:`~pytest_sandbox.types.Network` policy
+is loaded into its namespace first (:mod:`pytest_sandbox._netfilter`), and refuses those.
 
 Commands in such a sandbox have no ``CAP_NET_RAW`` and no ``CAP_NET_ADMIN``: with either, sandbox
 code could put a packet for ``127.0.0.1`` on the uplink's interface itself (a raw packet, or a route
@@ -17,8 +19,8 @@ slirp4netns needs ``/dev/net/tun``. Rootless it starts inside the sandbox's user
 root there (the caller's ids); as root it runs as root (root inside cannot open ``/dev/net/tun``,
 which belongs to host root), confined by its own ``--enable-sandbox`` (an empty mount namespace,
 no capabilities but binding low ports) and ``--enable-seccomp``, started in a mount namespace whose
-mounts are all private (see :meth:`Uplinks.connect`). Where it cannot run, a networked
-sandbox shares the host's network, and a warning names what is missing.
+mounts are all private (see :meth:`Uplinks.connect`). Where it cannot run (or iptables is
+missing), a networked sandbox is refused with what to install: never the host's network.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ import subprocess
 import threading
 from collections.abc import Callable
 
+from .._netfilter import Filter
 from ..errors import SandboxError
+from ..types import Network
 
-__all__ = ["MAX_FILES", "RESOLV_CONF", "Uplink", "Uplinks"]
+__all__ = ["DNS", "MAX_FILES", "RESOLV_CONF", "Uplink", "Uplinks"]
 
-RESOLV_CONF = b"nameserver 10.0.2.3\n"
+DNS = "10.0.2.3"
+RESOLV_CONF = f"nameserver {DNS}\n".encode()
 """The sandbox's ``/etc/resolv.conf``: slirp4netns's DNS address, which forwards to the host's
 resolver (a resolver on the host's loopback, such as systemd-resolved's, would be unreachable)."""
 
@@ -49,15 +54,19 @@ MAX_FILES = 4096
 class Uplinks:
     """Whether sandboxes of this host can have a network of their own, and how they get one."""
 
-    def __init__(self, *, root: bool, nsenter: str) -> None:
+    def __init__(self, *, root: bool, nsenter: str, lockfile: str) -> None:
         self._root = root
         self._nsenter = nsenter
         # util-linux, beside nsenter
         self._unshare, self.setpriv = (_util_linux(nsenter, name) for name in ("unshare", "setpriv"))
         self.slirp = shutil.which("slirp4netns")
+        self.filter = Filter(lockfile)
         self.reason = ""
         if self.slirp is None:
             self.reason = "slirp4netns is not installed (apt-get install slirp4netns)"
+            return
+        if self.filter.reason:
+            self.reason = self.filter.reason
             return
         if not self.setpriv or (root and not self._unshare):
             self.reason = "util-linux's unshare and setpriv are needed (apt-get install util-linux)"
@@ -80,10 +89,11 @@ class Uplinks:
         """True when a networked sandbox gets a network of its own here."""
         return not self.reason
 
-    def connect(self, pid: int, alive: Callable[[], bool]) -> Uplink:
+    def connect(self, pid: int, policy: Network, alive: Callable[[], bool]) -> Uplink:
         """An uplink for the network namespace of the sandbox whose init is ``pid`` (``alive``
-        says it still is, once the namespace is open)."""
+        says it still is, once the namespace is open), its ``policy`` loaded first."""
         assert self.slirp is not None
+        self.filter.apply(self.enter_netns(pid), policy, dns=[DNS])
         if self._root:
             # --enable-sandbox makes "/" private but not what is mounted below it, then detaches
             # the old root: in the host's mount namespace that unmount travels through shared
@@ -99,6 +109,14 @@ class Uplinks:
             return Uplink([*enter, self.slirp], netns)
         finally:
             os.close(netns)
+
+    def enter_netns(self, pid: int) -> list[str]:
+        """The command line prefix that runs a host program in the network namespace of the
+        sandbox whose init is ``pid``, with the right to change it (rootless: as root of the
+        sandbox's user namespace, which owns it). Nothing else of the sandbox is entered."""
+        if self._root:
+            return [self._nsenter, "-t", str(pid), "-n", "--"]
+        return [self._nsenter, "-t", str(pid), "-U", "--preserve-credentials", "-n", "--"]
 
 
 def _util_linux(nsenter: str, name: str) -> str:

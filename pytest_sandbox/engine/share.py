@@ -18,11 +18,14 @@ is always a plain root filesystem: never a host base).
 
 from __future__ import annotations
 
+import bz2
 import collections
 import contextlib
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import stat
 import struct
@@ -45,7 +48,7 @@ from .fetch import DIGEST, Fetch, fetch_layer
 from .host import DEFAULT_ENV
 from .ids import IdMap
 from .layers import OPAQUE
-from .unpack import OPAQUE_MARKER, WHITEOUT, layer_id
+from .unpack import OPAQUE_MARKER, WHITEOUT, LayerError, bounded_tar, layer_id, members
 
 __all__ = [
     "ANNOTATION_KEY",
@@ -467,6 +470,11 @@ class Shares:
                     f"{what}: its {name} annotation {str(value)[:100]!r} is not a snapshot key; it was not pushed by "
                     "pytest-sandbox, or was altered. Refusing the image; push the snapshot again."
                 )
+        if parent is not None and self._descends_from(parent, key):
+            raise RegistryError(
+                f"{what}: snapshot {key[:12]} names itself as its own ancestor (its parent chain loops); it was "
+                "altered or forged. Refusing the image; push the snapshot again."
+            )
         if want_key is not None and key != want_key:
             raise RegistryError(
                 f"{what} says it is snapshot {key[:12]}, not {want_key[:12]} as its tag says: the registry's tag "
@@ -504,6 +512,18 @@ class Shares:
                 return snap, True
             finally:
                 rmtree(tmp)
+
+    def _descends_from(self, parent: str, key: str) -> bool:
+        """True when the chain of stored parents from ``parent`` reaches ``key`` (or loops)."""
+        seen: set[str] = set()
+        current: str | None = parent
+        while current is not None:
+            if current == key or current in seen:
+                return True
+            seen.add(current)
+            snap = self.store.get(current)
+            current = snap.parent if snap is not None else None
+        return False
 
     def _layer(self, desc: dict[str, Any], diff_id: str, fetch: Fetch, tmp: Path, what: str, log: LogCallback) -> str:
         digest = str(desc.get("digest", ""))
@@ -599,51 +619,92 @@ class Shares:
     def import_archive(self, path: Path, log: LogCallback) -> list[Snapshot]:
         """Bring every snapshot of an OCI image layout archive into the store; returns them."""
         what = str(path)
-        try:
-            tf = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the with below; open errors said here)
-        except (OSError, tarfile.TarError) as exc:
-            raise ConfigError(f"{path} is not an image archive (a tar): {exc}") from exc
-        with tf:
-            members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isreg()}
+        with contextlib.ExitStack() as stack:
+            try:
+                raw = stack.enter_context(_decompressed(stack.enter_context(path.open("rb"))))
+                tf = stack.enter_context(bounded_tar(raw, what, stream=False))
+                files: dict[str, tarfile.TarInfo] = {}
+                for m in members(tf):
+                    name = m.name.removeprefix("./")
+                    if m.isreg() and (name in _LAYOUT_FILES or name.startswith("blobs/sha256/")):
+                        if len(files) >= _MAX_ARCHIVE_FILES:
+                            raise RegistryError(
+                                f"{what} holds more than {_MAX_ARCHIVE_FILES} blobs: not an archive of ours"
+                            )
+                        m.pax_headers = {}  # kept for its offsets, not its headers
+                        files[name] = m
+            except LayerError as exc:
+                raise RegistryError(str(exc)) from exc
+            except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+                raise ConfigError(f"{path} is not an image archive (a tar): {exc}") from exc
+            return self._import_from(tf, files, what, path, log)
 
-            def read(name: str, limit: int = 4 << 20) -> bytes:
-                m = members.get(name)
-                if m is None or m.size > limit:
-                    raise RegistryError(f"{what} has no {name} (or it is too large): not an OCI image layout archive")
-                f = tf.extractfile(m)
-                assert f is not None
-                return f.read()
+    def _import_from(
+        self, tf: tarfile.TarFile, members: dict[str, tarfile.TarInfo], what: str, path: Path, log: LogCallback
+    ) -> list[Snapshot]:
+        """Every snapshot of the archive ``tf`` (its blobs and layout files in ``members``)."""
 
-            def fetch(digest: str, size: int | None, out: IO[bytes]) -> None:
-                m = members.get(f"blobs/sha256/{digest[7:]}")
-                if m is None:
-                    raise RegistryError(f"{what} lacks blob {digest}: the archive is incomplete")
-                f = tf.extractfile(m)
-                assert f is not None
-                h, n = hashlib.sha256(), 0
-                for chunk in iter(lambda: f.read(_CHUNK), b""):
-                    h.update(chunk)
-                    n += len(chunk)
-                    if size is not None and n > size:
-                        raise RegistryError(f"{what}: blob {digest} outgrows its descriptor: the archive is damaged")
-                    out.write(chunk)
-                if "sha256:" + h.hexdigest() != digest or (size is not None and n != size):
-                    raise RegistryError(f"{what}: blob {digest} does not match its digest: the archive is damaged")
+        def read(name: str, limit: int = 4 << 20) -> bytes:
+            m = members.get(name)
+            if m is None or m.size > limit:
+                raise RegistryError(f"{what} has no {name} (or it is too large): not an OCI image layout archive")
+            f = tf.extractfile(m)
+            assert f is not None
+            return f.read()
 
-            def blob(digest: str) -> Any:
-                data = read(f"blobs/sha256/{str(digest)[7:]}")
-                if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-                    raise RegistryError(f"{what}: blob {digest} does not match its digest: the archive is damaged")
-                return _json(data.decode(), what)
+        def fetch(digest: str, size: int | None, out: IO[bytes]) -> None:
+            m = members.get(f"blobs/sha256/{digest[7:]}")
+            if m is None:
+                raise RegistryError(f"{what} lacks blob {digest}: the archive is incomplete")
+            f = tf.extractfile(m)
+            assert f is not None
+            h, n = hashlib.sha256(), 0
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+                n += len(chunk)
+                if size is not None and n > size:
+                    raise RegistryError(f"{what}: blob {digest} outgrows its descriptor: the archive is damaged")
+                out.write(chunk)
+            if "sha256:" + h.hexdigest() != digest or (size is not None and n != size):
+                raise RegistryError(f"{what}: blob {digest} does not match its digest: the archive is damaged")
 
-            index = _json(read("index.json").decode(), what)
-            out = []
-            for entry in index.get("manifests") or []:
-                manifest = blob(entry["digest"])
-                config = blob(manifest["config"]["digest"])
-                out.append(self._materialise(manifest, config, fetch, what, None, log)[0])
+        def blob(digest: str) -> Any:
+            data = read(f"blobs/sha256/{str(digest)[7:]}")
+            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+                raise RegistryError(f"{what}: blob {digest} does not match its digest: the archive is damaged")
+            return _json(data.decode(), what)
+
+        index = _json(read("index.json").decode(), what)
+        out = []
+        for entry in index.get("manifests") or []:
+            manifest = blob(entry["digest"])
+            config = blob(manifest["config"]["digest"])
+            out.append(self._materialise(manifest, config, fetch, what, None, log)[0])
         log(f"imported {len(out)} snapshots from {path}")
         return out
+
+
+_LAYOUT_FILES = ("oci-layout", "index.json", "manifest.json")
+_MAX_ARCHIVE_FILES = 1 << 16
+
+
+@contextlib.contextmanager
+def _decompressed(f: IO[bytes]) -> Iterator[IO[bytes]]:
+    """``f`` (an archive file), decompressed when it is gzip, xz or bzip2: the tar itself, so
+    that its headers are counted as they are, not as their compressed bytes."""
+    magic = f.read(6)
+    f.seek(0)
+    kinds: dict[bytes, Callable[[IO[bytes]], Any]] = {
+        b"\x1f\x8b": lambda raw: gzip.GzipFile(fileobj=raw),
+        b"\xfd7zXZ\x00": lzma.LZMAFile,
+        b"BZh": bz2.BZ2File,
+    }
+    opener = next((op for sig, op in kinds.items() if magic.startswith(sig)), None)
+    if opener is None:
+        yield f
+        return
+    with opener(f) as opened:
+        yield opened
 
 
 def _repository(repository: str) -> Reference:

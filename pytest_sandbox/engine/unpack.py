@@ -19,6 +19,7 @@ import os
 import stat
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -29,7 +30,17 @@ from ..types import format_bytes
 from .ids import IdMap
 from .layers import OPAQUE
 
-__all__ = ["MAX_UNPACKED", "OPAQUE_MARKER", "WHITEOUT", "LayerError", "Unpacked", "layer_id", "unpack_layer"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_UNPACKED",
+    "OPAQUE_MARKER",
+    "WHITEOUT",
+    "LayerError",
+    "Unpacked",
+    "bounded_tar",
+    "layer_id",
+    "unpack_layer",
+]
 
 WHITEOUT = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -39,8 +50,101 @@ stay far below it; a small archive that expands past it (holes, a million empty 
 to fill the disk."""
 
 
+MAX_HEADER_BYTES = 1 << 20
+"""What the headers of one archive member may take, read into memory: its PAX records, GNU long
+name and link, sparse map. Real ones take a few KiB; tarfile would hold any size whole (a 270 KiB
+gzip layer with one huge PAX header cost the runner 781 MiB)."""
+MAX_HEADER_CHAIN = 16
+"""Extended headers in a row before one member (tarfile reads each by recursion)."""
+MAX_GLOBAL_HEADERS = 64 << 10
+"""The PAX global headers of a whole archive, together: they apply to every later member."""
+
+
 class LayerError(RegistryError):
     """A layer that cannot be unpacked safely (it tries to write outside its root, or is not a tar)."""
+
+
+class _HeaderGuard:
+    """Counts what tarfile reads while it reads a member's headers, and stops it past the bounds."""
+
+    def __init__(self, what: str, spend: Callable[[int], None]) -> None:
+        self.what = what
+        self.spend = spend
+        self.depth = 0
+        self.read = 0  # bytes read for the headers of the member being read
+
+    def take(self, n: int) -> None:
+        if self.depth:
+            self.read += n
+            if self.read > MAX_HEADER_BYTES:
+                raise LayerError(
+                    f"{self.what}: a member's headers (PAX records, long names, sparse map) take more than "
+                    f"{format_bytes(MAX_HEADER_BYTES)}; refusing the archive"
+                )
+
+
+class _Guarded:
+    """A file object for tarfile whose reads are counted by a :class:`_HeaderGuard`."""
+
+    def __init__(self, raw: Any, guard: _HeaderGuard) -> None:
+        self.raw = raw
+        self.guard = guard
+
+    def read(self, n: int = -1) -> bytes:
+        if self.guard.depth and (n < 0 or n > MAX_HEADER_BYTES):
+            n = MAX_HEADER_BYTES + 1  # enough to cross the bound, never a whole file
+        data: bytes = self.raw.read(n)
+        self.guard.take(len(data))
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return int(self.raw.seek(pos, whence))
+
+    def tell(self) -> int:
+        return int(self.raw.tell())
+
+
+def bounded_tar(raw: Any, what: str, *, stream: bool, spend: Callable[[int], None] = lambda _n: None) -> Any:
+    """A ``tarfile.TarFile`` reading the plain tar ``raw`` (a stream when ``stream``, else a
+    seekable file) whose headers are bounded: each member's at most :data:`MAX_HEADER_BYTES`
+    (charged to ``spend``), at most :data:`MAX_HEADER_CHAIN` of them in a row, the global ones
+    :data:`MAX_GLOBAL_HEADERS` together. Read it with :func:`members`, which keeps no list."""
+    guard = _HeaderGuard(what, spend)
+
+    class BoundedInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf: tarfile.TarFile) -> BoundedInfo:
+            if guard.depth >= MAX_HEADER_CHAIN:
+                raise LayerError(
+                    f"{what}: more than {MAX_HEADER_CHAIN} extended headers in a row; refusing the archive"
+                )
+            outer = guard.depth == 0
+            if outer:
+                guard.read = 0
+            guard.depth += 1
+            try:
+                info = super().fromtarfile(tf)
+            finally:
+                guard.depth -= 1
+            if outer:
+                spend(guard.read)
+                if sum(len(k) + len(v) for k, v in tf.pax_headers.items()) > MAX_GLOBAL_HEADERS:
+                    raise LayerError(
+                        f"{what}: its PAX global headers take more than {format_bytes(MAX_GLOBAL_HEADERS)}; "
+                        "refusing the archive"
+                    )
+            return info
+
+    return tarfile.open(fileobj=_Guarded(raw, guard), mode="r|" if stream else "r:", tarinfo=BoundedInfo)  # type: ignore[call-overload]
+
+
+def members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Every member of ``tf``, in order, without tarfile's list of them all (a million entries
+    would be held to the end)."""
+    held: list[tarfile.TarInfo] = tf.members  # type: ignore[attr-defined]  # tarfile's own list
+    while (m := tf.next()) is not None:
+        held.clear()
+        yield m
 
 
 def layer_id(digest: str) -> str:
@@ -74,14 +178,40 @@ class _Hashing:
         return "sha256:" + self.hash.hexdigest()
 
 
-def _set_xattrs(m: tarfile.TarInfo, fd: int) -> None:
+def _xattrs(m: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
     """``user.*`` xattrs from PAX headers. overlayfs' own (``user.overlay.*``) are never taken
     from a layer: they steer the overlay (opaque, redirects) and only the engine sets them."""
+    out = []
     for key, value in m.pax_headers.items():
         name = key.removeprefix("SCHILY.xattr.")
         if name != key and name.startswith("user.") and not name.startswith("user.overlay."):
-            with contextlib.suppress(OSError):
-                os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
+            out.append((name, value.encode("utf-8", "surrogateescape")))
+    return tuple(out)
+
+
+def _set_xattrs(fd: int, xattrs: tuple[tuple[str, bytes], ...]) -> None:
+    for name, value in xattrs:
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, name, value)
+
+
+@dataclass(frozen=True)
+class _DirMeta:
+    """What a directory entry sets once the layer is filled (a TarInfo would hold its headers)."""
+
+    uid: int
+    gid: int
+    mode: int
+    mtime: float
+    xattrs: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def of(cls, m: tarfile.TarInfo) -> _DirMeta:
+        return cls(m.uid, m.gid, m.mode, m.mtime, _xattrs(m))
+
+
+MAX_DIRECTORIES = 1 << 20
+"""Directory entries one layer may have (each is held until the layer is filled)."""
 
 
 def _open_stream(blob: IO[bytes], what: str) -> IO[bytes]:
@@ -105,7 +235,7 @@ class _Unpacker:
         self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.what = what
         self.ids = ids
-        self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
+        self.dirs: dict[tuple[str, ...], _DirMeta] = {}
         self.skipped = 0
         # Directory fds by path, so an entry does not walk from the root again: a tar lists a
         # directory's entries together. Dropped whenever anything is removed (a directory may be
@@ -166,7 +296,7 @@ class _Unpacker:
             os.close(fd)
             raise
 
-    def _spend(self, n: int) -> None:
+    def spend(self, n: int) -> None:
         self._left -= n
         if self._left < 0:
             raise LayerError(
@@ -182,7 +312,7 @@ class _Unpacker:
             return
         data = tf.extractfile(m)
         while data is not None and (chunk := data.read(1 << 20)):
-            self._spend(len(chunk))
+            self.spend(len(chunk))
             os.write(fd, chunk)
 
     def _write_sparse(self, fd: int, tf: tarfile.TarFile, m: tarfile.TarInfo, regions: list[tuple[int, int]]) -> None:
@@ -205,7 +335,7 @@ class _Unpacker:
                 chunk = raw.read(min(1 << 20, size))
                 if not chunk:
                     raise LayerError(f"{self.what}: {m.name!r} ends before its data does; refusing the layer")
-                self._spend(len(chunk))
+                self.spend(len(chunk))
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
                 size -= len(chunk)
@@ -223,19 +353,19 @@ class _Unpacker:
         else:
             os.unlink(name, dir_fd=pfd)
 
-    def _owner(self, m: tarfile.TarInfo, name: str | int, pfd: int | None) -> None:
+    def _owner(self, tar_uid: int, tar_gid: int, name: str | int, pfd: int | None) -> None:
         if self.ids is not None:
-            uid, gid = self.ids.uid(m.uid), self.ids.gid(m.gid)
+            uid, gid = self.ids.uid(tar_uid), self.ids.gid(tar_gid)
             if isinstance(name, int):
                 os.fchown(name, uid, gid)
             else:
                 os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
 
     def add(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        self._spend(ENTRY_COST)
+        self.spend(ENTRY_COST)
         parts = self._parts(m.name, m.name)
         if not parts:
-            self.dirs[()] = m
+            self.dirs[()] = _DirMeta.of(m)
             return
         pfd = self._dir(parts[:-1])
         name = parts[-1]
@@ -252,7 +382,9 @@ class _Unpacker:
                 self._clear(pfd, name, keep_dir=True)
                 with contextlib.suppress(FileExistsError):  # an earlier entry of this layer made it
                     os.mkdir(name, 0o700, dir_fd=pfd)
-                self.dirs[parts] = m
+                if parts not in self.dirs and len(self.dirs) >= MAX_DIRECTORIES:
+                    raise LayerError(f"{self.what} has more than {MAX_DIRECTORIES} directories; refusing the layer")
+                self.dirs[parts] = _DirMeta.of(m)
             elif m.isreg():
                 self._clear(pfd, name, keep_dir=False)
                 fd = os.open(
@@ -260,16 +392,16 @@ class _Unpacker:
                 )
                 try:
                     self._write(fd, tf, m)
-                    self._owner(m, fd, None)
+                    self._owner(m.uid, m.gid, fd, None)
                     os.fchmod(fd, m.mode & 0o7777)
-                    _set_xattrs(m, fd)
+                    _set_xattrs(fd, _xattrs(m))
                     os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
                 finally:
                     os.close(fd)
             elif m.issym():
                 self._clear(pfd, name, keep_dir=False)
                 os.symlink(m.linkname, name, dir_fd=pfd)
-                self._owner(m, name, pfd)
+                self._owner(m.uid, m.gid, name, pfd)
                 os.utime(name, ns=(int(m.mtime * 1e9),) * 2, dir_fd=pfd, follow_symlinks=False)
             elif m.islnk():
                 src = self._parts(m.linkname, f"{m.name} -> {m.linkname}")
@@ -301,9 +433,9 @@ class _Unpacker:
             m = self.dirs[parts]
             fd = self._dir(parts, create=False)
             try:
-                self._owner(m, fd, None)
+                self._owner(m.uid, m.gid, fd, None)
                 os.fchmod(fd, m.mode & 0o7777)
-                _set_xattrs(m, fd)
+                _set_xattrs(fd, m.xattrs)
                 os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
             finally:
                 os.close(fd)
@@ -324,9 +456,8 @@ def unpack_layer(
         with blob.open("rb") if isinstance(blob, Path) else contextlib.nullcontext(blob) as raw:
             try:
                 stream = _Hashing(_open_stream(raw, what) if isinstance(blob, Path) else raw)
-                tf: Any
-                with tarfile.open(fileobj=stream, mode="r|") as tf:  # type: ignore[call-overload]
-                    for member in tf:
+                with bounded_tar(stream, what, stream=True, spend=unpacker.spend) as tf:
+                    for member in members(tf):
                         unpacker.add(tf, member)
                 diff_id = stream.drain()
             except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:

@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -31,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..refs import DOCKER_HUB, Reference
 
 __all__ = ["ACCEPT", "DOCKER_HUB", "INDEX_TYPES", "MANIFEST_TYPES", "Reference", "RegistryConfig", "host_platform"]
 
-DOCKER_HUB = "docker.io"
 _HUB_API = "registry-1.docker.io"
 INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -45,9 +44,6 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
-_NAME = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def host_platform() -> tuple[str, str, str | None]:
@@ -59,59 +55,6 @@ def host_platform() -> tuple[str, str, str | None]:
     if machine.startswith("armv6"):
         return "linux", "arm", "v6"
     return "linux", arch.get(machine, machine), ("v8" if machine in ("aarch64", "arm64") else None)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """An image reference normalised as Docker does (``python:3.12`` is
-    ``docker.io/library/python:3.12``)."""
-
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, ref: str) -> Reference:
-        """Parse ``[registry/]name[:tag][@sha256:...]``; a missing tag means ``latest``."""
-        if not ref or any(c.isspace() for c in ref):
-            raise ConfigError(f"image reference {ref!r} is not valid; use e.g. 'python:3.12-slim'")
-        rest, _, digest = ref.partition("@")
-        if digest and not _DIGEST.match(digest):
-            raise ConfigError(f"image reference {ref!r}: the digest must look like sha256:<64 hex digits>")
-        first, slash, remainder = rest.partition("/")
-        if slash and ("." in first or ":" in first or first == "localhost"):
-            registry, path = first, remainder
-        else:
-            registry, path = DOCKER_HUB, rest
-        if registry in ("index.docker.io", "registry-1.docker.io"):
-            registry = DOCKER_HUB
-        if ":" in path.rsplit("/", 1)[-1]:
-            name, _, tag = path.rpartition(":")
-        else:
-            name, tag = path, ""
-        if registry == DOCKER_HUB and "/" not in name:
-            name = f"library/{name}"
-        if not _NAME.match(name):
-            raise ConfigError(
-                f"image reference {ref!r}: {name!r} is not a valid repository name (lowercase letters, digits, "
-                "separators . _ - and /)"
-            )
-        if tag and not _TAG.match(tag):
-            raise ConfigError(f"image reference {ref!r}: {tag!r} is not a valid tag")
-        return cls(registry, name, tag or (None if digest else "latest"), digest or None)
-
-    def __str__(self) -> str:
-        out = f"{self.registry}/{self.repository}"
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-    def pinned(self, digest: str) -> Reference:
-        """The same image at ``digest``."""
-        return Reference(self.registry, self.repository, self.tag, digest)
 
 
 def _is_loopback(host: str) -> bool:

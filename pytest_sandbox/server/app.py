@@ -305,6 +305,8 @@ class Api:
             env=body.text_map("env"),
             user=body.opt_text("user"),
             network_block_all=body.flag("networkBlockAll"),
+            network_allow_list=body.opt_text("networkAllowList"),
+            domain_allow_list=body.opt_text("domainAllowList"),
             target=body.opt_text("target"),
             auto_stop=body.opt_int("autoStopInterval"),
             auto_delete=body.opt_int("autoDeleteInterval"),

@@ -17,7 +17,9 @@ _IGNORED = ("CMD", "ENTRYPOINT", "LABEL", "USER", "EXPOSE", "SHELL", "ARG")
 def dockerfile_image(text: str) -> Image:
     """The recipe a declarative Daytona image (its Dockerfile) describes: FROM, RUN, ENV, WORKDIR.
 
-    COPY and ADD need Daytona's object storage for their context and are refused with a clear error.
+    FROM takes what a client may name (:meth:`Image.from_ref` with ``host_paths=False``): a
+    registry reference or ``debian:SUITE``, never a path or the host of the endpoint. COPY and ADD
+    need Daytona's object storage for their context and are refused with a clear error.
     """
     image: Image | None = None
     for raw in re.sub(r"\\\n", " ", text).splitlines():
@@ -29,7 +31,7 @@ def dockerfile_image(text: str) -> Image:
         if op == "FROM":
             if not rest:
                 raise ConfigError("FROM needs an image reference")
-            image = Image.from_ref(rest.split()[0])
+            image = Image.from_ref(rest.split()[0], host_paths=False)
             continue
         if image is None:
             raise ConfigError(f"the image must start with FROM, not {line!r}")

@@ -225,6 +225,8 @@ def _box_fields(box: SandboxRecord, toolbox_url: str) -> dict[str, Any]:
             "labels": box.labels,
             "public": False,
             "network_block_all": box.network_block_all,
+            "network_allow_list": box.network_allow_list,
+            "domain_allow_list": box.domain_allow_list,
             "kvm": False,
             "target": box.target,
             "cpu": box.cpu,

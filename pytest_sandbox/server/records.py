@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..types import Sandbox
+from ..types import Network, Sandbox
 
 __all__ = ["API", "DAEMON", "ApiError", "FileStat", "SandboxRecord", "SandboxSpec", "SnapshotRecord"]
 
@@ -77,6 +77,9 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     user: str | None = None
     network_block_all: bool = False
+    network_allow_list: str | None = None
+    """Daytona's comma-separated CIDRs (and ``domain_allow_list``'s names): the sandbox's allow-list."""
+    domain_allow_list: str | None = None
     target: str | None = None
     auto_stop: int | None = None
     auto_delete: int | None = None
@@ -107,6 +110,8 @@ class SandboxRecord:
     """Cores, GiB of memory and GiB of disk, as Daytona sizes a sandbox (its defaults here)."""
     memory: int = 1
     disk: int = 10
+    network_allow_list: str | None = None
+    domain_allow_list: str | None = None
     sb: Sandbox | None = None
     state: str = "creating"
     error: str | None = None
@@ -117,6 +122,20 @@ class SandboxRecord:
     shell: str | None = None
     logs: list[str] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def network(self) -> Network | None:
+        """The network its sandbox gets: none when blocked, else the allow-list (if any) as a
+        policy of the local engine's (the internet, not the endpoint's machine, by default)."""
+        if self.network_block_all:
+            return None
+        return network_policy(self.network_allow_list, self.domain_allow_list)
+
+
+def network_policy(cidrs: str | None, domains: str | None) -> Network:
+    """Daytona's allow-lists (comma-separated) as a :class:`Network`; a bad entry is a ConfigError."""
+    entries = [x.strip() for text in (cidrs, domains) if text for x in text.split(",") if x.strip()]
+    return Network(allow=tuple(entries))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..image import Image
 from ..store import write_atomic
 from ..types import Backend, Limits, Sandbox
 from .dockerfile import dockerfile_image
-from .records import DAEMON, ApiError, SandboxRecord, SandboxSpec, SnapshotRecord
+from .records import DAEMON, ApiError, SandboxRecord, SandboxSpec, SnapshotRecord, network_policy
 
 __all__ = ["EndpointState"]
 
@@ -147,7 +147,8 @@ class EndpointState:
     @staticmethod
     def _image(dockerfile: str | None, ref: str) -> Image:
         try:
-            return dockerfile_image(dockerfile) if dockerfile is not None else Image.from_ref(ref)
+            # A client's string never names this machine (a host directory as a rootfs, its /usr).
+            return dockerfile_image(dockerfile) if dockerfile is not None else Image.from_ref(ref, host_paths=False)
         except (SandboxError, ValueError) as exc:
             raise ApiError(400, str(exc)) from exc
 
@@ -215,6 +216,10 @@ class EndpointState:
             raise ApiError(
                 400, f"Region {target!r} is not available here; available targets: {', '.join(self.targets)}"
             )
+        try:  # checked now: a bad entry is the client's mistake, not a failed start later
+            network_policy(spec.network_allow_list, spec.domain_allow_list)
+        except SandboxError as exc:
+            raise ApiError(400, str(exc)) from exc
         image = self._image(spec.dockerfile, "") if spec.dockerfile is not None else None
         key: str | None = None
         if image is None and spec.snapshot:
@@ -231,6 +236,8 @@ class EndpointState:
             env=dict(spec.env),
             user=spec.user or "root",
             network_block_all=spec.network_block_all,
+            network_allow_list=spec.network_allow_list,
+            domain_allow_list=spec.domain_allow_list,
             target=target,
             auto_stop=15 if spec.auto_stop is None else spec.auto_stop,
             auto_delete=-1 if spec.auto_delete is None else spec.auto_delete,
@@ -270,7 +277,7 @@ class EndpointState:
             if box.state == "destroyed":  # deleted while its image was building
                 return
             limits = Limits(memory=box.memory << 30, cpus=box.cpu, disk=box.disk << 30)
-            box.sb = self.backend.create(key, network=not box.network_block_all, env=box.env, limits=limits)
+            box.sb = self.backend.create(key, network=box.network or False, env=box.env, limits=limits)
             box.state, box.updated, box.activity = "started", time.time(), time.time()
 
     def sandboxes(self, labels: dict[str, str]) -> list[SandboxRecord]:
@@ -334,6 +341,8 @@ class EndpointState:
             env=dict(box.env),
             user=box.user,
             network_block_all=box.network_block_all,
+            network_allow_list=box.network_allow_list,
+            domain_allow_list=box.domain_allow_list,
             target=box.target,
             auto_stop=box.auto_stop,
             auto_delete=box.auto_delete,
