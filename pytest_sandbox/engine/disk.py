@@ -209,7 +209,7 @@ class Disks:
                 os.close(fd)
             self._run(
                 [self._mkfs, "-q", "-F", "-O", _MKFS_FEATURES, "-m", "0", "-i", _BYTES_PER_INODE,
-                 "-E", "lazy_itable_init=1,nodiscard,num_backup_sb=0", str(tmp)],
+                 "-E", "lazy_itable_init=1,nodiscard,num_backup_sb=0", "--", str(tmp)],
                 "formatting the sandbox's disk image (mkfs.ext4)",
             )  # fmt: skip
             os.replace(tmp, path)  # whole or not at all: another process may be making it too
