@@ -90,8 +90,9 @@ KILL_TREE_SH = (
     "n=$((n + 1)); done; "
     # The root last: whoever waits for it (the Daytona wrapper) may kill this script once it is gone.
     'for p in $stopped; do [ "$p" = "$r" ] || kill -KILL $p 2>/dev/null; done; kill -KILL $r 2>/dev/null; '
-    # Dead when this returns: a killed process lingers a moment before it exits.
-    "m=0; for p in $stopped; do while [ $m -lt 300 ] && read -r l </proc/$p/stat 2>/dev/null; do "
+    # Dead when this returns: a killed process lingers a moment before it exits (on a loaded machine,
+    # a thousand of them take seconds), so the wait is up to a minute in all.
+    "m=0; for p in $stopped; do while [ $m -lt 6000 ] && read -r l </proc/$p/stat 2>/dev/null; do "
     'case "${l##*) }" in Z*|X*) break ;; esac; m=$((m + 1)); sleep 0.01; done; done; true'
 )
 

@@ -472,6 +472,12 @@ def _is_network(entry: str) -> bool:
     return True
 
 
+KILL_TIMEOUT = 600
+"""Seconds the command that kills a cancelled exec's tree may take: it walks /proc in the sandbox
+pass by pass, which on a loaded machine, with a thousand processes, takes far more than a minute
+can give (a kill cut short leaves the tree stopped, not dead)."""
+
+
 def _sdk_timeout(timeout: float | None) -> int | None:
     # The wrapper enforces the timeout; the SDK's is the net under it, for a sandbox that hangs.
     return None if timeout is None else int(timeout) + 60
@@ -613,7 +619,7 @@ class DaytonaSandbox(SandboxBase):
             )
 
         def kill() -> None:
-            self.backend.call("stop a command", self.sdk.process.exec, kill_command(tag), timeout=60)
+            self.backend.call("stop a command", self.sdk.process.exec, kill_command(tag), timeout=KILL_TIMEOUT)
 
         res = run() if cancel is None else wait_stoppable(run, timeout=None, cancel=cancel, kill=kill)[0]
         text = None if res is None else str(res.result or "")  # None: cancelled
@@ -648,7 +654,9 @@ class DaytonaSandbox(SandboxBase):
             )
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # the cancellation is what the caller hears of
-                await unstoppable(clients.call("stop a command", asb.process.exec, kill_command(tag), timeout=60))
+                await unstoppable(
+                    clients.call("stop a command", asb.process.exec, kill_command(tag), timeout=KILL_TIMEOUT)
+                )
             raise
         return self._result(argv, str(res.result or ""), tag, start, timeout, max_output, None)
 
