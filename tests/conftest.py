@@ -86,6 +86,18 @@ def needs_debian(backend: Backend, image: Image = DEBIAN) -> None:
     needs_tool("mmdebstrap", "apt-get install mmdebstrap")
 
 
+def needs_network(backend: Backend) -> None:
+    """Skip unless networked sandboxes get a network of their own here (naming what is missing):
+    the local engine never gives one the host's."""
+    if not isinstance(backend, LocalBackend):
+        return
+    uplinks = backend.host.uplinks
+    if uplinks.slirp is None:
+        needs_tool("slirp4netns", "apt-get install slirp4netns")
+    if not uplinks.usable:
+        pytest.skip(uplinks.reason)
+
+
 @pytest.fixture
 def mmdebstrap() -> None:
     """For tests that build a Debian base of their own (in a fresh cache or a subprocess)."""

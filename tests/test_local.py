@@ -23,7 +23,7 @@ from pytest_sandbox import (
 )
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.store import Store
-from tests.conftest import run_py, wait_for
+from tests.conftest import needs_network, run_py, wait_for
 
 ROOT = os.geteuid() == 0
 
@@ -120,6 +120,7 @@ def test_repeated_forks_of_a_hot_snapshot_are_fresh_and_take_their_env(backend: 
         with backend.create(base, env={"ROUND": str(i)}) as sb:
             assert sb.exec("cat /tmp/round 2>/dev/null; echo $ROUND").stdout == f"{i}\n"
             sb.exec("echo dirty > /tmp/round").check()
+    needs_network(backend)
     with backend.create(base, network=True) as sb:
         assert len(sb.exec("cat /proc/net/dev").stdout.splitlines()) > 3
 

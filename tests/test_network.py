@@ -34,18 +34,9 @@ from pytest_sandbox._build import loopback_proxies
 from pytest_sandbox._netfilter import host_addresses, host_only_networks, rules
 from pytest_sandbox.backends.local import LocalBackend
 from pytest_sandbox.engine.net import MAX_FILES, Uplinks
-from tests.conftest import needs_tool, wait_for
+from tests.conftest import needs_network, needs_tool, wait_for
 
 FETCH = "python3 -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=3).read().decode())' {url}"
-
-
-def needs_uplink(backend: LocalBackend) -> None:
-    """Skip unless networked sandboxes get a network of their own here (naming what is missing)."""
-    uplinks = backend.host.uplinks
-    if uplinks.slirp is None:
-        needs_tool("slirp4netns", "apt-get install slirp4netns")
-    if not uplinks.usable:
-        pytest.skip(uplinks.reason)
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):
@@ -89,7 +80,7 @@ def _outside_address() -> str | None:
 
 
 def test_a_networked_sandbox_has_a_network_of_its_own(backend: LocalBackend, host: Snapshot) -> None:
-    needs_uplink(backend)
+    needs_network(backend)
     with backend.create(host, network=True) as sb:
         devices = {line.split(":")[0].strip() for line in sb.exec("cat /proc/net/dev").stdout.splitlines()[2:]}
         assert devices == {"lo", "tap0"}, devices
@@ -101,7 +92,7 @@ def test_a_networked_sandbox_has_a_network_of_its_own(backend: LocalBackend, hos
 def test_a_networked_sandbox_cannot_reach_the_hosts_loopback(
     backend: LocalBackend, host: Snapshot, loopback_server: tuple[int, str]
 ) -> None:
-    needs_uplink(backend)
+    needs_network(backend)
     port, token = loopback_server
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3).read().decode() == token
     # An abstract Unix socket on the host (a session bus, X11 and the like are these).
@@ -126,7 +117,7 @@ def test_a_networked_sandbox_cannot_reach_the_hosts_loopback(
 
 
 def test_a_networked_sandbox_is_reached_through_expose(backend: LocalBackend, host: Snapshot) -> None:
-    needs_uplink(backend)
+    needs_network(backend)
     with backend.create(host, network=True) as sb:
         sb.exec("python3 -m http.server --bind 127.0.0.1 18235 >/dev/null 2>&1 &").check()
         assert wait_for(lambda: sb.exec(FETCH.format(url="http://127.0.0.1:18235/")).ok)
@@ -143,7 +134,7 @@ def _slirp_runs(pid: int) -> bool:
 
 
 def test_the_uplink_goes_with_its_sandbox(backend: LocalBackend, host: Snapshot) -> None:
-    needs_uplink(backend)
+    needs_network(backend)
     sb = backend.create(host, network=True)
     assert sb._uplink is not None
     slirp = sb._uplink.proc.pid
@@ -156,7 +147,7 @@ def test_the_uplink_goes_with_its_sandbox(backend: LocalBackend, host: Snapshot)
 
 
 def test_the_uplink_goes_with_a_killed_runner(backend: LocalBackend, tmp_path: Path) -> None:
-    needs_uplink(backend)
+    needs_network(backend)
     code = (
         "import sys, time\n"
         "from pytest_sandbox import Image\n"
@@ -231,7 +222,7 @@ def test_build_steps_have_a_network_of_their_own_and_reach_a_loopback_proxy_thro
 ) -> None:
     # Before: with the proxy on the host's loopback, build steps ran in the host's network
     # namespace, and a step read any host loopback service and abstract socket.
-    needs_uplink(backend)
+    needs_network(backend)
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     other_port, _ = loopback_server
@@ -285,7 +276,7 @@ def test_a_proxy_on_loopback_is_recognised_and_pointed_at_the_forwarder() -> Non
 def test_the_uplink_leaves_the_hosts_mounts_alone(backend: LocalBackend, host: Snapshot, tmp_path: Path) -> None:
     # As /var/lib/docker is: a shared mount with mounts below it (every container's root). An
     # uplink that detached its old root in the host's mount namespace unmounted those on the host.
-    needs_uplink(backend)
+    needs_network(backend)
     shared, below = tmp_path / "shared", tmp_path / "shared" / "below"
     shared.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "psb-shared", str(shared)], check=True)
@@ -320,7 +311,7 @@ def test_a_networked_sandbox_cannot_forge_packets_or_routes(backend: LocalBacken
     # With CAP_NET_RAW a packet socket puts a hand-made packet for 127.0.0.1 on tap0, and with
     # CAP_NET_ADMIN a route does the same for an ordinary connect(): slirp4netns delivers either
     # to the host's loopback (--disable-host-loopback only guards its gateway address).
-    needs_uplink(backend)
+    needs_network(backend)
     net_raw, net_admin = 1 << 13, 1 << 12
     with backend.create(host, network=True) as sb:
         assert sb.exec(["python3", "-c", RAW_ATTACK]).stdout.split() == ["refused", "refused"]
@@ -423,7 +414,7 @@ def test_a_networked_sandbox_reaches_the_internet_not_what_the_host_keeps_from_i
     # slirp4netns connects out as a host process: before, a networked sandbox reached the host's
     # own addresses (a port its firewall drops on the uplink included), a host-only network and a
     # link-local metadata service, none of which the outside reaches.
-    needs_uplink(backend)
+    needs_network(backend)
     for tool, package in (("ip", "iproute2"), ("iptables", "iptables"), ("setpriv", "util-linux")):
         needs_tool(tool, f"apt-get install {package}")
     if os.geteuid() == 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import filelock
 
-from ..errors import SandboxError
+from ..errors import EngineUnavailableError, SandboxError, say_once
 from ..image import Image
 from ..store import write_atomic
 from ..types import Backend, Limits, Sandbox
@@ -277,7 +277,17 @@ class EndpointState:
             if box.state == "destroyed":  # deleted while its image was building
                 return
             limits = Limits(memory=box.memory << 30, cpus=box.cpu, disk=box.disk << 30)
-            box.sb = self.backend.create(key, network=box.network or False, env=box.env, limits=limits)
+            try:
+                box.sb = self.backend.create(key, network=box.network or False, env=box.env, limits=limits)
+            except EngineUnavailableError as exc:
+                # Daytona's default is a network; where this engine can give none of the sandbox's
+                # own (no slirp4netns), a client that asked for nothing more gets no network: never
+                # the host's. An allow-list was asked for by name, and fails.
+                if box.network is None or box.network.allow:
+                    raise
+                say_once(f"the endpoint's sandboxes get no network here: {exc}")
+                box.sb = self.backend.create(key, network=False, env=box.env, limits=limits)
+                box.network_block_all = True
             box.state, box.updated, box.activity = "started", time.time(), time.time()
 
     def sandboxes(self, labels: dict[str, str]) -> list[SandboxRecord]:
