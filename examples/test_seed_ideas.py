@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import async_tree_search
 import bench_fixture
+import live_tree_search
+import pytest
 import tree_search
 
 
@@ -27,6 +29,28 @@ def test_tree_search_finds_the_target(sandbox_backend: Backend, example_base: Im
         # Every explored state is a real snapshot that can be forked again.
         with sandbox_backend.create(result.snapshots[0]) as sb:
             assert sb.fs.read_text("/work/state").strip().lstrip("-").isdigit()
+    finally:
+        for snap in result.snapshots:
+            sandbox_backend.remove_snapshot(snap)
+
+
+def test_live_tree_search_continues_the_repl_in_every_branch(sandbox_backend: Backend, example_base: Image) -> None:
+    """Each branch continues its parent's REPL process (its memory, not a replay of its history)."""
+    reason = getattr(getattr(sandbox_backend, "engine", None), "criu", None)
+    if sandbox_backend.name != "local" or reason is None or reason.reason:
+        pytest.skip(
+            "live snapshots need the local engine as root with CRIU 4.2: "
+            + (reason.reason if reason is not None and reason.reason else f"this is the {sandbox_backend.name} backend")
+        )
+    root = sandbox_backend.build(live_tree_search.repl_image(example_base))
+    assert root.live
+    result = live_tree_search.search(sandbox_backend, root, target=12, depth=4, beam=2)
+    try:
+        assert result.best_value == 12, result
+        # A branch's REPL is still the one process of the root: its pid there has not changed.
+        with sandbox_backend.create(root) as a, sandbox_backend.create(result.snapshots[-1]) as b:
+            pid = "import os; x = os.getpid()"
+            assert live_tree_search.run(a, pid) == live_tree_search.run(b, pid)
     finally:
         for snap in result.snapshots:
             sandbox_backend.remove_snapshot(snap)

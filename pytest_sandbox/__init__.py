@@ -20,6 +20,7 @@ from .errors import (
     SandboxFileError,
     ServiceError,
     SnapshotBuildError,
+    SnapshotError,
     SnapshotNotFoundError,
 )
 from .image import Image, Service
@@ -55,6 +56,7 @@ __all__ = [
     "RegistryError",
     "Sandbox",
     "SandboxClosedError",
+    "SnapshotError",
     "SandboxError",
     "SandboxFS",
     "SandboxFileError",

@@ -255,6 +255,13 @@ def run_step(
             output.append(exc.log)
             raise fail(None, exc.reason) from exc
         sb.running_services.append(svc)
+        if svc.warm:  # a live service warmed up before it is frozen running
+            try:
+                res = sb._run(["/bin/sh", "-c", svc.warm], cwd=workdir, env=env, on_line=keep)
+            except ExecTimeoutError as exc:
+                raise fail(None, f"service {svc.name}'s warm command timed out") from exc
+            if res.exit_code != 0:
+                raise fail(res.exit_code, f"service {svc.name}'s warm command failed")
         return workdir
     try:
         res = sb._run(step_argv(step), cwd=workdir, env={**env, **dict(step.env)}, on_line=keep)

@@ -197,13 +197,14 @@ class AsyncSandbox(_Awaited):
         """A ``(host, port)`` that reaches ``port`` in the sandbox (see ``Sandbox.expose``)."""
         return await self._call(lambda: self.sync.expose(port, protocol))
 
-    async def snapshot(self, name: str | None = None) -> Snapshot:
-        """Freeze its current state into a snapshot to create or fork from."""
-        return await self._call(lambda: self.sync.snapshot(name))
+    async def snapshot(self, name: str | None = None, *, live: bool = False) -> Snapshot:
+        """Freeze its current state into a snapshot to create or fork from (``live``: see
+        ``Sandbox.snapshot``)."""
+        return await self._call(lambda: self.sync.snapshot(name, live=live))
 
-    async def fork(self) -> AsyncSandbox:
-        """A new sandbox from its current state (copy-on-write)."""
-        child: Sandbox = await self._call(self.sync.fork)
+    async def fork(self, *, live: bool = False) -> AsyncSandbox:
+        """A new sandbox from its current state (copy-on-write; ``live``: see ``Sandbox.fork``)."""
+        child: Sandbox = await self._call(lambda: self.sync.fork(live=live))
         return AsyncSandbox(child, self._backend)
 
     async def close(self) -> None:

@@ -84,6 +84,11 @@ class SandboxClosedError(SandboxError):
     """The sandbox was closed, or its processes are gone; create a new one."""
 
 
+class SnapshotError(SandboxError):
+    """A snapshot of a running sandbox could not be taken (a live snapshot: a process or mount
+    the checkpoint cannot keep, named in the message). The sandbox runs on; nothing was cached."""
+
+
 class SandboxFileError(SandboxError, OSError):
     """A file operation inside a sandbox failed (missing path, not a directory, ...)."""
 

@@ -108,8 +108,10 @@ class Step:
 
     def service(self) -> Service:
         """The :class:`Service` a ``service`` step declares."""
-        name, start, ready, stop, timeout, grace = self.args
-        return Service(name, start, ready or None, stop or None, float(timeout), float(grace))
+        name, start, ready, stop, timeout, grace, *live = self.args
+        # ("live", WARM) follows for a live service: absent otherwise, so older keys stay as they were
+        warm = live[1] if len(live) == 2 and live[0] == "live" else ""
+        return Service(name, start, ready or None, stop or None, float(timeout), float(grace), bool(live), warm or None)
 
     def material(self) -> dict[str, Any]:
         """The canonical form hashed into the setup key (host paths and times left out)."""
@@ -142,6 +144,10 @@ class Service:
     stop: str | None = None
     timeout: float = 60.0
     grace: float = 10.0
+    live: bool = False
+    """Frozen running at build time (a live snapshot): forks continue it warm instead of starting it."""
+    warm: str | None = None
+    """Run once it is ready, before a live service is frozen (load caches, warm up a model)."""
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -445,6 +451,8 @@ class Image:
         stop: str | None = None,
         timeout: float = 60.0,
         grace: float = 10.0,
+        live: bool = False,
+        warm: str | None = None,
     ) -> Image:
         """Declare a server every sandbox of this image runs, ready before the sandbox is handed out.
 
@@ -455,6 +463,13 @@ class Image:
         before a snapshot is frozen (default: SIGTERM to its process group, SIGKILL after
         ``grace`` seconds), so forks never pay crash recovery. Later steps run with it up;
         several services start in recipe order.
+
+        ``live=True`` freezes it running (the local engine as root, with CRIU 4.2: see the
+        README's "Live snapshots"): the build starts it, waits for ``ready``, runs ``warm`` (a
+        shell command that warms it up: loads caches, a model), and every sandbox restores it as
+        it was then, warm, instead of starting it. Later steps of the recipe run with it up and
+        are frozen live too; they have no network (a live sandbox has none yet), so put steps that
+        download before it.
         """
         for what, value in (("name", name), ("start", start)):
             if not isinstance(value, str) or not value.strip():
@@ -466,8 +481,12 @@ class Image:
         for what, num in (("timeout", timeout), ("grace", grace)):
             if isinstance(num, bool) or not isinstance(num, (int, float)) or num <= 0:
                 raise ConfigError(f"service {what} takes a positive number of seconds, got {num!r}")
-        args = (name, start, ready or "", stop or "", str(float(timeout)), str(float(grace)))
-        return self._add(Step("service", args))
+        if warm is not None and (not live or not isinstance(warm, str) or not warm.strip()):
+            raise ConfigError("service(warm=...) takes a non-empty shell command, and only with live=True")
+        args: tuple[str, ...] = (name, start, ready or "", stop or "", str(float(timeout)), str(float(grace)))
+        if live:
+            args += ("live", warm or "")
+        return self._add(Step("service", tuple(check_argv(args, "service()"))))
 
     def env(self, **values: Any) -> Image:
         """Set environment variables for later steps and for every command in the sandboxes."""

@@ -12,6 +12,7 @@ one mount option string limited to a page, so deep snapshot chains need short pa
     v2/r/<id>/          live sandboxes: writable layer, overlay work dir, meta.json
     v2/k/<key>.lock     one build lock per setup key (filelock; never deleted, see filelock #574)
     v2/o/<owner>.lock   held by each live process; a free one means its owner died
+    v2/p/<key>/         a live snapshot's process images (memory: private to the runner, like all)
     v2/gc.lock          shared by writers, exclusive for garbage collection
 
 Core module: no pytest import.
@@ -350,7 +351,7 @@ class Store:
                     )
                 if st.st_mode & 0o007:  # other users must never reach a sandbox's files (setuid ones included)
                     os.fchmod(root, stat.S_IMODE(st.st_mode) & ~0o077)
-                for sub in ("l", "i", "s", "t", "r", "k", "o"):
+                for sub in ("l", "i", "s", "t", "r", "k", "o", "p"):
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(sub, 0o700, dir_fd=root)
                     os.close(os.open(sub, DIR_FLAGS, dir_fd=root))  # a directory, not a link planted there
@@ -495,6 +496,20 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self._record(key).unlink()
 
+    def process_path(self, snap: Snapshot | str) -> Path:
+        """Where the process images of a live snapshot (or of key ``snap``) are: a snapshot that
+        only adds environment to a live one keeps its parent's images."""
+        if isinstance(snap, Snapshot):
+            snap = str((snap.process or {}).get("images") or snap.key)
+        return self.root / "p" / _checked_key(snap)
+
+    def put_process(self, key: str, images: Path) -> None:
+        """Move a checkpoint's images (a directory in this store) to live snapshot ``key``'s place
+        (call with :meth:`shared` held, before the record)."""
+        dest = self.process_path(key)
+        rmtree(dest)  # a record written before, and lost: its images are not this one's
+        os.rename(images, dest)
+
     def all(self) -> list[Snapshot]:
         out = []
         for p in (self.root / "s").glob("*.json"):
@@ -614,8 +629,12 @@ class Store:
     def _remove_unreferenced(self, failed: list[str] | None = None) -> int:
         """Delete layers that no record and no live sandbox uses (caller holds :meth:`exclusive`)."""
         used: set[str] = set()
+        keys: set[str] = set()
         for snap in self.all():
             used.update(snap.layers)
+            keys.add(snap.key)
+            if snap.process is not None:
+                keys.add(str(snap.process.get("images", "")))
         for _, meta in self.sandboxes():
             used.update(meta.get("layers", ()))
         removed = 0
@@ -632,6 +651,9 @@ class Store:
         for p in (self.root / "oci" / "exported").glob("*.json"):  # which blob a gone layer was pushed as
             if not self.layer_path(p.stem).exists():
                 p.unlink(missing_ok=True)
+        for p in (self.root / "p").iterdir():  # process images of live snapshots gone
+            if p.name not in keys:
+                removed += _drop(p, failed if failed is not None else [])
         return removed
 
     def remove(self, keys: list[str]) -> int:

@@ -352,6 +352,13 @@ class Snapshot:
     owner: str | None = None
     services: tuple[Service, ...] = ()
     """The servers every sandbox of this snapshot starts, in recipe order."""
+    process: Mapping[str, Any] | None = None
+    """What a restore of a live snapshot's processes needs (the engine's), or None."""
+
+    @property
+    def live(self) -> bool:
+        """True for a live snapshot: it holds running processes, memory included, besides files."""
+        return self.process is not None
 
     @property
     def short(self) -> str:
@@ -395,6 +402,7 @@ class Snapshot:
             "name": self.name,
             "owner": self.owner,
             "services": [x.to_json() for x in self.services],
+            **({"process": dict(self.process)} if self.process is not None else {}),
         }
 
     @classmethod
@@ -412,6 +420,7 @@ class Snapshot:
             name=data.get("name"),
             owner=data.get("owner"),
             services=tuple(Service.from_json(x) for x in data.get("services", ())),
+            process=dict(data["process"]) if isinstance(data.get("process"), dict) else None,
         )
 
 
@@ -501,8 +510,15 @@ class Sandbox(Protocol):
         A backend that gives no terminal runs ``argv``, or else each line typed, as one command."""
         ...
 
-    def snapshot(self, name: str | None = None) -> Snapshot: ...
-    def fork(self) -> Sandbox: ...
+    def snapshot(self, name: str | None = None, *, live: bool = False) -> Snapshot:
+        """Freeze its files into a new snapshot; ``live=True`` keeps its running processes too,
+        memory included, where the backend can (the local engine as root, with CRIU 4.2)."""
+        ...
+
+    def fork(self, *, live: bool = False) -> Sandbox:
+        """A new sandbox from its current state; ``live=True`` continues its processes there."""
+        ...
+
     def close(self) -> None: ...
     def __enter__(self) -> Sandbox: ...
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None: ...

@@ -254,10 +254,10 @@ def test_a_disk_filler_gets_enospc_and_the_host_holds_at_most_the_limit(backend:
         written = int(sb.exec("stat -c %s /tmp/big").stdout)
         assert 0.8 * (1 << 30) < written <= 1 << 30, written
         # The host's disk holds the sandbox's directory, its image at most about the limit.
-        held = sum(p.stat().st_blocks * 512 for p in sb._dir.rglob("*") if p.is_file() and not p.is_symlink())
+        held = sum(p.stat().st_blocks * 512 for p in sb._sb.dir.rglob("*") if p.is_file() and not p.is_symlink())
         assert held < (1 << 30) + (64 << 20), held
         # Not in the host's mount table: the disk is mounted only in the engine's namespace.
-        assert str(sb._dir) not in Path("/proc/self/mountinfo").read_text()
+        assert str(sb._sb.dir) not in Path("/proc/self/mountinfo").read_text()
         # A full disk is the sandbox's problem, not the engine's: it frees space and goes on.
         sb.exec("rm /tmp/big && echo again > /tmp/small").check()
         assert sb.fs.read("/tmp/small") == b"again\n"
@@ -284,7 +284,7 @@ def test_a_killed_runner_leaves_no_mount_or_loop_device(backend: LocalBackend, h
         b = LocalBackend({str(cache_dir)!r})
         sb = b.create(b.get_snapshot({host.key!r}), limits=Limits(disk="200M"))
         sb.exec("dd if=/dev/zero of=/tmp/f bs=1M count=20 && sleep 300 &").check()
-        print(sb._dir, flush=True)
+        print(sb._sb.dir, flush=True)
         os.kill(os.getpid(), 9)
     """
     res = run_py(code, cache_dir)

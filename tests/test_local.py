@@ -161,7 +161,7 @@ def test_chain_of_200_snapshots_still_creates_sandboxes(backend: LocalBackend, d
 def test_close_kills_processes_and_removes_writable_layer(backend: LocalBackend, base: Snapshot) -> None:
     sb = backend.create(base)
     sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
-    pid, run_dir = sb.pid, sb._dir
+    pid, run_dir = sb.pid, sb._sb.dir
     sb.close()
     assert wait_for(lambda: not alive(pid))
     assert wait_for(lambda: not run_dir.exists())
@@ -182,7 +182,7 @@ def test_kill_9_of_the_owner_leaves_no_process_and_gc_removes_its_files(
         sb = b.create(b.get_snapshot({debian.key!r}))
         sb.exec("sleep 1000.{token} >/dev/null 2>&1 &").check()
         inner = int(sb.exec("pgrep -n sleep || ls /proc | grep -c .").stdout or 0)
-        print(sb.pid, sb._dir, b.userns.pid, b.host.spawner._proc.pid, flush=True)
+        print(sb.pid, sb._sb.dir, b.userns.pid, b.host.spawner._proc.pid, flush=True)
         time.sleep(1000)
         """
     env = {**os.environ, "PYTEST_SANDBOX_CACHE": str(cache_dir)}

@@ -136,8 +136,8 @@ def _slirp_runs(pid: int) -> bool:
 def test_the_uplink_goes_with_its_sandbox(backend: LocalBackend, host: Snapshot) -> None:
     needs_network(backend)
     sb = backend.create(host, network=True)
-    assert sb._uplink is not None
-    slirp = sb._uplink.proc.pid
+    assert sb._sb.uplink is not None
+    slirp = sb._sb.uplink.proc.pid
     assert _slirp_runs(slirp)
     if sb._cgroup is not None:  # it works for the sandbox: it is held by the sandbox's limits
         assert slirp in sb._cgroup.pids()
@@ -154,7 +154,7 @@ def test_the_uplink_goes_with_a_killed_runner(backend: LocalBackend, tmp_path: P
         "from pytest_sandbox.backends.local import LocalBackend\n"
         "b = LocalBackend(sys.argv[1])\n"
         "sb = b.create(b.build(Image.host()), network=True)\n"
-        "print(sb._uplink.proc.pid, flush=True)\n"
+        "print(sb._sb.uplink.proc.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -60,6 +60,7 @@ __all__ = [
     "exec_result",
     "extract_tar",
     "file_error",
+    "refuse_live",
     "resolve_snapshot",
     "sandbox_path",
     "wait_stoppable",
@@ -95,6 +96,14 @@ KILL_TREE_SH = (
     "m=0; for p in $stopped; do while [ $m -lt 6000 ] && read -r l </proc/$p/stat 2>/dev/null; do "
     'case "${l##*) }" in Z*|X*) break ;; esac; m=$((m + 1)); sleep 0.01; done; done; true'
 )
+
+
+def refuse_live(backend: str, instead: str) -> EngineUnavailableError:
+    """What ``snapshot(live=True)`` raises on a backend that keeps files only."""
+    return EngineUnavailableError(
+        f"live snapshots (running processes kept, memory included) are the local engine's, as root with CRIU 4.2 "
+        f"or newer; the {backend} backend keeps files: {instead}"
+    )
 
 
 def resolve_snapshot(backend: Backend, what: Snapshot | Image | str) -> Snapshot:

@@ -60,6 +60,7 @@ from ._base import (
     cache_fetcher,
     check_port,
     exec_result,
+    refuse_live,
     refuse_services,
     resolve_snapshot,
     wait_stoppable,
@@ -740,9 +741,12 @@ class DaytonaSandbox(SandboxBase):
                 sys.stderr.write(res.stderr)
                 code = res.exit_code
 
-    def snapshot(self, name: str | None = None) -> Snapshot:
-        """Freeze the sandbox's files into a new Daytona snapshot; the sandbox keeps running."""
+    def snapshot(self, name: str | None = None, *, live: bool = False) -> Snapshot:
+        """Freeze the sandbox's files into a new Daytona snapshot; the sandbox keeps running.
+        ``live=True`` raises :class:`EngineUnavailableError` (use :meth:`fork`)."""
         self._check_open()
+        if live:
+            raise refuse_live("daytona", "fork(live=True) is Daytona's own fork of the running sandbox")
         key = "x" + new_id(8)
         parent = self.snapshot_of
         self.backend.call("snapshot a sandbox", self.sdk.create_snapshot, remote_name(key), timeout=0)
@@ -759,8 +763,9 @@ class DaytonaSandbox(SandboxBase):
             )
         )
 
-    def fork(self) -> DaytonaSandbox:
-        """A new sandbox from this one's current state (Daytona's copy-on-write fork)."""
+    def fork(self, *, live: bool = False) -> DaytonaSandbox:
+        """A new sandbox from this one's current state: Daytona's copy-on-write fork, whatever
+        ``live`` says (what it keeps of running processes is the Daytona service's)."""
         self._check_open()
         b = self.backend
         child = b.call("fork a sandbox", self.sdk.fork)

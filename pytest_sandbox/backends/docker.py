@@ -64,6 +64,7 @@ from ._base import (
     cache_fetcher,
     check_port,
     exec_result,
+    refuse_live,
     refuse_services,
     resolve_snapshot,
     wait_stoppable,
@@ -702,9 +703,13 @@ class DockerSandbox(SandboxBase):
             self._fs = DockerFS(self)
         return self._fs
 
-    def snapshot(self, name: str | None = None, *, ephemeral: bool = False) -> Snapshot:
-        """Commit the container's files into a new snapshot image; the container keeps running."""
+    def snapshot(self, name: str | None = None, *, ephemeral: bool = False, live: bool = False) -> Snapshot:
+        """Commit the container's files into a new snapshot image; the container keeps running.
+        ``live=True`` raises :class:`EngineUnavailableError`: docker checkpoints are experimental
+        and restore into the same container only."""
         self._check_open()
+        if live:
+            raise refuse_live("docker", "use the local engine (backend='local') as root, or take snapshots of files")
         key = "x" + new_id(8)
         return self.backend._commit(
             self.container,
@@ -746,9 +751,10 @@ class DockerSandbox(SandboxBase):
             exposed[port] = self.backend.forwarder.open(port, lambda: maker.socket_in(pid))
         return exposed[port].address
 
-    def fork(self) -> DockerSandbox:
-        """A new container from this one's current state (an ephemeral snapshot)."""
-        snap = self.snapshot(ephemeral=True)
+    def fork(self, *, live: bool = False) -> DockerSandbox:
+        """A new container from this one's current state (an ephemeral snapshot); ``live=True``
+        raises as :meth:`snapshot` does."""
+        snap = self.snapshot(ephemeral=True, live=live)
         return self.backend.create(snap, network=self.network or False, env=self._extra_env)
 
     def close(self) -> None:

@@ -28,23 +28,17 @@ from pathlib import Path
 
 from .. import _proc
 from .._build import build_env, build_recipe, loopback_proxies, run_step
-from .._lifeline import Reaper
 from ..engine.bases import Bases
 from ..engine.cgroups import Cgroup
-from ..engine.disk import Disk
-from ..engine.expose import Exposure, Forwarder, SocketMaker
-from ..engine.freeze import freeze
+from ..engine.expose import Exposure
 from ..engine.host import DEFAULT_ENV, HOST_ENV, Host, UserNamespace
 from ..engine.ids import IdMap
-from ..engine.limits import apply_to_running, rlimits_for
-from ..engine.net import RESOLV_CONF, Uplink
-from ..engine.pool import Spares, WarmPool
+from ..engine.pool import WarmPool
 from ..engine.safefs import SafeFS
+from ..engine.sandbox import Engine, EngineSandbox
 from ..engine.share import Shares
-from ..engine.spawn import Confined, Spawner
 from ..errors import (
     ConfigError,
-    EngineUnavailableError,
     SandboxClosedError,
     SandboxError,
     ServiceError,
@@ -112,15 +106,9 @@ class LocalBackend(BackendBase):
         self._live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
         self._ephemeral: list[str] = []
         self._closed = False
-        self._forwarder = Forwarder()
-        self._reaper = Reaper()  # kills every sandbox's init once we are gone, however we go
-        self._maker: SocketMaker | None = None
+        self.engine = Engine(self.store, self.host, self.limits)
         # A snapshot whose services failed fails every later create() at once, not after a wait.
         self._service_failures: dict[str, ServiceError] = {}
-        self._slots: Spares[tuple[Cgroup, Confined]] = Spares(self._new_slot, _drop_slot)
-        # Sandbox directories with a disk of the default size already mounted: mounting costs
-        # more than the rest of a fork, so a fork (a search tree's node) does not wait for it.
-        self._ready_disks: Spares[tuple[str, Path, Disk]] = Spares(self._new_disk_dir, self._drop_disk_dir)
         self._pool: WarmPool[LocalSandbox] = WarmPool(
             lambda snap: LocalSandbox(self, snap, network=None, env={}, limits=self.limits)
         )
@@ -145,50 +133,6 @@ class LocalBackend(BackendBase):
     def bwrap_launcher(self) -> list[str]:
         """The command line that starts bwrap the way every sandbox is started."""
         return self.host.bwrap_launcher()
-
-    def _new_slot(self) -> tuple[Cgroup, Confined]:
-        cg = self.host.cgroups.create(self.store.owner, new_id(6))
-        try:
-            return cg, self.host.spawner.confined(cg.procs)
-        except BaseException:
-            cg.remove()
-            raise
-
-    def _new_disk_dir(self) -> tuple[str, Path, Disk]:
-        sid = new_id(6)
-        size = self.limits.disk_bytes
-        assert size is not None
-        with self.store.shared():
-            d = self.store.register_sandbox(sid, {"layers": [], "spare": True})
-        try:
-            return sid, d, self.host.disks.make(d, size)
-        except BaseException:
-            self.store.discard(d)
-            raise
-
-    def _drop_disk_dir(self, item: tuple[str, Path, Disk]) -> None:
-        self.store.discard(item[1], then=item[2].release)
-
-    def take_disk_dir(self, limits: Limits) -> tuple[str, Path, Disk] | None:
-        """A spare sandbox directory with its disk mounted, when ``limits`` ask for the default
-        disk and disks can be made here; else None (the sandbox makes its own)."""
-        disks = self.host.disks
-        if limits.disk_bytes != self.limits.disk_bytes or not disks.ext4:
-            return None
-        try:
-            return self._ready_disks.take()
-        except SandboxError:
-            return None
-
-    def socket_maker(self) -> SocketMaker:
-        """The helper that makes sockets inside sandboxes' networks (started on first need)."""
-        with self._lock:
-            if self._maker is None:
-                enter = []
-                if self.rootless:  # the sandboxes' user namespace holds the right to enter them
-                    enter = [self.host.nsenter, "-t", str(self.userns.pid), "-U", "--preserve-credentials", "--"]
-                self._maker = SocketMaker(enter)
-            return self._maker
 
     def usage(self, snapshot: Snapshot) -> Usage:
         """The size of ``snapshot``'s own layer and when a sandbox last started from it."""
@@ -295,6 +239,7 @@ class LocalBackend(BackendBase):
         env = dict(parent.env)
         workdir = parent.workdir
         if step.kind == "env":
+            images = None if parent.process is None else self.store.process_path(parent).name
             snap = Snapshot(
                 key=key,
                 backend=self.name,
@@ -305,6 +250,8 @@ class LocalBackend(BackendBase):
                 parent=parent.key,
                 description=step.describe(),
                 services=parent.services,
+                # the same processes: their images stay where the live parent's are
+                process=None if parent.process is None else {**parent.process, "images": images},
             )
             with self.store.shared():
                 self.store.put(snap)
@@ -313,8 +260,19 @@ class LocalBackend(BackendBase):
         # a proxy on the host's loopback is reached through a forwarder to its one port.
         env, proxies = loopback_proxies(build_env())
         uplinks = self.host.uplinks
+        # A live service is frozen running, and what follows it goes on from that live snapshot:
+        # those steps are taken live too, and without network (a live sandbox has none yet).
+        live = parent.live or (step.kind == "service" and step.service().live)
+        if live:
+            self.engine.criu.require()
+        networked = uplinks.usable and not live
         sb = LocalSandbox(
-            self, parent, network=Network() if uplinks.usable else None, env={}, limits=self.limits, proxies=proxies
+            self,
+            parent,
+            network=Network() if networked else None,
+            env={},
+            limits=self.limits,
+            proxies={} if live else proxies,
         )
         with self._lock:
             self._live.add(sb)
@@ -322,8 +280,13 @@ class LocalBackend(BackendBase):
             try:
                 workdir = run_step(sb, step, key=key, index=i, count=n, workdir=parent.workdir, env=env, log=log)
             except SnapshotBuildError as exc:
-                if uplinks.usable or exc.exit_code is None:
+                if networked or exc.exit_code is None:
                     raise
+                why = (
+                    "build steps after a live service have no network (put the steps that download before it)"
+                    if live
+                    else f"build steps have no network here: {uplinks.reason}"
+                )
                 raise SnapshotBuildError(
                     key=exc.key,
                     step_index=exc.step_index,
@@ -331,9 +294,9 @@ class LocalBackend(BackendBase):
                     step=exc.step,
                     exit_code=exc.exit_code,
                     output=exc.output,
-                    reason=f"build steps have no network here: {uplinks.reason}",
+                    reason=why,
                 ) from exc
-            return sb._freeze(key=key, workdir=workdir, description=step.describe())
+            return sb._freeze(key=key, workdir=workdir, description=step.describe(), live=live)
         finally:
             sb.close()
 
@@ -378,14 +341,9 @@ class LocalBackend(BackendBase):
             return
         self._closed = True
         self._pool.close()
-        self._slots.close()
-        self._ready_disks.close()
         for sb in list(self._live):
             sb.close()
-        self._forwarder.close()
-        self._reaper.close()
-        if self._maker is not None:
-            self._maker.close()
+        self.engine.close()
         if self._ephemeral:
             with contextlib.suppress(Exception):
                 self.store.remove(self._ephemeral)
@@ -405,13 +363,12 @@ def _why(exc: OSError) -> str:
     return f"{exc}; create a new sandbox"
 
 
-def _drop_slot(slot: tuple[Cgroup, Confined]) -> None:
-    slot[1].close()
-    slot[0].remove()
-
-
 class LocalSandbox(SandboxBase):
-    """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`."""
+    """A running sandbox of the local engine. Use it as a context manager, or call :meth:`close`.
+
+    The engine's sandbox (:class:`~pytest_sandbox.engine.sandbox.EngineSandbox`) owns its life;
+    this adds what the :class:`~pytest_sandbox.types.Sandbox` contract asks: commands and their
+    output, files, exposed ports, services, snapshots and forks."""
 
     def __init__(
         self,
@@ -425,49 +382,23 @@ class LocalSandbox(SandboxBase):
     ) -> None:
         self.backend = backend
         self._limits = limits
-        self._cgroup: Cgroup | None = None
-        self._status: dict[str, LimitStatus] = {}
-        self._prlimit: list[str] = []
-        self._helper: Confined | None = None
         self.snapshot_of = snapshot
         self.network = network
-        self.id = new_id(6)
         self.history: list[ExecResult] = []
         self._extra_env = env
         self._env = {**DEFAULT_ENV, **dict(snapshot.env), **env}
-        self._closed = False
+        self._lock = threading.Lock()
         self._running: set[_proc.Cancel] = set()
         self._fs: SafeFS | None = None
         self._exposed: dict[int, Exposure] = {}
-        self._forwarded: list[Exposure] = []  # host ports reached from inside (a build's proxy)
-        self._uplink: Uplink | None = None
-        self._proxies = dict(proxies or {})
-        store = backend.store
-        with store.shared():
-            if not all(store.layer_path(x).is_dir() for x in snapshot.layers):
-                raise SandboxClosedError(
-                    f"snapshot {snapshot.short} lost its layers (removed or pruned); build it again"
-                )
-            meta = {"layers": list(snapshot.layers), "snapshot": snapshot.key}
-            # Where the writable layer lives (its disk, once mounted), as the host and as bwrap see it.
-            self._disk: Disk | None = None
-            spare = backend.take_disk_dir(limits)
-            if spare is not None:
-                self.id, self._dir, self._disk = spare
-                store.set_sandbox_meta(self._dir, meta)
-                self._scratch, self._scratch_launch = self._disk.path, self._disk.launch
+        self._sb = EngineSandbox(backend.engine, snapshot, network=network, limits=limits, proxies=proxies)
+        self.id = self._sb.id
+        backend.store.touch(snapshot)
+        try:
+            if snapshot.live:  # its services were frozen running, and run on
+                self.running_services = list(snapshot.services)
             else:
-                self._dir = store.register_sandbox(self.id, meta)
-                self._scratch, self._scratch_launch = self._dir, backend.launch_path(self._dir)
-        try:
-            self._confine()
-            self._start()
-        except BaseException:
-            store.discard(self._dir, then=self._release)
-            raise
-        store.touch(snapshot)
-        try:
-            self._start_services()
+                self._start_services()
         except ServiceError as exc:
             backend._service_failures.setdefault(snapshot.key, exc)
             self.close()
@@ -480,120 +411,39 @@ class LocalSandbox(SandboxBase):
         self._extra_env = env
         self._env = {**DEFAULT_ENV, **dict(self.snapshot_of.env), **env}
 
-    def _confine(self) -> None:
-        """The sandbox's cgroup, disk and limits (or, without cgroups, the rlimits that stand in)."""
-        host = self.backend.host
-        if host.cgroups.usable:
-            # A cgroup made ahead of need, its helper already inside: only the limits are set here.
-            self._cgroup, self._helper = self.backend._slots.take()
-            self._status = self._cgroup.apply(self._limits)
-            v = host.cgroups.version
-            why = f"its cgroup v{v} controller is not {'enabled for our cgroups' if v == 2 else 'mounted'}"
-        else:
-            why = host.cgroups.reason
-            self._prlimit, self._status = rlimits_for(self._limits, host.prlimit)
-        size = self._limits.disk_bytes
-        if self._disk is not None:
-            self._status["disk"] = LimitStatus("disk", self._disk.size, True, self._disk.how)
-        elif size is not None:
-            self._status["disk"] = self._make_disk(size)
-        for name, value in self._limits.items():
-            if name not in self._status:
-                self._status[name] = LimitStatus(name, value, False, why)
-        unenforced = [s for s in self._status.values() if not s.enforced]
-        if unenforced:
-            say_once("; ".join(str(s) for s in unenforced))
+    # -- the engine's sandbox ------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        """The host pid of its init."""
+        return self._sb.pid
 
     @property
-    def _networked(self) -> bool:
-        """Whether anything of the outside reaches into the sandbox's network namespace (an
-        uplink, a forwarded proxy port): its commands then have no raw sockets or routes."""
-        return self.network is not None or bool(self._proxies)
-
-    def _make_disk(self, size: int) -> LimitStatus:
-        try:
-            self._disk = self.backend.host.disks.make(self._dir, size)
-        except SandboxError as exc:
-            return LimitStatus("disk", size, False, str(exc))
-        self._scratch, self._scratch_launch = self._disk.path, self._disk.launch
-        return LimitStatus("disk", size, True, self._disk.how)
-
-    def _release(self) -> None:
-        """What the sandbox holds outside its directory: its uplink, helper, cgroup and disk."""
-        if self._uplink is not None:
-            self._uplink.wait()
-        if self._helper is not None:
-            self._helper.close()
-        if self._cgroup is not None:
-            self._cgroup.remove()
-        if self._disk is not None:
-            self._disk.release()
+    def _cgroup(self) -> Cgroup | None:
+        return self._sb.cgroup
 
     @property
     def limits(self) -> dict[str, LimitStatus]:
         """Each limit of this sandbox and how it is held here (or why it is not)."""
-        return dict(self._status)
-
-    def _spawner(self) -> Spawner | Confined:
-        return self._helper or self.backend.host.spawner
-
-    def _start(self) -> None:
-        b = self.backend
-        uplinks = b.host.uplinks
-        if self.network is not None and not uplinks.usable:
-            raise EngineUnavailableError(
-                f"network=True gives a sandbox a network of its own, never the host's, and here {uplinks.reason}; "
-                "or create it without network"
-            )
-        argv = b.bwrap_launcher()
-        argv += b.host.mount_args(self.snapshot_of, self._scratch, self._scratch_launch)
-        resolv = _proc.memfd("resolv.conf", RESOLV_CONF) if self.network is not None else -1
-        seccomp = _proc.memfd("seccomp", b.host.seccomp)
-        try:
-            argv += b.host.sandbox_args(self.snapshot_of, network=self._networked, resolv=resolv)
-            argv += ["--seccomp", str(seccomp)]
-            self._proc, self.pid = b.host.launch(argv, [seccomp, *([resolv] if resolv >= 0 else [])])
-        finally:
-            for fd in (seccomp, resolv):
-                if fd >= 0:
-                    os.close(fd)
-        try:
-            # bwrap started the init and the holder outside the sandbox's limits
-            apply_to_running(self.pid, self._limits, self._cgroup, rlimits=bool(self._prlimit))
-            b._reaper.watch(self.pid)
-            if self.network is not None:
-                self._uplink = uplinks.connect(self.pid, self.network, alive=lambda: self._proc.poll() is None)
-                if self._cgroup is not None:  # what the sandbox makes it hold counts as the sandbox's
-                    self._cgroup.adopt([self._uplink.proc.pid])
-            for port, target in self._proxies.items():  # a build step's proxy on the host's loopback
-                self._forwarded.append(b._forwarder.open_inward(b.socket_maker(), self.pid, port, target))
-        except BaseException:  # the sandbox goes (its uplink with it, in _release)
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, 9)
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
-            self._proc.wait()
-            raise
-
-    # -- context -----------------------------------------------------------------------------
+        return dict(self._sb.status)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pid {self.pid}"
+        state = "closed" if self._sb.closed else f"pid {self.pid}"
         return f"<LocalSandbox {self.id} of {self.snapshot_of.short} {state}>"
 
     def alive(self) -> bool:
         """True while the sandbox is open and its init runs (what the warm pool checks)."""
-        return not self._closed and self._proc.poll() is None
+        return self._sb.alive()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._sb.closed
+
+    @property  # read by the shared parts of every backend's sandbox
+    def _closed(self) -> bool:  # type: ignore[override]
+        return self._sb.closed
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosedError(f"sandbox {self.id} is closed; create a new one")
-        if self._proc.poll() is not None:
-            raise SandboxClosedError(f"sandbox {self.id} died (its init exited); create a new one")
+        self._sb.check_open()
 
     # -- commands ----------------------------------------------------------------------------
     def nsenter_argv(
@@ -602,10 +452,7 @@ class LocalSandbox(SandboxBase):
         """The host command line that runs ``argv`` inside this sandbox, in ``cwd``, with this
         sandbox's environment and ``env`` over it, and the environment's file (see
         :meth:`Host.enter_argv`)."""
-        env = {**self._env, **(env or {})}
-        return self.backend.host.enter_argv(
-            self.pid, argv, cwd=cwd, env=env, via=self._prlimit, networked=self._networked
-        )
+        return self._sb.enter_argv(argv, cwd, {**self._env, **(env or {})})
 
     def _run(
         self,
@@ -627,7 +474,7 @@ class LocalSandbox(SandboxBase):
         # (kill -STOP $$) never reaps it, and the pid namespace cannot die until someone does.
         own = cancel is None
         stop = _proc.Cancel() if cancel is None else cancel
-        with self.backend._lock:
+        with self._lock:
             self._running.add(stop)
         try:
             self._check_open()  # a close() between the first check and the registration
@@ -640,13 +487,13 @@ class LocalSandbox(SandboxBase):
                 timeout=timeout,
                 on_line=on_line,
                 max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
-                spawner=self._spawner(),  # filtered like the sandbox's init, and in its cgroup
+                spawner=self._sb.spawner(),  # filtered like the sandbox's init, and in its cgroup
                 cancel=stop,
             )
         except OSError as exc:  # not started at all: argv too long, no process or fd to be had
             raise SandboxError(f"could not start {argv[0]!r} in sandbox {self.id}: {_why(exc)}") from exc
         finally:
-            with self.backend._lock:
+            with self._lock:
                 self._running.discard(stop)
             if own:
                 stop.close()
@@ -677,7 +524,7 @@ class LocalSandbox(SandboxBase):
         line, script, slot = self.nsenter_argv(argv or LOGIN_SHELL, env=env)
         data = _proc.memfd("env", script)
         try:
-            child = self._spawner().spawn(line, dict(HOST_ENV), 0, 1, 2, (data, slot))
+            child = self._sb.spawner().spawn(line, dict(HOST_ENV), 0, 1, 2, (data, slot))
         finally:
             os.close(data)
         code = child.wait()
@@ -688,12 +535,13 @@ class LocalSandbox(SandboxBase):
         loopback (TCP: a database, an HTTP server), open until the sandbox closes."""
         self._check_open()
         check_port(port, protocol)
-        with self.backend._lock:
+        with self._lock:
             exp = self._exposed.get(port)
         if exp is None:
-            maker, pid = self.backend.socket_maker(), self.pid
-            exp = self.backend._forwarder.open(port, lambda: maker.socket_in(pid))
-            with self.backend._lock:
+            engine, pid = self.backend.engine, self.pid
+            maker = engine.socket_maker()
+            exp = engine.forwarder.open(port, lambda: maker.socket_in(pid))
+            with self._lock:
                 self._exposed[port] = exp
         return exp.address
 
@@ -701,12 +549,7 @@ class LocalSandbox(SandboxBase):
     def fs(self) -> SafeFS:
         """Files inside the sandbox (read, write, upload, download, listdir, exists, remove)."""
         if self._fs is None:
-
-            def root() -> int:
-                self._check_open()
-                return os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-
-            self._fs = SafeFS(root, owner=None if self.backend.ids is None else self.backend.ids.root)
+            self._fs = SafeFS(self._sb.root_fd, owner=None if self.backend.ids is None else self.backend.ids.root)
         return self._fs
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -718,14 +561,13 @@ class LocalSandbox(SandboxBase):
         workdir: str | None = None,
         description: str = "",
         ephemeral: bool = False,
+        live: bool = False,
     ) -> Snapshot:
         self._check_open()
         b, store, parent = self.backend, self.backend.store, self.snapshot_of
         services = tuple(parent.services) + tuple(s for s in self.running_services if s not in parent.services)
-        # Stopped cleanly first: the copy holds a shut-down service, so forks never pay recovery.
-        self._stop_services()
 
-        def record(layers: tuple[str, ...]) -> Snapshot:
+        def record(layers: tuple[str, ...], process: dict[str, object] | None = None) -> Snapshot:
             return Snapshot(
                 key=key or "x" + new_id(8),
                 backend=b.name,
@@ -734,66 +576,74 @@ class LocalSandbox(SandboxBase):
                 env=parent.env,
                 workdir=workdir or parent.workdir,
                 parent=parent.key,
-                description=description or f"snapshot of sandbox {self.id}",
+                description=description or f"{'live ' if live else ''}snapshot of sandbox {self.id}",
                 name=name,
                 owner=store.owner if ephemeral else None,
                 services=services,
+                process=process,
             )
 
-        snap = freeze(store, self._scratch, self.pid, self._cgroup, parent.layers, b.host.needs_squash, record)
+        if live:  # its services are frozen running, with everything else
+            snap = self._sb.checkpoint(record)
+        else:
+            # Stopped cleanly first: the copy holds a shut-down service, so forks never pay recovery.
+            self._stop_services()
+            snap = self._sb.freeze(record)
         if ephemeral:
             b._ephemeral.append(snap.key)
         return snap
 
-    def snapshot(self, name: str | None = None) -> Snapshot:
+    def snapshot(self, name: str | None = None, *, live: bool = False) -> Snapshot:
         """Freeze this sandbox's current files into a new snapshot; the sandbox keeps running.
 
-        Costs what changed since the sandbox started, not the image size. Processes are not
-        part of a snapshot, but services are: they are stopped cleanly for the copy and started
-        again here, and every sandbox created from the snapshot starts them.
+        Costs what changed since the sandbox started, not the image size. Services are stopped
+        cleanly for the copy and started again here, and every sandbox created from the snapshot
+        starts them. ``live=True`` (as root, with CRIU 4.2 or newer) freezes its processes too,
+        memory included, at the same instant as its files: every sandbox created from it
+        continues them (see the README's "Live snapshots").
         """
+        if live:
+            return self._freeze(name=name, live=True)
         try:
             return self._freeze(name=name)
         finally:
             self._start_services()
 
-    def fork(self) -> LocalSandbox:
+    def fork(self, *, live: bool = False) -> LocalSandbox:
         """A new sandbox from this one's current state (an ephemeral snapshot, removed when the
-        backend closes). Branches see the state, not each other's later writes."""
-        try:
-            snap = self._freeze(ephemeral=True, description=f"fork of sandbox {self.id}")
-        finally:
-            self._start_services()
+        backend closes). Branches see the state, not each other's later writes. ``live=True``
+        keeps its processes running in the branch (see :meth:`snapshot`)."""
+        description = f"{'live ' if live else ''}fork of sandbox {self.id}"
+        if live:
+            snap = self._freeze(ephemeral=True, description=description, live=True)
+        else:
+            try:
+                snap = self._freeze(ephemeral=True, description=description)
+            finally:
+                self._start_services()
         return self.backend.create(snap, network=self.network or False, env=self._extra_env, limits=self._limits)
 
     def close(self) -> None:
         """Kill every process in the sandbox and delete its writable layer. Idempotent."""
-        if self._closed:
+        if self._sb.closed:
             return
-        self._closed = True
-        with self.backend._lock:
+        with self._lock:
             running = list(self._running)
+        # close() ends running commands: a host-side nsenter whose child stopped itself never
+        # reaps it, and the pid namespace cannot die until someone does.
         for stop in running:
             stop.set()
-        for exp in [*self._exposed.values(), *self._forwarded]:
+        for exp in self._exposed.values():
             with contextlib.suppress(Exception):
                 exp.close()
-        with contextlib.suppress(ProcessLookupError, AttributeError):
-            os.kill(self.pid, 9)  # pid 1 of the sandbox's pid namespace: the kernel kills the rest
-        if self._uplink is not None:
-            self._uplink.close()
-        proc = getattr(self, "_proc", None)
-        if proc is not None:
-            with contextlib.suppress(Exception):
-                assert proc.stdin is not None
-                proc.stdin.close()
-        # Reaping bwrap and deleting the writable layer happen in the background: the namespace is
-        # already dead, and a test suite should not wait for its teardown.
-        self.backend.store.discard(self._dir, wait_for=proc, then=self._release)
+        # Reaping the init and deleting the writable layer happen in the background: the
+        # namespace is already dead, and a test suite should not wait for its teardown.
+        self._sb.close()
         with self.backend._lock:
             self.backend._live.discard(self)
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        sb = self.__dict__.get("_sb")
+        if sb is not None and not sb.closed:
             with contextlib.suppress(Exception):
                 self.close()

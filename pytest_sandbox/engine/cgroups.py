@@ -295,6 +295,14 @@ class Cgroup:
         d = self.dirs.get(controller)
         return None if d is None else d / v1_name
 
+    def paths(self) -> dict[str, str]:
+        """Its path in each hierarchy, from that hierarchy's root (``unified``: v2's)."""
+        out = {}
+        for controller, d in self.dirs.items():
+            top = CGROUP_ROOT if controller == "unified" else CGROUP_ROOT / controller
+            out[controller] = "/" + str(d.relative_to(top)) if d.is_relative_to(top) else str(d)
+        return out
+
     @property
     def procs(self) -> list[str]:
         """The ``cgroup.procs`` files a process joins by writing its pid to them."""

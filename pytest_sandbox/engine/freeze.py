@@ -13,7 +13,42 @@ from . import layers as _layers
 from . import pause as _pause
 from .cgroups import Cgroup
 
-__all__ = ["freeze"]
+__all__ = ["copy_upper", "freeze", "publish"]
+
+
+def copy_upper(scratch: Path, dest: Path) -> bool:
+    """Copy a sandbox's writable layer (``scratch/u``, one directory per overlay) into ``dest``
+    as one layer; whether it held anything. Its processes must be stopped meanwhile."""
+    changed = False
+    for sub in sorted((scratch / "u").iterdir()):
+        if any(sub.iterdir()):
+            _layers.copy_tree(sub, dest if sub.name == "root" else dest / sub.name)
+            changed = True
+    if changed:  # the layer's top directory is the sandbox's /, whatever was copied
+        _layers.copy_tree(scratch / "u" / "root", dest, top_only=True)
+    return changed
+
+
+def publish(
+    store: Store,
+    tmp: Path,
+    parent_layers: Sequence[str],
+    needs_squash: Callable[[Sequence[str]], bool],
+    record: Callable[[tuple[str, ...]], Snapshot],
+) -> Snapshot:
+    """The snapshot ``record`` makes of ``parent_layers`` plus ``tmp/layer`` (if there is one),
+    squashed when the stack would be too deep for one mount: stored before any gc can see its
+    layer unused."""
+    layers = list(parent_layers)
+    with store.shared():
+        if (tmp / "layer").is_dir():
+            layers.append(store.publish_layer(tmp / "layer"))
+        if needs_squash(layers):
+            _layers.squash([store.layer_path(x) for x in layers[1:]], tmp / "squash")
+            layers = [layers[0], store.publish_layer(tmp / "squash")]
+        snap = record(tuple(layers))
+        store.put(snap)
+    return snap
 
 
 def freeze(
@@ -25,29 +60,11 @@ def freeze(
     needs_squash: Callable[[Sequence[str]], bool],
     record: Callable[[tuple[str, ...]], Snapshot],
 ) -> Snapshot:
-    """The snapshot ``record`` makes of the layers a sandbox stands on now: ``parent_layers``
-    plus what its writable layer (``scratch/u``, one directory per overlay) holds, squashed when
-    the stack would be too deep for one mount. Stored before any gc can see its layer unused."""
+    """The snapshot ``record`` makes of the layers a sandbox (init ``pid``) stands on now."""
     tmp = store.tmp_dir()
     try:
-        changed = False
         with _pause.paused(pid, cgroup):
-            for sub in sorted((scratch / "u").iterdir()):
-                if any(sub.iterdir()):
-                    dest = tmp / "layer" if sub.name == "root" else tmp / "layer" / sub.name
-                    _layers.copy_tree(sub, dest)
-                    changed = True
-            if changed:  # the layer's top directory is the sandbox's /, whatever was copied
-                _layers.copy_tree(scratch / "u" / "root", tmp / "layer", top_only=True)
-        layers = list(parent_layers)
-        with store.shared():
-            if changed:
-                layers.append(store.publish_layer(tmp / "layer"))
-            if needs_squash(layers):
-                _layers.squash([store.layer_path(x) for x in layers[1:]], tmp / "squash")
-                layers = [layers[0], store.publish_layer(tmp / "squash")]
-            snap = record(tuple(layers))
-            store.put(snap)
-        return snap
+            copy_upper(scratch, tmp / "layer")
+        return publish(store, tmp, parent_layers, needs_squash, record)
     finally:
         rmtree(tmp)

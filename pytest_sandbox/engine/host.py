@@ -57,19 +57,28 @@ DEFAULT_ENV = {
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 # Run by the sandbox's /bin/sh as ``sh -c ENTER_SH sh CWD 3 ARGV...``: enters CWD (none when
 # empty), runs the exports in the inherited file at fd 3 (see env_script), closes it, then
-# becomes ARGV.
+# becomes ARGV, through the image's setsid where it has one: a command is then the leader of a
+# session inside the sandbox (nsenter's is outside it), which a live snapshot needs of every
+# process it keeps.
 ENTER_SH = (
     '[ -z "$1" ] || cd -- "$1" || exit 125; unset OLDPWD; . "/proc/self/fd/$2" || exit 125; exec 3<&-; '
-    'shift 2; exec "$@"'
+    'shift 2; command -v setsid >/dev/null 2>&1 && exec setsid "$@"; exec "$@"'
 )
 # The kernel takes all lower layers in one option string of at most a page; past these limits a
 # new snapshot squashes its non-base layers into one (see ENGINE-NOTES).
 MAX_LAYERS = 100
 MAX_LAYER_OPTION_BYTES = 3000
-# The holder waits for EOF on its stdin (our pipe, closed when we exit or are killed), then kills
-# every process in its pid namespace: bwrap's init would otherwise wait for orphaned background
-# processes forever.
-HOLDER = ["/bin/sh", "-c", "echo r; read _; kill -KILL -1"]
+# The holder is the sandbox's init (bwrap --as-pid-1, so that nothing of bwrap's is inside for a
+# live snapshot to trip on): a child of it waits for EOF on the holder's stdin (our pipe, closed
+# when we exit or are killed), then kills every process in the pid namespace; the holder waits for
+# that child, reaping whatever is orphaned inside meanwhile (a shell's wait reaps any child). The
+# child is made before "r" is said, so that both are there when the sandbox's limits are applied.
+HOLDER = [
+    "/bin/sh",
+    "-c",
+    "exec 3<&0; { exec >/dev/null 2>&1 </dev/null; read _ <&3; kill -KILL -1; } & exec 3<&-; "
+    "echo r; exec >/dev/null 2>&1 </dev/null; wait $!",
+]
 SHM_SIZE = 64 << 20
 # setpriv's options that take raw sockets and network administration away from a command
 NO_NET_CAPS = ["--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
@@ -295,7 +304,7 @@ class Host:
         """Let sandbox root (an unprivileged host id) reach layers, sandbox directories and bwrap
         through its group, while every other host user stays locked out of the store."""
         root = self.store.root
-        for d in (root, root / "l", root / "r", root / "b"):
+        for d in (root, root / "l", root / "r", root / "b", root / "p"):
             d.mkdir(exist_ok=True)
             fd = os.open(d, DIR_FLAGS)  # never a link's target: chown and chmod go to this directory
             try:
@@ -397,7 +406,7 @@ class Host:
             # backend's maps 65536 ids and is kept.
             args += ["--unshare-user", "--uid", "0", "--gid", "0"]
         args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
-        args += ["--new-session", "--cap-add", "ALL", "--chdir", snap.workdir]
+        args += ["--new-session", "--as-pid-1", "--cap-add", "ALL", "--chdir", snap.workdir]
         args += ["--unshare-net"]
         if network:  # an uplink or a forwarded port: see enter_argv
             args += ["--cap-drop", "CAP_NET_RAW", "--cap-drop", "CAP_NET_ADMIN"]

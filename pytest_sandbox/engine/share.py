@@ -404,6 +404,7 @@ class Shares:
         repo = _repository(repository)
         client = self._client()
         chain = snap.lineage(self.store.get)
+        _files_only(chain, log)
         layers = list(dict.fromkeys(x for s in chain for x in s.layers))
         tmp = self.store.tmp_dir()
         sent = [0, 0]
@@ -566,6 +567,7 @@ class Shares:
         ``skopeo copy oci-archive:`` read it too: it carries docker's manifest.json as well)."""
         self._check_shareable(snap)
         chain = snap.lineage(self.store.get)
+        _files_only(chain, log)
         layers = list(dict.fromkeys(x for s in chain for x in s.layers))
         tmp = self.store.tmp_dir()
         try:
@@ -746,3 +748,14 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None) -> None:
     else:
         info.size = len(data)
     tf.addfile(_plain(info), None if data is None else io.BytesIO(data))
+
+
+def _files_only(chain: list[Snapshot], log: LogCallback) -> None:
+    """Say, once, that live snapshots leave as their files: process images hold memory (secrets)
+    and restoring a crafted one as root would run its code, so they never leave this machine."""
+    live = [s.short for s in chain if s.live]
+    if live:
+        log(
+            f"live snapshot {', '.join(live)} goes as its files: its processes stay on this machine "
+            "(a sandbox created from the copy starts its services instead)"
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import filelock
 
-from ..errors import EngineUnavailableError, SandboxError, say_once
+from ..errors import EngineUnavailableError, SandboxError, SnapshotError, say_once
 from ..image import Image
 from ..store import write_atomic
 from ..types import Backend, Limits, Sandbox
@@ -367,7 +367,7 @@ class EndpointState:
                 return child
             try:
                 with box.lock:
-                    child.sb = sb.fork()
+                    child.sb = _fork(sb)
             except SandboxError as exc:
                 self._unregister(child)
                 raise ApiError(500, f"fork failed: {exc}") from exc
@@ -439,3 +439,13 @@ def _set_sizes(rec: SnapshotRecord | SandboxRecord, sizes: Mapping[str, int | No
             if value < 1:
                 raise ApiError(400, f"{name} must be at least 1, got {value}")
             setattr(rec, name, value)
+
+
+def _fork(sb: Sandbox) -> Sandbox:
+    """A fork that keeps the sandbox's running processes where the engine can (a live fork: the
+    local engine as root with CRIU), else one of its files, as Daytona's fork of a started
+    sandbox is."""
+    try:
+        return sb.fork(live=True)
+    except (EngineUnavailableError, SnapshotError):
+        return sb.fork()
