@@ -260,6 +260,21 @@ def is_zombie(pid: int) -> bool:
 _HELD = frozenset("TtZX")  # stopped, traced, or exited: a process in these states forks no more
 
 
+def _held(pid: int, state: str) -> bool:
+    """True when ``pid`` (sent SIGSTOP) can fork no more: stopped or exited, or a parent waiting
+    in vfork() for a child that is stopped (shown as ``D`` in ``kernel_clone``: it stops only once
+    that child execs, and dash starts every command with vfork, so such a wait is common)."""
+    if state in _HELD:
+        return True
+    if state != "D":
+        return False
+    try:
+        with open(f"/proc/{pid}/wchan", "rb") as f:
+            return f.read().strip() == b"kernel_clone"
+    except OSError:
+        return False
+
+
 def kill_tree(pid: int, budget: float = 10.0) -> None:
     """SIGKILL a process and every descendant, even ones that changed group or session.
 
@@ -286,7 +301,7 @@ def kill_tree(pid: int, budget: float = 10.0) -> None:
             frontier.extend(kids)
         tree &= state.keys()
         found = tree - stopped
-        if not found and all(state[p] in _HELD for p in tree):
+        if not found and all(_held(p, state[p]) for p in tree):
             break
         for p in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):

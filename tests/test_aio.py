@@ -8,6 +8,8 @@ import asyncio
 import os
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -256,3 +258,29 @@ def test_unstoppable_finishes_its_clean_up_through_repeated_cancels() -> None:
         assert done == ["cleaned"]
 
     run(go(), timeout=20)
+
+
+def test_a_parent_waiting_in_vfork_counts_as_held(tmp_path: Path) -> None:
+    """dash starts commands with vfork(): a parent whose vfork child was stopped before its exec
+    waits in D state for good. The kill must see it as held (it forks no more), or it waits out its
+    whole budget and kills with a fork possibly in flight, whose child then escapes (CI's flake:
+    one `sleep` left after a kill). Here the parent is real: glibc's posix_spawn is a vfork, and
+    its child blocks opening a FIFO nobody writes, before its exec."""
+    from pytest_sandbox._lifeline import _held, kill_tree, read_stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code = (
+        "import os, sys; os.posix_spawn('/bin/true', ['true'], os.environ, "
+        f"file_actions=[(os.POSIX_SPAWN_OPEN, 3, {str(fifo)!r}, os.O_RDONLY, 0)])"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert wait_for(lambda: (read_stat(parent.pid) or ("?", 0))[0] == "D", timeout=30)
+        assert _held(parent.pid, "D")
+        assert not _held(os.getpid(), "R")
+        kill_tree(parent.pid, budget=60)
+        assert parent.wait(timeout=10) == -9
+    finally:
+        parent.kill()
+        parent.wait()

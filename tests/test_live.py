@@ -361,6 +361,9 @@ def test_kill_9_mid_checkpoint_or_restore_leaves_nothing(backend: LocalBackend, 
     assert wait_for(lambda: not leftovers(), timeout=30), leftovers()
     res = run_py("from pytest_sandbox.backends.local import LocalBackend\nLocalBackend().gc()", cache)
     assert res.returncode == 0, res.stderr
+    # Nothing half-made in the cache either: no work directory (a checkpoint's images), no
+    # sandbox, and process images only for live snapshots that were recorded whole.
+    assert not list((cache / "v2" / "t").iterdir())
     with LocalBackend(cache) as b:
         assert not sandbox_dirs(b)
         kept = {s.key for s in b.snapshots() if s.live}

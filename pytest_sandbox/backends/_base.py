@@ -79,7 +79,10 @@ _TREE_AWK = (
     # A root whose parent is outside the namespace (nsenter's child) is not stopped: nsenter would
     # stop itself in turn and never return. Such a root is one of our shells, which forks nothing.
     "for (p in k) if ((p in st) && !(p == r && pp[p] == 0)) "
-    '{if (!(p in old)) print "N", p; else if (st[p] !~ /^[TtZX]/) print "R"}}'
+    '{if (!(p in old)) print "N", p; else if (st[p] !~ /^[TtZX]/ && !vfork(p, st[p])) print "R"}} '
+    # A parent waiting in vfork() for a child we stopped (D in kernel_clone) forks no more.
+    'function vfork(p, s,  w, f) {if (s != "D") return 0; w = ""; f = "/proc/" p "/wchan"; '
+    'getline w < f; close(f); return w == "kernel_clone"}'
 )
 KILL_TREE_SH = (
     # Only a real process below init: a pid file read before it was written gives no pid at all.
