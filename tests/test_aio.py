@@ -166,6 +166,10 @@ def test_cancelling_an_exec_kills_its_process_tree(debian_target: Target) -> Non
 # Forks as fast as it can (600 rounds: bounded, so it cannot crowd out other tests' sandboxes when
 # the limit is a per-user rlimit), half of the children in sessions of their own (out of its
 # process group), then waits.
+LEFT = (
+    "for f in /proc/[0-9]*; do c=$(tr '\\0' ' ' <$f/cmdline 2>/dev/null); "
+    "case \"$c\" in 'sleep 777'*) echo \"$(cut -d' ' -f1-8 $f/stat) wchan=$(cat $f/wchan) | $c\" ;; esac; done"
+)
 BOMB = "i=0; while [ $i -lt 600 ]; do sleep 777.{tok} & setsid sleep 7770.{tok} & i=$((i + 1)); done; sleep 7771.{tok}"
 
 
@@ -192,7 +196,10 @@ def test_a_command_forking_while_it_is_killed_leaves_nothing(debian_target: Targ
                     task.cancel()
                     with pytest.raises(asyncio.CancelledError):
                         await task
-                assert (await sb.exec(bombs)).stdout.strip() == "0"
+                count = (await sb.exec(bombs)).stdout.strip()
+                # What is left, if anything: "pid (comm) state ppid pgid sid ..." and its command line,
+                # so that a failure in CI says how it got away.
+                assert count == "0", (await sb.exec(LEFT)).stdout
             assert (await sb.exec("echo still usable")).stdout == "still usable\n"
 
     run(go())

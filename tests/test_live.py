@@ -55,6 +55,9 @@ AGENT = textwrap.dedent(
             server.sendall(b"echo:" + data)
     threading.Thread(target=echo, daemon=True).start()
     child = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    held = open("held.txt", "w+")  # an open file, written and read back at its offset
+    held.write("line one\\n")
+    held.flush()
     def answer(req):
         if req == "hash":
             return hashlib.sha256(buf).hexdigest() + " " + digest
@@ -74,6 +77,13 @@ AGENT = textwrap.dedent(
             return state["value"]
         if req == "pid":
             return str(os.getpid())
+        if req == "where":
+            return os.getcwd() + " " + os.environ.get("PSB_MARK", "-")
+        if req == "file":
+            held.write("line two\\n")
+            held.flush()
+            held.seek(0)
+            return held.read().replace("\\n", "|")
         return "?"
     us = socket.socket(socket.AF_UNIX)
     us.bind("/run/agent.sock")
@@ -114,7 +124,8 @@ def agent(backend: LocalBackend, debian: Snapshot) -> Iterator[LocalSandbox]:
     needs_live(backend)
     with backend.create(debian) as sb:
         sb.fs.write("/work/agent.py", AGENT)
-        sb.exec("python3 /work/agent.py > /work/agent.log 2>&1 &")
+        sb.fs.mkdir("/work/state")
+        sb.exec("cd /work/state && PSB_MARK=parent-env python3 /work/agent.py > /work/agent.log 2>&1 &")
         assert wait_for(lambda: sb.exec("cat /work/agent.log").stdout.startswith("ready"), timeout=30)
         assert ask(sb, "set parent") == "ok"
         yield sb
@@ -163,6 +174,8 @@ def test_three_concurrent_copies_continue_the_processes(backend: LocalBackend, a
             assert ask(c, "tcp") == "echo:ping"
             assert ask(c, "pipe") == "through the pipe"
             assert ask(c, "get") == "parent"
+            assert ask(c, "where") == "/work/state parent-env"  # its working directory and environment
+            assert ask(c, "file") == "line one|line two|"  # its open file, at its offset
             assert c.fs.read("/work/before") == b"before"
             assert not c.fs.exists("/work/after")
             assert ask(c, "set " + f"copy{i}") == "ok"
@@ -190,9 +203,8 @@ def test_a_chain_of_live_snapshots(backend: LocalBackend, agent: LocalSandbox) -
             opened.append(sb)
             assert ask(sb, "get") == f"link{i}"
             assert ask(sb, "tcp") == "echo:ping"
-        assert sorted(sb.fs.listdir("/work")) == sorted(["agent.py", "agent.log", "link0", "link1", "link2"]), (
-            sb.fs.listdir("/work")
-        )
+        files = sorted(sb.fs.listdir("/work"))
+        assert files == sorted(["agent.py", "agent.log", "state", "link0", "link1", "link2"]), files
     finally:
         for s in opened:
             s.close()
