@@ -559,3 +559,18 @@ def test_externals_are_exactly_what_the_engine_mounts() -> None:
     ):
         with pytest.raises(SnapshotError, match="cannot keep the mount"):
             externals_of("\n".join([*own, bad]), overlays=["usr"])
+
+
+def test_a_process_criu_refuses_is_a_snapshot_error(backend: LocalBackend, host: Snapshot) -> None:
+    """A process CRIU will not checkpoint (here one holding a file lock): SnapshotError with
+    CRIU's reason, nothing cached, the sandbox and the process run on."""
+    needs_live(backend)
+    with backend.create(host) as sb:
+        hold = "import fcntl, time; f = open('/tmp/l', 'w'); fcntl.flock(f, fcntl.LOCK_EX); time.sleep(1000)"
+        sb.exec(f'python3 -c "{hold}" >/dev/null 2>&1 &')
+        assert wait_for(lambda: "FLOCK" in sb.exec("cat /proc/locks").stdout, timeout=30)
+        before = {s.key for s in backend.snapshots()}
+        with pytest.raises(SnapshotError, match=r"file locks.*Held by: python3 \(pid \d+ in the sandbox\)"):
+            sb.snapshot(live=True)
+        assert {s.key for s in backend.snapshots()} == before
+        assert "time.sleep" in sb.exec("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout

@@ -30,7 +30,7 @@ from typing import Any
 
 from .. import _proc
 from .._lifeline import Reaper
-from ..errors import EngineUnavailableError, SandboxClosedError, SandboxError, say_once
+from ..errors import EngineUnavailableError, SandboxClosedError, SandboxError, SnapshotError, say_once
 from ..store import Store, new_id, rmtree
 from ..types import Limits, LimitStatus, Network, Snapshot
 from .cgroups import Cgroup
@@ -115,6 +115,29 @@ class Engine:
         self.reaper.close()
         if self._maker is not None:
             self._maker.close()
+
+
+def lock_holders(init: int) -> str:
+    """The processes of the sandbox of ``init`` that hold file locks, as "COMMAND (pid N)" (its
+    pids as the sandbox sees them), from the host's /proc/locks: what CRIU will not checkpoint."""
+    try:
+        ns = os.readlink(f"/proc/{init}/ns/pid")
+        with open("/proc/locks") as f:
+            pids = {int(line.split()[4]) for line in f if len(line.split()) > 4 and line.split()[4].isdigit()}
+    except (OSError, ValueError):
+        return ""
+    found = []
+    for pid in sorted(pids):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") != ns:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            inner = status.get("NSpid", "").split()[-1]
+            found.append(f"{status.get('Name', '?').strip()} (pid {inner} in the sandbox)")
+        except (OSError, ValueError, IndexError):
+            continue
+    return ", ".join(found)
 
 
 def _drop_slot(slot: tuple[Cgroup, Confined]) -> None:
@@ -427,7 +450,13 @@ class EngineSandbox:
             copy_upper(self.scratch, tmp / "layer")
 
         try:
-            engine.criu.dump(self.pid, images, externals=externals, skip=skipped, while_frozen=copy)
+            try:
+                engine.criu.dump(self.pid, images, externals=externals, skip=skipped, while_frozen=copy)
+            except SnapshotError as exc:
+                holders = lock_holders(self.pid)
+                if "file locks" in str(exc) and holders:
+                    raise SnapshotError(f"{exc} Held by: {holders}; release the lock before the snapshot") from exc
+                raise
             assert engine.host.ids is not None  # live snapshots are root's (Criu.require)
             sealed = Images.seal(images, engine.host.ids.gid_base)
             process = {
