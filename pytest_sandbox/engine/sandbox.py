@@ -123,7 +123,8 @@ def lock_holders(init: int) -> str:
     try:
         ns = os.readlink(f"/proc/{init}/ns/pid")
         with open("/proc/locks") as f:
-            pids = {int(line.split()[4]) for line in f if len(line.split()) > 4 and line.split()[4].isdigit()}
+            rows = [line.split() for line in f]
+        pids = {int(row[4]) for row in rows if len(row) > 4 and row[4].isdigit()}
     except (OSError, ValueError):
         return ""
     found = []
@@ -453,8 +454,8 @@ class EngineSandbox:
             try:
                 engine.criu.dump(self.pid, images, externals=externals, skip=skipped, while_frozen=copy)
             except SnapshotError as exc:
-                holders = lock_holders(self.pid)
-                if "file locks" in str(exc) and holders:
+                holders = lock_holders(self.pid) if "file locks" in str(exc) else ""
+                if holders:
                     raise SnapshotError(f"{exc} Held by: {holders}; release the lock before the snapshot") from exc
                 raise
             assert engine.host.ids is not None  # live snapshots are root's (Criu.require)
