@@ -281,9 +281,9 @@ class AsyncBackend(_Awaited):
         """Delete snapshots older than ``older_than`` seconds; returns their keys."""
         return await self._call(lambda: self.sync.prune(older_than))
 
-    async def gc(self) -> int:
-        """Remove what dead sessions left; returns how many."""
-        return await self._call(self.sync.gc)
+    async def gc(self, *, wait: bool = True) -> int:
+        """Remove what dead sessions left; returns how many (``wait=False``: see :meth:`Store.gc`)."""
+        return await self._call(lambda: self.sync.gc(wait=wait))
 
     async def close(self) -> None:
         """Close every sandbox made through this, and the backend if :func:`open_backend` opened it."""

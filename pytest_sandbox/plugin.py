@@ -328,9 +328,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             {**mgr.stats.to_json(), "kept": config.stash[kept_key]}
         )
     else:
-        # Sweep what crashed workers left (their sandboxes' processes died with them).
+        # Sweep what crashed workers left (their sandboxes' processes died with them); not at
+        # the price of waiting out another process's download: the next run sweeps then.
         with contextlib.suppress(SandboxError):
-            mgr.gc()
+            mgr.gc(wait=False)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -337,13 +337,14 @@ class SessionManager:
         self.kept.append((label, snap))
         return snap
 
-    def gc(self) -> int:
-        """Remove what crashed processes (e.g. killed xdist workers) left behind."""
+    def gc(self, *, wait: bool = True) -> int:
+        """Remove what crashed processes (e.g. killed xdist workers) left behind; ``wait=False``
+        skips the cache's part while another process holds it (a download), see :meth:`Store.gc`."""
         if self._backend is None and self.backend_name in ("auto", "local"):
             from .store import Store
 
-            return Store(self.cache_dir).gc()
-        return self.backend.gc()
+            return Store(self.cache_dir).gc(wait=wait)
+        return self.backend.gc(wait=wait)
 
     def close(self) -> None:
         if self._backend is not None:

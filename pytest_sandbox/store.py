@@ -44,6 +44,9 @@ from .types import Snapshot
 __all__ = ["STORE_FORMAT", "LayerCheck", "Store", "default_cache_dir", "match_snapshot", "valid_key"]
 
 STORE_FORMAT = 2
+# How long a sweep that may be skipped (a session's own, at its start or end) waits for another
+# process's publishing or pulling (which can hold the shared lock for a whole download) to end.
+GC_GRACE = 2.0
 """The on-disk layout's version: 2 made the store private and layers owned by the sandbox id range."""
 
 CACHEDIR_TAG = (
@@ -110,6 +113,23 @@ def rmtree(path: Path) -> None:
             os.close(pfd)
     except FileNotFoundError:
         pass
+
+
+def _lock_within(fd: int, mode: int, within: float | None) -> bool:
+    """flock ``fd`` in ``mode``: waiting as long as it takes (``within`` None), or up to
+    ``within`` seconds, then False."""
+    if within is None:
+        fcntl.flock(fd, mode)
+        return True
+    end = time.monotonic() + within
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
 
 
 def _drop(path: Path, failed: list[str]) -> int:
@@ -293,7 +313,9 @@ def private_dir(path: Path) -> int:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
-                os.mkdir(name, 0o700, dir_fd=fd)
+                # Another process opening the same new cache may make it first: go on with theirs.
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=fd)
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if st.st_uid not in owners:
                 raise _Untrusted(str(where / name))
@@ -409,21 +431,26 @@ class Store:
         return filelock.FileLock(str(self.root / "k" / f"{_checked_key(key)}.lock"))
 
     @contextlib.contextmanager
-    def _flock(self, mode: int) -> Iterator[None]:
+    def _flock(self, mode: int, within: float | None = None) -> Iterator[bool]:
+        """Hold the gc lock in ``mode``; with ``within``, give up after that many seconds
+        (yields False, unlocked)."""
         fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, mode)
-            yield
+            yield _lock_within(fd, mode, within)
         finally:
             os.close(fd)
 
-    def shared(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
         """Held while publishing layers or registering a sandbox: gc cannot run meanwhile."""
-        return self._flock(fcntl.LOCK_SH)
+        with self._flock(fcntl.LOCK_SH):
+            yield
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
         """Held by garbage collection, so it never deletes what a writer is about to reference."""
-        return self._flock(fcntl.LOCK_EX)
+        with self._flock(fcntl.LOCK_EX):
+            yield
 
     # -- paths -------------------------------------------------------------------------------
     def layer_path(self, layer: str) -> Path:
@@ -476,15 +503,29 @@ class Store:
     def _record(self, key: str) -> Path:
         return self.root / "s" / f"{_checked_key(key)}.json"
 
-    def get(self, key: str) -> Snapshot | None:
+    def _read(self, key: str) -> Snapshot | None:
+        """The record of ``key`` as written, its layers unchecked."""
         try:
-            data = json.loads(self._record(key).read_text())
+            return Snapshot.from_json(json.loads(self._record(key).read_text()))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        snap = Snapshot.from_json(data)
+
+    def _records(self) -> list[Snapshot]:
+        """Every record as written. What gc keeps or drops is decided on these, not on
+        :meth:`all`: a record with a damaged layer still holds its other layers until it goes, and
+        checking every layer of every record made each removal cost seconds in a big cache."""
+        out = []
+        for p in (self.root / "s").glob("*.json"):
+            snap = self._read(p.stem)
+            if snap is not None:
+                out.append(snap)
+        return out
+
+    def get(self, key: str) -> Snapshot | None:
+        snap = self._read(key)
         # A record whose layers vanished or were damaged (an interrupted copy, a clean-up by hand)
         # is treated as absent, so the recipe is built again: never used silently.
-        if not all(self.layer_ok(layer) for layer in snap.layers):
+        if snap is None or not all(self.layer_ok(layer) for layer in snap.layers):
             return None
         return snap
 
@@ -586,43 +627,49 @@ class Store:
             t.join()
 
     # -- garbage collection ------------------------------------------------------------------
-    def gc(self, aliases: Callable[[Path], list[str]] | None = None) -> int:
+    def gc(self, aliases: Callable[[Path], list[str]] | None = None, *, wait: bool = True) -> int:
         """Remove what dead processes left behind: sandboxes, work in progress, their ephemeral
         snapshots, and layers nothing references. Returns the number of items removed.
 
         ``aliases`` gives the other names a sandbox directory has in the processes using it (the
-        local engine's, as root, see the store at another path)."""
+        local engine's, as root, see the store at another path). With ``wait=False`` the sweep is
+        skipped (0) when another process publishes or pulls for more than :data:`GC_GRACE`
+        seconds: a session's own sweep must not wait out someone else's download."""
+        with self._flock(fcntl.LOCK_EX, within=None if wait else GC_GRACE) as locked:
+            return self._gc(aliases) if locked else 0
+
+    def _gc(self, aliases: Callable[[Path], list[str]] | None) -> int:
+        """The sweep of :meth:`gc` (caller holds the lock exclusively)."""
         removed = 0
         failed: list[str] = []
-        with self.exclusive():
-            stale = [d for d, meta in self.sandboxes() if not self.owner_alive(meta.get("owner"))]
-            # A dead owner's sandbox may still be tearing down (its holder only just saw EOF):
-            # end those processes first, or the deletion races the unmount and leaves files.
-            end_processes_using([str(d) for d in stale] + [a for d in stale for a in (aliases(d) if aliases else [])])
-            for d in stale:
-                removed += _drop(d, failed)
-            for p in (self.root / "t").iterdir():
-                if not self.owner_alive(p.name.split(".")[0]):
-                    removed += _drop(p, failed)
-            for snap in self.all():
-                if snap.owner is not None and not self.owner_alive(snap.owner):
-                    self.delete(snap.key)
-                    removed += 1
-            removed += self._remove_unreferenced(failed)
-            for p in (self.root / "k").glob("*.said.*"):  # a run's "said once" markers, a day on
-                with contextlib.suppress(OSError):
-                    if time.time() - p.stat().st_mtime > 86400:
-                        p.unlink()
-            for p in (self.root / "o").glob("*.lock"):
-                if not self.owner_alive(p.stem):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+        stale = [d for d, meta in self.sandboxes() if not self.owner_alive(meta.get("owner"))]
+        # A dead owner's sandbox may still be tearing down (its holder only just saw EOF):
+        # end those processes first, or the deletion races the unmount and leaves files.
+        end_processes_using([str(d) for d in stale] + [a for d in stale for a in (aliases(d) if aliases else [])])
+        for d in stale:
+            removed += _drop(d, failed)
+        for p in (self.root / "t").iterdir():
+            if not self.owner_alive(p.name.split(".")[0]):
+                removed += _drop(p, failed)
+        for snap in self._records():
+            if snap.owner is not None and not self.owner_alive(snap.owner):
+                self.delete(snap.key)
+                removed += 1
+        removed += self._remove_unreferenced(failed)
+        for p in (self.root / "k").glob("*.said.*"):  # a run's "said once" markers, a day on
+            with contextlib.suppress(OSError):
+                if time.time() - p.stat().st_mtime > 86400:
+                    p.unlink()
+        for p in (self.root / "o").glob("*.lock"):
+            if not self.owner_alive(p.stem):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
         if failed:  # said, not raised: the rest was collected, and the caller's own clean-up runs
             warnings.warn(
                 f"pytest-sandbox: gc could not remove {len(failed)} entries of the cache, kept for the next gc: "
                 f"{'; '.join(failed[:3])}. If that fails again, delete them by hand (rm -rf).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return removed
 
@@ -630,7 +677,7 @@ class Store:
         """Delete layers that no record and no live sandbox uses (caller holds :meth:`exclusive`)."""
         used: set[str] = set()
         keys: set[str] = set()
-        for snap in self.all():
+        for snap in self._records():
             used.update(snap.layers)
             keys.add(snap.key)
             if snap.process is not None:

@@ -1007,6 +1007,22 @@ def test_a_damaged_layer_is_rebuilt_not_used(tmp_path: Path) -> None:
             assert sb.exec("cat /data/f").stdout == f"{token}\n"
 
 
+def test_a_record_with_a_damaged_layer_keeps_its_other_layers_until_it_goes(tmp_path: Path) -> None:
+    # gc decides what is referenced on records as written: a damaged layer makes its snapshot
+    # rebuilt on next use, but must not make gc delete the intact layers below it meanwhile.
+    image = Image.host().run("echo one > /one").run("echo two > /two")
+    with LocalBackend(tmp_path / "c") as b:
+        snap = b.build(image)
+        assert len(snap.layers) >= 2
+        b.store.forget_layer(snap.layers[-1])  # what a failed check does to a damaged layer
+        assert b.store.get(snap.key) is None  # treated as absent: built again on next use
+        b.store.gc()
+        for layer in snap.layers:
+            assert b.store.layer_path(layer).is_dir(), f"layer {layer} of a record still there was deleted"
+        b.store.remove([snap.key])  # the layers below are its parent's (one record per step) and stay
+        assert not b.store.layer_path(snap.layers[-1]).exists()
+
+
 def test_cli_verify_reports_damage(tmp_path: Path) -> None:
     cache = tmp_path / "c"
     verify = [sys.executable, "-m", "pytest_sandbox.cli", "--cache-dir", str(cache), "verify"]

@@ -512,10 +512,10 @@ class RemoteBackend(BackendBase):
         self._live: set[Sandbox] = set()
         self._watchdog = Watchdog(watchdog_script, self.store.owner)
         self._closed = False
-        self.gc()  # leftovers of sessions that died are removed at the next start
+        self.gc(wait=False)  # leftovers of sessions that died are removed at the next start
         atexit.register(self.close)
 
-    def gc(self) -> int:
+    def gc(self, *, wait: bool = True) -> int:
         raise NotImplementedError
 
     def snapshots(self) -> Iterator[Snapshot]:

@@ -438,8 +438,9 @@ class DaytonaBackend(RemoteBackend):
         """The Daytona API this backend talks to."""
         return f"on {self.api_url}"
 
-    def gc(self) -> int:
-        """Delete sandboxes of sessions on this host that died, found by their labels."""
+    def gc(self, *, wait: bool = True) -> int:
+        """Delete sandboxes of sessions on this host that died, found by their labels
+        (``wait=False``: skip the local store's part if another process holds it)."""
         removed = 0
         query = self._sdk.ListSandboxesQuery(labels={f"{LABEL}.host": self.host})
         for remote in self.call("list sandboxes", lambda: list(self.client.list(query))):
@@ -450,7 +451,7 @@ class DaytonaBackend(RemoteBackend):
                 with contextlib.suppress(SandboxError):
                     self.call("delete a sandbox", remote.delete)
                     removed += 1
-        return removed + self.store.gc()
+        return removed + self.store.gc(wait=wait)
 
 
 def _allow_lists(network: Network | None) -> dict[str, str]:

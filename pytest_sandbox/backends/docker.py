@@ -463,8 +463,9 @@ class DockerBackend(RemoteBackend):
         """The Docker engine this backend talks to."""
         return f"on the Docker engine at {os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'}"
 
-    def gc(self) -> int:
-        """Remove containers and ephemeral snapshots of processes on this host that died."""
+    def gc(self, *, wait: bool = True) -> int:
+        """Remove containers and ephemeral snapshots of processes on this host that died
+        (``wait=False``: skip the local store's part if another process holds it)."""
         removed = 0
         flt = {"label": [f"{LABEL}.host={self.host}"]}
         for c in self.client.containers.list(all=True, filters=flt, ignore_removed=True):
@@ -478,7 +479,7 @@ class DockerBackend(RemoteBackend):
             if snap.owner and not self.store.owner_alive(snap.owner, snap.base.get("store")):
                 self.remove_snapshot(snap)
                 removed += 1
-        return removed + self.store.gc()
+        return removed + self.store.gc(wait=wait)
 
     def reaches_in(self) -> bool:
         """Whether this process may enter containers' namespaces: root, with the engine on this

@@ -157,9 +157,10 @@ class LocalBackend(BackendBase):
         key = snapshot.key if isinstance(snapshot, Snapshot) else self.store.find(snapshot).key
         self.store.remove([key])
 
-    def gc(self) -> int:
-        """Remove sandboxes, temporary trees and ephemeral snapshots of processes that died."""
-        removed = self.store.gc(aliases=lambda d: [self.launch_path(d)])
+    def gc(self, *, wait: bool = True) -> int:
+        """Remove sandboxes, temporary trees and ephemeral snapshots of processes that died
+        (``wait=False``: skip the store's part if another process holds it, see :meth:`Store.gc`)."""
+        removed = self.store.gc(aliases=lambda d: [self.launch_path(d)], wait=wait)
         return removed + self.host.cgroups.gc(self.store.owner_alive)
 
     def verify(self) -> dict[str, list[str]]:
