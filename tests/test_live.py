@@ -23,7 +23,16 @@ import pytest
 from conftest import DEBIAN, MISSING, needs_debian, run_py, wait_for
 from test_services import POSTGRES
 
-from pytest_sandbox import Backend, ConfigError, EngineUnavailableError, Image, SandboxError, Snapshot, SnapshotError
+from pytest_sandbox import (
+    Backend,
+    ConfigError,
+    EngineUnavailableError,
+    Image,
+    Limits,
+    SandboxError,
+    Snapshot,
+    SnapshotError,
+)
 from pytest_sandbox.backends.local import LocalBackend, LocalSandbox
 from pytest_sandbox.engine.live import externals_of
 from pytest_sandbox.image import Service
@@ -392,6 +401,39 @@ def test_a_live_snapshot_of_the_host_base(backend: LocalBackend, host: Snapshot)
         with sb.fork(live=True) as c:
             assert c.fs.read("/tmp/f") == b"x"
             assert "while :" in c.exec("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+
+
+def test_a_live_fork_leaves_no_cgroup_behind(backend: LocalBackend, host: Snapshot) -> None:
+    """CRIU restores the processes into the path they had below their cgroup namespace's root,
+    which it makes below the fork's cgroup (v1's memory hierarchy here): those cgroups are the
+    fork's, under its limits, and go with it. Before, the fork's cgroup could not be removed
+    (busy with them): each close waited a second per hierarchy and left its cgroups behind."""
+    needs_live(backend)
+    with backend.create(host, limits=Limits(memory="512M")) as sb:
+        sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
+        snap = sb.snapshot(live=True)
+    grandchild = None
+    with backend.create(snap) as fork:
+        cg = fork._sb.cgroup
+        if cg is None:
+            pytest.skip("no cgroups for sandboxes here")
+        dirs = list(cg.dirs.values())
+        assert fork.exec("pgrep -x sleep").ok
+
+        def cmdline(pid: int) -> bytes:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return b""
+
+        # the restored process counts as the fork's, though CRIU put it in a cgroup below
+        assert b"sleep\x001000\x00" in [cmdline(p) for p in cg.pids()]
+        grandchild = fork.snapshot(live=True)  # a live snapshot of a restored tree nests deeper
+        with backend.create(grandchild) as again:
+            deeper = list(again._sb.cgroup.dirs.values()) if again._sb.cgroup else []
+            assert again.exec("pgrep -x sleep").ok
+    backend.store.flush()  # a closed sandbox's cgroup goes with its directory, in the background
+    assert [d for d in dirs + deeper if d.exists()] == []
 
 
 def test_a_live_service_is_restored_warm(backend: LocalBackend, tmp_path: Path) -> None:

@@ -398,12 +398,23 @@ class Cgroup:
             with contextlib.suppress(OSError):
                 _write(state, off)
 
-    def pids(self) -> list[int]:
-        """Processes in the cgroup now."""
-        found: set[int] = set()
-        for f in self.procs:
+    def _tree(self) -> list[Path]:
+        """Every directory of the cgroup in every hierarchy, the deepest first. A sandbox's
+        cgroup can have cgroups below it: CRIU restores a live snapshot's processes into the
+        path they had below their cgroup namespace's root, made below the fork's cgroup (v1's
+        memory hierarchy here). Those are the sandbox's too."""
+        out: list[Path] = []
+        for d in self.dirs.values():
             with contextlib.suppress(OSError):
-                found.update(int(x) for x in Path(f).read_text().split())
+                out += [Path(top) for top, _, _ in os.walk(d, topdown=False)]
+        return out
+
+    def pids(self) -> list[int]:
+        """Processes in the cgroup, or in a cgroup below it, now."""
+        found: set[int] = set()
+        for d in self._tree():
+            with contextlib.suppress(OSError):
+                found.update(int(x) for x in (d / "cgroup.procs").read_text().split())
         return sorted(found)
 
     def remove(self, timeout: float = 5.0) -> None:
@@ -424,7 +435,7 @@ class Cgroup:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.005)
-        for d in self.dirs.values():
+        for d in self._tree():  # the cgroups below first: a cgroup with children cannot go
             for _ in range(100):
                 try:
                     d.rmdir()
