@@ -115,6 +115,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--older-than", type=float, default=0.0, metavar="DAYS")
     sub.add_parser("gc", help="remove leftovers of crashed processes")
     sub.add_parser("verify", help="check every layer of the cache in full; damaged ones get rebuilt")
+    dr = sub.add_parser(
+        "doctor",
+        help="what works on this machine (engine, user namespaces, cgroups, network, CRIU, Docker, ...) and the fixes",
+        description="Starts a sandbox of the host base for real, then reports each feature with its fix. "
+        "Exit status 0 when the local engine works, 1 when it does not.",
+    )
+    dr.add_argument("--json", action="store_true", help='one JSON object: {"ok": ..., "checks": [...]}')
     sv = sub.add_parser("serve", help="serve an API on localhost, backed by the local engine or another backend")
     # The Daytona API is what it serves; the flag stays accepted so existing scripts keep working.
     sv.add_argument("--daytona", action="store_true", help=argparse.SUPPRESS)
@@ -147,6 +154,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return _serve(args)
+    if args.cmd == "doctor":
+        return _doctor(args)
 
     from .backends import open_backend
 
@@ -156,6 +165,16 @@ def _main(argv: Sequence[str] | None) -> int:
     except SandboxError as exc:
         print(f"pytest-sandbox: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .backends import doctor
+
+    checks = doctor.diagnose(args.cache_dir, say=None if args.json else lambda c: print(c.line(), flush=True))
+    ok = any(c.name == "local engine" and c.ok for c in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [c.to_json() for c in checks]}))
+    return 0 if ok else 1
 
 
 def _run(args: argparse.Namespace, backend: Backend) -> int:

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from pytest_sandbox.backends.local import LocalBackend
 
 CLI = [sys.executable, "-m", "pytest_sandbox.cli"]
 
@@ -52,3 +56,69 @@ def test_serve_needs_no_flag(tmp_path: Path) -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        try:
+            client.version()
+        finally:
+            client.close()
+        return True
+    except Exception:  # no SDK, no engine: either way the doctor must say it does not work
+        return False
+
+
+def test_doctor_reports_what_works_here_as_the_engine_found_it(backend: LocalBackend, tmp_path: Path) -> None:
+    """Each line matches what the engine itself finds on this machine, as root and rootless."""
+    res = run("--cache-dir", str(tmp_path / "c"), "doctor", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["ok"] is True and checks["local engine"]["ok"] is True
+    assert ("rootless" in checks["local engine"]["detail"]) == backend.rootless
+    assert ("rootless" in checks["user ids"]["detail"]) == backend.rootless
+    cg = backend.host.cgroups
+    assert checks["cgroups"]["ok"] is (True if cg.usable and {"memory", "pids", "cpu"} <= cg.controllers else None)
+    up = backend.host.uplinks
+    assert checks["network"]["ok"] is (True if up.usable else None)
+    assert up.usable or up.reason in checks["network"]["detail"]  # the engine's reason, with its fix
+    criu = backend.engine.criu.reason
+    assert checks["live snapshots"]["ok"] is (None if criu else True) and criu in checks["live snapshots"]["detail"]
+    assert checks["Debian bases"]["ok"] is (True if shutil.which("mmdebstrap") else None)
+    assert checks["docker backend"]["ok"] is (True if _docker_answers() else None)
+    assert checks["docker backend"]["ok"] or checks["docker backend"]["fix"]
+    text = run("--cache-dir", str(tmp_path / "c"), "doctor")
+    assert text.returncode == 0 and text.stdout.startswith("ok   local engine: "), text.stdout
+
+
+def test_doctor_names_the_package_for_each_missing_tool(tmp_path: Path) -> None:
+    """On a machine without mmdebstrap and slirp4netns (hidden from PATH, as CI's bare step does)."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for d in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        for f in Path(d).glob("*") if Path(d).is_dir() else []:
+            if f.name not in ("mmdebstrap", "slirp4netns") and not (bare / f.name).exists():
+                (bare / f.name).symlink_to(f)
+    env = {**os.environ, "PATH": str(bare), "DOCKER_HOST": "unix:///nonexistent"}
+    res = subprocess.run(
+        [*CLI, "--cache-dir", str(tmp_path / "c"), "doctor"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Image.debian() needs mmdebstrap\n       fix: apt-get install mmdebstrap" in res.stdout
+    assert "slirp4netns is not installed" in res.stdout and "fix: apt-get install slirp4netns" in res.stdout
+    assert "--   docker backend: no Docker engine answers at unix:///nonexistent" in res.stdout
+
+
+def test_doctor_fails_saying_why_where_the_engine_cannot_start(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")  # a cache directory that cannot be made: a real failure
+    res = run("--cache-dir", str(tmp_path / "file" / "c"), "doctor")
+    assert res.returncode == 1
+    assert res.stdout.startswith("FAIL local engine: cannot use cache directory"), res.stdout
+    assert "PYTEST_SANDBOX_CACHE" in res.stdout.splitlines()[0]  # what to do
+    assert "Debian bases" in res.stdout and "docker backend" in res.stdout  # the rest is still checked
+    as_json = json.loads(run("--cache-dir", str(tmp_path / "file" / "c"), "doctor", "--json").stdout)
+    assert as_json["ok"] is False

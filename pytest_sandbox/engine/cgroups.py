@@ -156,6 +156,11 @@ class Cgroups:
     def usable(self) -> bool:
         return self.version != 0
 
+    @property
+    def controllers(self) -> set[str]:
+        """The controllers sandboxes' cgroups get (``freezer`` on v1 included)."""
+        return set(self._wanted) if self.version == 2 else set(self.dirs)
+
     def create(self, owner: str, name: str) -> Cgroup:
         """A new, empty cgroup for one sandbox."""
         cg = Cgroup(self.version, {c: d / owner / name for c, d in self.dirs.items()})
