@@ -1,13 +1,15 @@
 """Local engine benchmark: every figure side by side in one run, with ratios.
 
-    python bench/engine.py [--n 50] [--cache DIR] [--json out.json]
+    python bench/engine.py [--n 50] [--cache DIR] [--json out.json] [--only exec]
 
 Rows: fork + first exec vs the bare-bwrap floor (same layers) vs `docker run` (where a Docker
 engine answers); exec round-trip; snapshot() of a 1 MB change on a small and a large base; disk
 used by 1000 live sandboxes; fork at snapshot-chain depth 1 vs 200; a registry base pulled cold vs
 reused warm (Debian's docker-registry on 127.0.0.1, skopeo); then the docker backend and the
 daytona backend (through the SDK, against the local Daytona-compatible endpoint) on the same recipe,
-each as a ratio to the local engine; cold forks with and without the default limits (issue 13).
+each as a ratio to the local engine; cold forks with and without the default limits (issue 13);
+exec beside a host subprocess and execs per second across 10 sandboxes (issue 27). `--only exec`
+runs the fork and exec rows alone (a minute), e.g. as an unprivileged user for the rootless rows.
 Targets (issue 2) are printed beside the measurements; nothing
 here asserts, the machines are shared and noisy.
 """
@@ -301,6 +303,180 @@ def network_rows(b: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None
         )
 
 
+def throughput_rows(b: LocalBackend, deb: Snapshot, n: int, row: Callable[..., None], out: dict[str, float]) -> None:
+    """Execs per second across 10 sandboxes: from a pool of 10 threads, and from asyncio (aio)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pytest_sandbox import aio
+
+    total = max(500, n * 20)
+    sbs = [b.create(deb) for _ in range(10)]
+    try:
+        for sb in sbs:
+            sb.exec("true").check()
+        with ThreadPoolExecutor(10) as pool:
+            t = time.perf_counter()
+            codes = list(pool.map(lambda i: sbs[i % 10].exec(["true"]).exit_code, range(total)))
+            threads = total / (time.perf_counter() - t)
+        assert codes == [0] * total
+
+        async def gathered() -> float:
+            async with aio.AsyncBackend(b, max_threads=10) as ab:  # leaves b open: it is ours
+                boxes = [await ab.create(deb) for _ in range(10)]
+                for box in boxes:
+                    (await box.exec("true")).check()
+                t = time.perf_counter()
+                res = await asyncio.gather(*(boxes[i % 10].exec(["true"]) for i in range(total)))
+                rate = total / (time.perf_counter() - t)
+            assert all(r.exit_code == 0 for r in res)
+            return rate
+
+        asynced = asyncio.run(gathered())
+    finally:
+        for sb in sbs:
+            sb.close()
+    out.update(execs_per_second_threads=threads, execs_per_second_aio=asynced)
+    row("execs per second, 10 sandboxes, 10 threads", f"{threads:8.0f} /s", f"{total} execs (target >= 1000/s)")
+    row("execs per second, 10 sandboxes, aio", f"{asynced:8.0f} /s", f"{total} execs (target >= 1000/s)")
+
+
+def more_rows(
+    b: LocalBackend,
+    deb: Snapshot,
+    args: argparse.Namespace,
+    row: Callable[..., None],
+    out: dict[str, float],
+    use_docker: bool,
+) -> None:
+    """Every row after the fork and exec ones: snapshots, a busy snapshot's pause, an output
+    flood, live sandboxes' disk, chain depth, registry, docker and daytona."""
+    # -- snapshot of a 1 MB change: small vs large base --------------------------------
+    big = b.build(DEBIAN.run("mkdir /bulk && for i in $(seq 1 2000); do head -c 524288 /dev/urandom > /bulk/f$i; done"))
+    for label, snap in (("small base (Debian, ~0.3 GB)", deb), ("large base (Debian + 1 GB)", big)):
+        size = sum(disk_usage(b.store.layer_path(x)) for x in snap.layers) >> 20
+        times = []
+        for _ in range(max(10, args.n // 3)):
+            with b.create(snap) as sb:
+                sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
+                t = time.perf_counter()
+                s = sb.snapshot()
+                times.append(time.perf_counter() - t)
+            b.remove_snapshot(s)
+        out[f"snapshot_1mb_{'large' if snap is big else 'small'}_p50"] = pct(times, 50)
+        row(
+            f"snapshot() of a 1 MB change, {label}",
+            f"p50 {ms(pct(times, 50))}",
+            f"p95 {ms(pct(times, 95))}  base {size} MB (target < 20 ms)",
+        )
+
+    # -- snapshot() of a busy sandbox: how long its processes are paused -----------------
+    from pytest_sandbox.engine import pause as _pause
+
+    pauses: list[float] = []
+    real_paused = _pause.paused
+
+    @contextlib.contextmanager
+    def timed_pause(pid: int, cgroup: Cgroup | None = None, settle: float = 2.0) -> Iterator[int]:
+        t = time.perf_counter()
+        with real_paused(pid, cgroup, settle) as n:
+            yield n
+        pauses.append(time.perf_counter() - t)
+
+    _pause.paused = timed_pause  # type: ignore[assignment]
+    busy = []
+    try:
+        with b.create(deb) as sb:
+            writer = "while :; do for i in 1 2 3 4 5 6 7 8; do echo x > /tmp/f$i; rm -f /tmp/f$i; done; done"
+            sb.exec(f"for w in 1 2; do ( {writer} ) >/dev/null 2>&1 & done").check()
+            sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
+            for _ in range(max(10, args.n // 2)):
+                t = time.perf_counter()
+                s = sb.snapshot()
+                busy.append(time.perf_counter() - t)
+                b.remove_snapshot(s)
+    finally:
+        _pause.paused = real_paused
+    out.update(busy_snapshot_p50=pct(busy, 50), busy_pause_p50=pct(pauses, 50), busy_pause_p95=pct(pauses, 95))
+    row("snapshot() of a sandbox with 2 busy writers", f"p50 {ms(pct(busy, 50))}", f"p95 {ms(pct(busy, 95))}")
+    row(
+        "  of which its processes were paused",
+        f"p50 {ms(pct(pauses, 50))}",
+        f"p95 {ms(pct(pauses, 95))}  ({pct(pauses, 50) / pct(busy, 50):.0%} of the snapshot)",
+    )
+
+    # -- an output flood: the runner's memory stays bounded ----------------------------
+    flood = subprocess.run(
+        [sys.executable, "-c", FLOOD, str(b.store.cache_dir), deb.key],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    try:
+        grew, secs = (float(x) for x in flood.stdout.split())
+        out.update(flood_rss_growth_mb=grew, flood_seconds=secs)
+        row("exec printing 3 GB: runner RSS growth", f"{grew:7.1f} MB", f"in {secs:.1f}s (16 MiB kept per stream)")
+    except ValueError:
+        row("exec printing 3 GB: runner RSS growth", "failed", flood.stderr.strip()[-200:])
+
+    # -- 1000 live sandboxes -----------------------------------------------------------
+    before = disk_usage(b.store.root / "r")
+    live = []
+    t = time.perf_counter()
+    for _ in range(args.live):
+        live.append(b.create(deb))
+    elapsed = time.perf_counter() - t
+    for sb in live[:: max(1, args.live // 10)]:
+        sb.exec("true").check()
+    used = disk_usage(b.store.root / "r") - before
+    out["live_disk_mb"] = used / 2**20
+    row(
+        f"disk used by {args.live} live sandboxes",
+        f"{used / 2**20:9.1f} MB",
+        f"({used / args.live / 1024:.1f} KB each; created in {elapsed:.1f}s; target < 100 MB)",
+    )
+    for sb in live:
+        sb.close()
+
+    # -- chain depth ---------------------------------------------------------------------
+    snap = deb
+    chain = []
+    for i in range(args.depth):
+        with b.create(snap) as sb:
+            sb.exec(f"echo {i} > /level").check()
+            snap = sb.snapshot()
+            chain.append(snap)
+    d1, dn = chain[0], chain[-1]
+    t1: list[float] = []
+    tn: list[float] = []
+    for _ in range(args.n):
+        for s, acc in ((d1, t1), (dn, tn)):
+            t = time.perf_counter()
+            sb = b.create(s)
+            sb.exec("true")
+            acc.append(time.perf_counter() - t)
+            sb.close()
+    out.update(depth1_p50=pct(t1, 50), depthN_p50=pct(tn, 50))
+    row("fork + exec at chain depth 1", f"p50 {ms(pct(t1, 50))}", f"{len(d1.layers)} layers")
+    row(
+        f"fork + exec at chain depth {args.depth}",
+        f"p50 {ms(pct(tn, 50))}",
+        f"{len(dn.layers)} layers (squashed)  ratio {pct(tn, 50) / pct(t1, 50):.2f}x (target <= 2x)",
+    )
+    for s in chain:
+        b.remove_snapshot(s)
+    if shutil.which("docker-registry") and shutil.which("skopeo"):
+        registry_rows(b, deb, args.n, row, out)
+    else:
+        row("registry rows", "skipped", "(apt-get install docker-registry skopeo)")
+    if use_docker:
+        docker_rows(b, deb, args.n, row, out)
+    if importlib.util.find_spec("daytona") is not None:
+        daytona_rows(b, deb, args.n, row, out)
+    else:
+        row("daytona rows", "skipped", "(pip install 'pytest-sandbox[daytona]')")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50, help="samples per timing row")
@@ -308,6 +484,12 @@ def main() -> None:
     ap.add_argument("--live", type=int, default=1000, help="live sandboxes for the disk row")
     ap.add_argument("--depth", type=int, default=200, help="snapshot chain depth")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument(
+        "--only",
+        choices=["exec"],
+        help="exec: only the fork and exec rows (create + first exec and cold forks beside the bare-bwrap "
+        "floor, exec beside a host subprocess, execs per second)",
+    )
     args = ap.parse_args()
     cache = Path(args.cache or os.environ.get("PYTEST_SANDBOX_CACHE") or tempfile.mkdtemp(prefix="psb-bench-"))
     out: dict[str, float] = {}
@@ -328,7 +510,7 @@ def main() -> None:
 
         # -- fork + first exec vs floor vs docker, interleaved so drift hits all alike --------
         floor = bare_bwrap(b, deb, scratch)
-        use_docker = docker_available()
+        use_docker = docker_available() and not args.only
         tag = docker_image(b, deb) if use_docker else ""
         eng, flo, dok = [], [], []
         for _ in range(args.n):
@@ -402,7 +584,8 @@ def main() -> None:
             f"p50 {ms(pct(limited, 50))}",
             f"p95 {ms(pct(limited, 95))}  {pct(limited, 50) / pct(bare, 50):.2f}x the unlimited fork",
         )
-        network_rows(b, deb, args.n, row, out)
+        if not args.only:
+            network_rows(b, deb, args.n, row, out)
         if use_docker:
             out["docker_run_p50"] = pct(dok, 50)
             row(
@@ -410,142 +593,28 @@ def main() -> None:
                 f"p50 {ms(pct(dok, 50))}",
                 f"p95 {ms(pct(dok, 95))}  engine is {pct(dok, 50) / pct(eng, 50):.1f}x faster",
             )
-        else:
+        elif not args.only:
             row("docker run --rm --network none IMAGE true", "skipped", "(no Docker engine answers here)")
 
         # -- exec round trip ---------------------------------------------------------------
         with b.create(deb) as sb:
             sb.exec("true")
-            ex = [timed(lambda: sb.exec("true")) for _ in range(args.n * 2)]
-        out["exec_p50"] = pct(ex, 50)
-        row("exec('true') round trip", f"p50 {ms(pct(ex, 50))}", f"p95 {ms(pct(ex, 95))}  (target p50 < 5 ms)")
-
-        # -- snapshot of a 1 MB change: small vs large base --------------------------------
-        big = b.build(
-            DEBIAN.run("mkdir /bulk && for i in $(seq 1 2000); do head -c 524288 /dev/urandom > /bulk/f$i; done")
-        )
-        for label, snap in (("small base (Debian, ~0.3 GB)", deb), ("large base (Debian + 1 GB)", big)):
-            size = sum(disk_usage(b.store.layer_path(x)) for x in snap.layers) >> 20
-            times = []
-            for _ in range(max(10, args.n // 3)):
-                with b.create(snap) as sb:
-                    sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
-                    t = time.perf_counter()
-                    s = sb.snapshot()
-                    times.append(time.perf_counter() - t)
-                b.remove_snapshot(s)
-            out[f"snapshot_1mb_{'large' if snap is big else 'small'}_p50"] = pct(times, 50)
-            row(
-                f"snapshot() of a 1 MB change, {label}",
-                f"p50 {ms(pct(times, 50))}",
-                f"p95 {ms(pct(times, 95))}  base {size} MB (target < 20 ms)",
-            )
-
-        # -- snapshot() of a busy sandbox: how long its processes are paused -----------------
-        from pytest_sandbox.engine import pause as _pause
-
-        pauses: list[float] = []
-        real_paused = _pause.paused
-
-        @contextlib.contextmanager
-        def timed_pause(pid: int, cgroup: Cgroup | None = None, settle: float = 2.0) -> Iterator[int]:
-            t = time.perf_counter()
-            with real_paused(pid, cgroup, settle) as n:
-                yield n
-            pauses.append(time.perf_counter() - t)
-
-        _pause.paused = timed_pause  # type: ignore[assignment]
-        busy = []
-        try:
-            with b.create(deb) as sb:
-                writer = "while :; do for i in 1 2 3 4 5 6 7 8; do echo x > /tmp/f$i; rm -f /tmp/f$i; done; done"
-                sb.exec(f"for w in 1 2; do ( {writer} ) >/dev/null 2>&1 & done").check()
-                sb.exec("head -c 1048576 /dev/urandom > /change.bin").check()
-                for _ in range(max(10, args.n // 2)):
-                    t = time.perf_counter()
-                    s = sb.snapshot()
-                    busy.append(time.perf_counter() - t)
-                    b.remove_snapshot(s)
-        finally:
-            _pause.paused = real_paused
-        out.update(busy_snapshot_p50=pct(busy, 50), busy_pause_p50=pct(pauses, 50), busy_pause_p95=pct(pauses, 95))
-        row("snapshot() of a sandbox with 2 busy writers", f"p50 {ms(pct(busy, 50))}", f"p95 {ms(pct(busy, 95))}")
+            ex: list[float] = []
+            host: list[float] = []
+            for _ in range(args.n * 2):  # interleaved: drift hits both alike
+                ex.append(timed(lambda: sb.exec(["true"])))
+                host.append(timed(lambda: subprocess.run(["true"])))
+        out.update(exec_p50=pct(ex, 50), host_subprocess_p50=pct(host, 50))
+        row("host subprocess.run(['true'])", f"p50 {ms(pct(host, 50))}", f"p95 {ms(pct(host, 95))}")
         row(
-            "  of which its processes were paused",
-            f"p50 {ms(pct(pauses, 50))}",
-            f"p95 {ms(pct(pauses, 95))}  ({pct(pauses, 50) / pct(busy, 50):.0%} of the snapshot)",
+            "exec(['true']) round trip",
+            f"p50 {ms(pct(ex, 50))}",
+            f"p95 {ms(pct(ex, 95))}  ratio to the host's {pct(ex, 50) / pct(host, 50):.2f}x (target <= 2x)",
         )
+        throughput_rows(b, deb, args.n, row, out)
 
-        # -- an output flood: the runner's memory stays bounded ----------------------------
-        flood = subprocess.run(
-            [sys.executable, "-c", FLOOD, str(b.store.cache_dir), deb.key],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        try:
-            grew, secs = (float(x) for x in flood.stdout.split())
-            out.update(flood_rss_growth_mb=grew, flood_seconds=secs)
-            row("exec printing 3 GB: runner RSS growth", f"{grew:7.1f} MB", f"in {secs:.1f}s (16 MiB kept per stream)")
-        except ValueError:
-            row("exec printing 3 GB: runner RSS growth", "failed", flood.stderr.strip()[-200:])
-
-        # -- 1000 live sandboxes -----------------------------------------------------------
-        before = disk_usage(b.store.root / "r")
-        live = []
-        t = time.perf_counter()
-        for _ in range(args.live):
-            live.append(b.create(deb))
-        elapsed = time.perf_counter() - t
-        for sb in live[:: max(1, args.live // 10)]:
-            sb.exec("true").check()
-        used = disk_usage(b.store.root / "r") - before
-        out["live_disk_mb"] = used / 2**20
-        row(
-            f"disk used by {args.live} live sandboxes",
-            f"{used / 2**20:9.1f} MB",
-            f"({used / args.live / 1024:.1f} KB each; created in {elapsed:.1f}s; target < 100 MB)",
-        )
-        for sb in live:
-            sb.close()
-
-        # -- chain depth ---------------------------------------------------------------------
-        snap = deb
-        chain = []
-        for i in range(args.depth):
-            with b.create(snap) as sb:
-                sb.exec(f"echo {i} > /level").check()
-                snap = sb.snapshot()
-                chain.append(snap)
-        d1, dn = chain[0], chain[-1]
-        t1: list[float] = []
-        tn: list[float] = []
-        for _ in range(args.n):
-            for s, acc in ((d1, t1), (dn, tn)):
-                t = time.perf_counter()
-                sb = b.create(s)
-                sb.exec("true")
-                acc.append(time.perf_counter() - t)
-                sb.close()
-        out.update(depth1_p50=pct(t1, 50), depthN_p50=pct(tn, 50))
-        row("fork + exec at chain depth 1", f"p50 {ms(pct(t1, 50))}", f"{len(d1.layers)} layers")
-        row(
-            f"fork + exec at chain depth {args.depth}",
-            f"p50 {ms(pct(tn, 50))}",
-            f"{len(dn.layers)} layers (squashed)  ratio {pct(tn, 50) / pct(t1, 50):.2f}x (target <= 2x)",
-        )
-        for s in chain:
-            b.remove_snapshot(s)
-        if shutil.which("docker-registry") and shutil.which("skopeo"):
-            registry_rows(b, deb, args.n, row, out)
-        else:
-            row("registry rows", "skipped", "(apt-get install docker-registry skopeo)")
-        if use_docker:
-            docker_rows(b, deb, args.n, row, out)
-        if importlib.util.find_spec("daytona") is not None:
-            daytona_rows(b, deb, args.n, row, out)
-        else:
-            row("daytona rows", "skipped", "(pip install 'pytest-sandbox[daytona]')")
+        if not args.only:
+            more_rows(b, deb, args, row, out, use_docker)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if not args.cache and not os.environ.get("PYTEST_SANDBOX_CACHE"):
