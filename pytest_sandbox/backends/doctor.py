@@ -14,7 +14,6 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import SandboxError
@@ -41,27 +40,8 @@ class Check:
         return text + (f"\n       fix: {self.fix}" if self.fix else "")
 
 
-def _subordinate(path: str, user: str, uid: int) -> tuple[int, int] | None:
-    """The first range of at least 65536 ids ``user`` has in ``path`` (/etc/subuid form)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.strip().split(":")
-        if len(parts) != 3 or parts[0] not in (user, str(uid)):
-            continue
-        try:
-            start, count = int(parts[1]), int(parts[2])
-        except ValueError:
-            continue
-        if count >= 65536:
-            return start, count
-    return None
-
-
 def _ids() -> Check:
-    from ..engine.ids import root_map
+    from ..engine.ids import root_map, subordinate
 
     uid = os.geteuid()
     ids = root_map()
@@ -79,7 +59,7 @@ def _ids() -> Check:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    sub = _subordinate("/etc/subuid", user, uid), _subordinate("/etc/subgid", user, uid)
+    sub = subordinate("/etc/subuid", user, str(uid)), subordinate("/etc/subgid", user, str(uid))
     tools = [t for t in ("newuidmap", "newgidmap") if shutil.which(t) is None]
     if sub[0] and sub[1] and not tools:
         return Check(

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_BASE", "IdMap", "acting_as", "root_map"]
+__all__ = ["DEFAULT_BASE", "IdMap", "acting_as", "root_map", "subordinate"]
 
 DEFAULT_BASE = 0x7F000000
 COUNT = 65536
@@ -77,12 +77,18 @@ class IdMap:
             os.chmod(path, stat.S_IMODE(st.st_mode))
 
 
-def _subid(path: str, name: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
+def subordinate(path: str, *names: str) -> tuple[int, int] | None:
+    """``(start, count)`` of the first range of at least 65536 ids that one of ``names`` (a user
+    name or uid) has in ``path`` (``/etc/subuid`` or ``/etc/subgid``); a malformed line is skipped."""
+    with contextlib.suppress(OSError):
         for line in Path(path).read_text().splitlines():
             parts = line.strip().split(":")
-            if len(parts) == 3 and parts[0] == name and int(parts[2]) >= COUNT:
-                return int(parts[1])
+            if len(parts) != 3 or parts[0] not in names:
+                continue
+            with contextlib.suppress(ValueError):
+                start, count = int(parts[1]), int(parts[2])
+                if count >= COUNT:
+                    return start, count
     return None
 
 
@@ -100,9 +106,9 @@ def root_map() -> IdMap | None:
     """The id range root's sandboxes use (see the module docstring), or None where this process
     cannot map one (root of a user namespace that maps only itself): then, as rootless, a
     sandbox maps only the caller."""
-    uid = _subid("/etc/subuid", "pytest-sandbox")
-    gid = _subid("/etc/subgid", "pytest-sandbox")
-    ids = IdMap(DEFAULT_BASE if uid is None else uid, DEFAULT_BASE if gid is None else gid)
+    uid = subordinate("/etc/subuid", "pytest-sandbox")
+    gid = subordinate("/etc/subgid", "pytest-sandbox")
+    ids = IdMap(DEFAULT_BASE if uid is None else uid[0], DEFAULT_BASE if gid is None else gid[0])
     if os.geteuid() != 0 or not (
         _covered("/proc/self/uid_map", ids.uid_base, ids.count)
         and _covered("/proc/self/gid_map", ids.gid_base, ids.count)
