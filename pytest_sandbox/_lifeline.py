@@ -278,13 +278,14 @@ def _held(pid: int, state: str) -> bool:
 def kill_tree(pid: int, budget: float = 10.0) -> None:
     """SIGKILL a process and every descendant, even ones that changed group or session.
 
-    The tree is stopped first, until a scan finds nobody new and every process found is seen
-    stopped: a stopped process cannot fork, its children stay its descendants (a killed
+    The tree is stopped first, until two scans in a row find nobody new and every process found
+    is seen stopped: a stopped process cannot fork, its children stay its descendants (a killed
     parent's would be reparented out of reach), and one that was in the middle of a fork when
     the signal came has its child in the next scan. So a command that forks as fast as it can
     is caught whole, and is dead (a zombie at most) when this returns. ``budget`` seconds bound
     the stopping; the kill comes at the end anyway."""
     stopped: set[int] = set()
+    quiet = False
     deadline = time.monotonic() + budget
     while time.monotonic() < deadline:
         state: dict[int, str] = {}
@@ -302,7 +303,13 @@ def kill_tree(pid: int, budget: float = 10.0) -> None:
         tree &= state.keys()
         found = tree - stopped
         if not found and all(_held(p, state[p]) for p in tree):
-            break
+            # Confirmed by a second scan: this one listed the pids before it read their states, so
+            # a parent seen stopped may have forked after the listing, and its child is in the next.
+            if quiet:
+                break
+            quiet = True
+            continue
+        quiet = False
         for p in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGSTOP)

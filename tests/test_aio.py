@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -265,6 +266,74 @@ def test_unstoppable_finishes_its_clean_up_through_repeated_cancels() -> None:
         assert done == ["cleaned"]
 
     run(go(), timeout=20)
+
+
+def test_a_child_forked_after_the_pid_listing_is_still_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan lists the pids, then reads each one's state: a parent can finish a fork after the
+    listing and stop before its state is read, so that scan sees it stopped and nobody new, while
+    its child is not in the listing. Killing then would reparent the child out of reach (CI's
+    rootless flake: one `setsid sleep` of a bomb left running below init). Only a second quiet scan
+    ends the stopping. The race is made here on a process table of pure data: no signal reaches a
+    real process."""
+    from pytest_sandbox import _lifeline
+
+    root, parent, child = 4_000_001, 4_000_002, 4_000_003
+    listings = 0
+    table: dict[int, tuple[str, int]] = {root: ("S", 1), parent: ("R", root)}
+    sent: list[tuple[int, int]] = []
+
+    def pids() -> list[int]:
+        nonlocal listings
+        listings += 1
+        listed = list(table)
+        if listings == 2:  # the fork completes after this listing, and the parent then stops
+            table[child] = ("S", parent)
+            table[parent] = ("T", root)
+        return listed
+
+    def kill(pid: int, sig: int) -> None:
+        sent.append((pid, sig))
+        if sig == _lifeline.signal.SIGSTOP and pid != parent:
+            table[pid] = ("T", table[pid][1])
+        if sig == _lifeline.signal.SIGKILL:
+            table[pid] = ("Z", table[pid][1])
+
+    monkeypatch.setattr(_lifeline, "pids", pids)
+    monkeypatch.setattr(_lifeline, "read_stat", lambda pid: table.get(pid))
+    monkeypatch.setattr(_lifeline.os, "kill", kill)
+    monkeypatch.setattr(_lifeline.os, "killpg", lambda pgid, sig: None)
+    _lifeline.kill_tree(root, budget=5)
+    assert (child, _lifeline.signal.SIGSTOP) in sent
+    assert (child, _lifeline.signal.SIGKILL) in sent
+
+
+def test_the_in_sandbox_kill_catches_a_child_forked_after_its_pid_listing(tmp_path: Path) -> None:
+    """The same race for the kill the docker and daytona backends run in the sandbox (sh, cat and
+    awk over /proc): its glob lists the pids before cat reads their states. Here cat and kill are
+    shell functions over a process table in files, with pids above any pid_max, so no signal can
+    reach a real process."""
+    from pytest_sandbox.backends._base import KILL_TREE_SH
+
+    root, parent, child = 9_000_001, 9_000_002, 9_000_003
+    d = tmp_path
+    (d / "n").write_text("0")
+    (d / "r").write_text("S")
+    (d / "c").write_text("S")
+    fake = (
+        f"D={shlex.quote(str(d))}; "
+        # Scan 1: the parent is in the middle of a fork; scan 2: it has stopped, its child is not
+        # in the listing yet; from scan 3 on the child is there.
+        "cat() { n=$(($(command cat $D/n) + 1)); echo $n >$D/n; "
+        f'echo "{root} (sh) $(command cat $D/r) 1 x"; '
+        f'if [ $n = 1 ]; then echo "{parent} (sh) R {root} x"; else echo "{parent} (sh) T {root} x"; fi; '
+        f'if [ $n -ge 3 ]; then echo "{child} (sleep) $(command cat $D/c) {parent} x"; fi; }}; '
+        'kill() { echo "$*" >>$D/kills; case "$*" in '
+        f'"-STOP {root}") echo T >$D/r ;; "-STOP {child}") echo T >$D/c ;; esac; }}; '
+    )
+    subprocess.run(["/bin/sh", "-c", fake + KILL_TREE_SH, "sh", str(root)], check=True, timeout=60)
+    kills = (d / "kills").read_text().splitlines()
+    assert f"-STOP {child}" in kills, kills
+    assert f"-KILL {child}" in kills, kills
 
 
 def test_a_parent_waiting_in_vfork_counts_as_held(tmp_path: Path) -> None:

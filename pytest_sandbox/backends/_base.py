@@ -67,8 +67,10 @@ __all__ = [
 ]
 
 # Kill a process and every descendant, found through /proc (no ps needed in the image). As
-# _lifeline.kill_tree does on the host: the tree is stopped first, until a scan finds nobody new
-# and every process found is seen stopped, so a command forking as fast as it can is caught whole.
+# _lifeline.kill_tree does on the host: the tree is stopped first, until two scans in a row find
+# nobody new and every process found is seen stopped, so a command forking as fast as it can is
+# caught whole (the glob lists the pids before cat reads their states: a parent seen stopped may
+# have forked after the listing, and only the next scan has its child).
 # Each scan is one cat and one awk: "N pid" for a process not stopped by us yet, "R" while one we
 # stopped is still running (in the middle of a fork when the signal came). The shell's kill:
 # images may lack /bin/kill.
@@ -87,9 +89,9 @@ _TREE_AWK = (
 KILL_TREE_SH = (
     # Only a real process below init: a pid file read before it was written gives no pid at all.
     "r=$1; case $r in ''|*[!0-9]*|0|1) exit 0 ;; esac; "
-    'stopped=" "; n=0; while [ $n -lt 2000 ]; do '
+    'stopped=" "; q=; n=0; while [ $n -lt 2000 ]; do '
     f'out=$(cat /proc/[0-9]*/stat 2>/dev/null | awk -v r="$r" -v s="$stopped" \'{_TREE_AWK}\'); '
-    '[ -z "$out" ] && break; set -- $out; while [ $# -gt 0 ]; do '
+    'if [ -z "$out" ]; then [ -n "$q" ] && break; q=1; continue; fi; q=; set -- $out; while [ $# -gt 0 ]; do '
     'if [ "$1" = N ]; then kill -STOP $2 2>/dev/null; stopped="$stopped$2 "; shift; fi; shift; done; '
     "n=$((n + 1)); done; "
     # The root last: whoever waits for it (the Daytona wrapper) may kill this script once it is gone.
