@@ -317,7 +317,9 @@ def check_refusal(backend: LocalBackend, snap: Snapshot, expect: str) -> None:
         for call in (lambda: sb.snapshot(live=True), lambda: sb.fork(live=True)):
             with pytest.raises(EngineUnavailableError, match=expect):
                 call()
-        assert {s.key for s in backend.snapshots()} == snaps
+        # Nothing recorded; others may go meanwhile (the cache is shared with the other xdist worker,
+        # whose sandboxes' session snapshots go when they close).
+        assert {s.key for s in backend.snapshots()} <= snaps
         assert sb.exec("echo on").stdout == "on\n"
 
 
@@ -614,5 +616,5 @@ def test_a_process_criu_refuses_is_a_snapshot_error(backend: LocalBackend, host:
         before = {s.key for s in backend.snapshots()}
         with pytest.raises(SnapshotError, match=r"file locks.*Held by: python3 \(pid \d+ in the sandbox\)"):
             sb.snapshot(live=True)
-        assert {s.key for s in backend.snapshots()} == before
+        assert {s.key for s in backend.snapshots()} <= before  # nothing recorded (see check_refusal)
         assert "time.sleep" in sb.exec("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
