@@ -284,6 +284,8 @@ def kill_tree(pid: int, budget: float = 10.0) -> None:
     the signal came has its child in the next scan. So a command that forks as fast as it can
     is caught whole, and is dead (a zombie at most) when this returns. ``budget`` seconds bound
     the stopping; the kill comes at the end anyway."""
+    if pid <= 1:  # 0 and -1 name groups and everyone to kill(), 1 is init
+        return
     stopped: set[int] = set()
     quiet = False
     deadline = time.monotonic() + budget

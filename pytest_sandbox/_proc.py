@@ -44,15 +44,22 @@ _MAX_ORPHANS = 256
 _CHUNK = 1 << 16
 
 
-class Child(Protocol):
-    """A process a :class:`Spawner` started: its pid and a pidfd that becomes readable at exit."""
+_TELL_PID_WITHIN = 2.0  # seconds a helper has to tell a command's pid once the command is to be killed
 
-    pid: int
+
+class Child(Protocol):
+    """A process a :class:`Spawner` started: its pid (None until its helper has told it, and for
+    a command that could not start) and an fd that becomes readable when there is news of it."""
+
+    pid: int | None
 
     @property
     def exit_fd(self) -> int: ...
 
-    def wait(self) -> int: ...
+    def ready(self) -> bool: ...
+    def told(self, within: float) -> bool: ...
+    def abandon(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
     def close(self) -> None: ...
 
 
@@ -67,6 +74,7 @@ class Spawner(Protocol):
         stdout: int,
         stderr: int,
         extra: tuple[int, int] | None = None,
+        cwd: str | None = None,
     ) -> Child: ...
 
 
@@ -273,6 +281,19 @@ def _drain(fd: int, cap: _Capture) -> bool:
         cap.add(data)
 
 
+def _kill(proc: Child | subprocess.Popen[bytes]) -> None:
+    """Kill a command's whole tree. A command whose pid its helper has not told yet (it was
+    started a moment ago) is waited for a little; one that does not start (sandbox code can stop
+    a process before its exec) is given up on: its helper kills it once it has started."""
+    if not isinstance(proc, subprocess.Popen) and proc.pid is None:
+        proc.told(within=_TELL_PID_WITHIN)
+    if proc.pid is None:
+        assert not isinstance(proc, subprocess.Popen)
+        proc.abandon()
+    else:
+        kill_tree(proc.pid)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -285,6 +306,7 @@ def run(
     spawner: Spawner | None = None,
     cancel: Cancel | None = None,
     fd_data: tuple[bytes, int] | None = None,
+    cwd: str | None = None,
 ) -> Completed:
     """Run ``argv`` in a new session; on timeout, or when ``cancel`` is set, kill its whole tree.
     Never raises for exit codes.
@@ -292,7 +314,7 @@ def run(
     With ``spawner`` the command is started by that helper (under its seccomp filter).
     ``fd_data`` is ``(data, i)`` (with a spawner): the command inherits a file holding ``data`` (a
     memfd; not its argv, which every host user can read in /proc) as fd 3, and ``argv[i]`` becomes
-    ``"3"``.
+    ``"3"``. ``cwd`` (with a spawner that starts commands inside a sandbox): where it starts.
     """
     pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
     caps = [_Capture(max_output, on_line), _Capture(max_output, on_line)]
@@ -316,6 +338,7 @@ def run(
                         pipes[0][1],
                         pipes[1][1],
                         extra,
+                        cwd,
                     )
                 finally:
                     if null >= 0:
@@ -347,28 +370,33 @@ def run(
         if cancel is not None:
             poller.register(cancel.fileno(), select.POLLIN)
         live = dict(zip(open_fds, caps, strict=True))
-        exited = False
+        exited = killed = False
         while not exited:
             wait_ms = None
             if deadline is not None:
                 wait_ms = max(0, int((deadline - time.perf_counter()) * 1000) + 1)
             events = poller.poll(wait_ms)
             for fd, _ in events:
+                if exited:
+                    break
                 if fd == pidfd:
-                    exited = True
+                    exited = proc.ready() if not isinstance(proc, subprocess.Popen) else True
                 elif cancel is not None and fd == cancel.fileno():
                     poller.unregister(fd)
-                    kill_tree(proc.pid)
-                    exited = True
+                    _kill(proc)
+                    exited = killed = True
                 elif fd in live and not _drain(fd, live[fd]):
                     poller.unregister(fd)
                     os.close(fd)
                     open_fds.remove(fd)
                     del live[fd]
             if not exited and deadline is not None and time.perf_counter() >= deadline:
-                kill_tree(proc.pid)
+                _kill(proc)
                 timed_out = True
-                exited = True
+                exited = killed = True
+        if killed and not isinstance(proc, subprocess.Popen):
+            # Its tree is dead: its helper tells at once, or is in no state to (then as killed).
+            proc.wait(timeout=_TELL_PID_WITHIN)
         proc.wait()
         duration = time.perf_counter() - start
         for fd in list(open_fds):

@@ -479,18 +479,37 @@ class LocalSandbox(SandboxBase):
             self._running.add(stop)
         try:
             self._check_open()  # a close() between the first check and the registration
-            line, script, slot = self.nsenter_argv(argv, cwd, env)
-            res = _proc.run(
-                line,
-                env=HOST_ENV,
-                fd_data=(script, slot),
-                input=input,
-                timeout=timeout,
-                on_line=on_line,
-                max_output=_proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output,
-                spawner=self._sb.spawner(),  # filtered like the sandbox's init, and in its cgroup
-                cancel=stop,
-            )
+            limit = _proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output
+            inside = self._sb.inside()
+            if inside is not None:  # one message to the sandbox's own helper, one spawn there
+                try:
+                    res = _proc.run(
+                        list(argv),
+                        env={**self._env, **(env or {})},
+                        cwd=cwd,
+                        input=input,
+                        timeout=timeout,
+                        on_line=on_line,
+                        max_output=limit,
+                        spawner=inside,
+                        cancel=stop,
+                    )
+                except (BrokenPipeError, ConnectionResetError):  # it is gone, the command never sent
+                    self._sb.lost_inside(inside)
+                    inside = None
+            if inside is None:
+                line, script, slot = self.nsenter_argv(argv, cwd, env)
+                res = _proc.run(
+                    line,
+                    env=HOST_ENV,
+                    fd_data=(script, slot),
+                    input=input,
+                    timeout=timeout,
+                    on_line=on_line,
+                    max_output=limit,
+                    spawner=self._sb.spawner(),  # filtered like the sandbox's init, and in its cgroup
+                    cancel=stop,
+                )
         except OSError as exc:  # not started at all: argv too long, no process or fd to be had
             raise SandboxError(f"could not start {argv[0]!r} in sandbox {self.id}: {_why(exc)}") from exc
         finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import select
 import subprocess
 import threading
@@ -38,13 +39,17 @@ from .disk import Disk
 from .expose import Exposure, Forwarder, SocketMaker
 from .freeze import copy_upper, freeze, publish
 from .host import Host
-from .limits import apply_to_running, rlimits_for
+from .limits import apply_to_running, rlimit_values, rlimits_for
 from .live import Criu, External, Images, externals_of
 from .net import RESOLV_CONF, Uplink
 from .pool import Spares
-from .spawn import Confined, Spawner
+from .spawn import Confined, Entered, Spawner
 
-__all__ = ["Engine", "EngineSandbox"]
+__all__ = ["INSIDE_MIN_MEMORY", "Engine", "EngineSandbox"]
+
+INSIDE_MIN_MEMORY = 256 << 20
+"""The smallest memory limit held by an rlimit (``RLIMIT_AS``, which the sandbox's own helper
+lives under too) that the exec fast path is used with."""
 
 
 class Engine:
@@ -219,6 +224,9 @@ class EngineSandbox:
         self.forwarded: list[Exposure] = []  # host ports reached from inside (a build's proxy)
         self._prlimit: list[str] = []
         self._helper: Confined | None = None
+        self._inside: Entered | None = None
+        self._inside_lock = threading.Lock()
+        self._inside_failed = False
         self._lifeline: _Lifeline | None = None
         self._closed = False
         store = engine.store
@@ -247,6 +255,7 @@ class EngineSandbox:
         except BaseException:
             store.discard(self.dir, then=self._release)
             raise
+        self.inside()  # now, not at the first command: a warm pool's sandbox has it ready
 
     # -- its limits --------------------------------------------------------------------------
     def _confine(self) -> None:
@@ -416,6 +425,48 @@ class EngineSandbox:
         """What starts its commands: filtered like its init, and in its cgroup."""
         return self._helper or self.engine.host.spawner
 
+    def inside(self) -> Entered | None:
+        """Its own command helper, inside it (the exec fast path: see ``inside.py``), started on
+        first need; None where there is none to be had (commands then enter with nsenter): when
+        rlimits stand in for a cgroup and its memory limit is too small for the helper to live
+        under it too, or when entering failed (said once)."""
+        with self._inside_lock:
+            if self._inside is not None or self._inside_failed:
+                return self._inside
+            self.check_open()
+            rlimits = rlimit_values(self.limits) if self._prlimit else []
+            if any(res == resource.RLIMIT_AS and value < INSIDE_MIN_MEMORY for res, value in rlimits):
+                self._inside_failed = True
+                return None
+            pidfd = root = -1
+            try:
+                pidfd = os.pidfd_open(self.pid)
+                root = self.root_fd()
+                self._inside = self.spawner().enter(
+                    pidfd,
+                    root,
+                    take_root=self.engine.host.ids is not None,
+                    no_net_admin=self.networked,
+                    rlimits=rlimits,
+                )
+                self._inside.workdir = self.snapshot.workdir
+                self._inside.pidns = os.readlink(f"/proc/{self.pid}/ns/pid")
+            except OSError as exc:
+                self._inside_failed = True
+                say_once(f"commands enter sandboxes with nsenter here (slower): {exc}")
+            finally:
+                for fd in (pidfd, root):
+                    if fd >= 0:
+                        os.close(fd)
+            return self._inside
+
+    def lost_inside(self, helper: Entered) -> None:
+        """``helper`` (its own command helper) is gone: commands enter with nsenter from now on."""
+        with self._inside_lock:
+            if self._inside is helper:
+                self._inside, self._inside_failed = None, True
+        helper.close(wait=0)
+
     # -- freezing ----------------------------------------------------------------------------
     def freeze(self, record: Callable[[tuple[str, ...]], Snapshot]) -> Snapshot:
         """A snapshot of its files now (``record`` makes it of its layers), the processes paused
@@ -494,15 +545,22 @@ class EngineSandbox:
         for exp in self.forwarded:
             with contextlib.suppress(Exception):
                 exp.close()
+        with self._inside_lock:
+            if self._inside is not None:
+                self._inside.stop()
         self._kill()
         if self.uplink is not None:
             self.uplink.close()
         self.engine.store.discard(self.dir, wait_for=self._lifeline, then=self._release)
 
     def _release(self) -> None:
-        """What it holds outside its directory: its uplink, helper, cgroup and disk."""
+        """What it holds outside its directory: its uplink, helpers, cgroup and disk."""
         if self.uplink is not None:
             self.uplink.wait()
+        with self._inside_lock:
+            inside, self._inside, self._inside_failed = self._inside, None, True
+        if inside is not None:  # first: it holds the sandbox's mounts (its disk's too)
+            inside.close()
         if self._helper is not None:
             self._helper.close()
         if self.cgroup is not None:

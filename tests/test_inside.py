@@ -1,0 +1,262 @@
+"""The exec fast path (engine/inside.py): each sandbox's own command helper, attacked from inside
+the sandbox, and the runner's side of its protocol against a helper that answers nonsense, with
+another process's pid, or never."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import ExecTimeoutError, Limits, Snapshot, _proc
+from pytest_sandbox.backends.local import LocalBackend, LocalSandbox
+from pytest_sandbox.engine.spawn import Child
+from tests.conftest import wait_for
+
+ROOT = os.geteuid() == 0
+
+
+def status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+
+
+def host_pid_of(argv: list[str]) -> int | None:
+    """The host pid of the process whose argv is exactly ``argv``."""
+    want = b"\0".join(a.encode() for a in argv) + b"\0"
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/cmdline").read_bytes() == want:
+                    return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def running(sb: LocalSandbox, argv: list[str]) -> tuple[threading.Thread, int]:
+    """``argv`` running in ``sb`` (an exec in a thread) and its host pid."""
+    t = threading.Thread(target=lambda: sb.exec(argv, timeout=60), daemon=True)
+    t.start()
+    assert wait_for(lambda: host_pid_of(argv) is not None, timeout=30)
+    pid = host_pid_of(argv)
+    assert pid is not None
+    return t, pid
+
+
+def test_commands_start_from_a_helper_sandbox_code_cannot_reach(backend: LocalBackend, host: Snapshot) -> None:
+    """The helper that starts the commands is outside the sandbox's pid namespace, not dumpable
+    (no ptrace, no /proc files of it for the sandbox's root), root inside and nothing more on the
+    host; killing everything the sandbox can see leaves it, and the next command starts through it."""
+    tok = f"{secrets.randbelow(10**6):06d}"
+    with backend.create(host) as sb:
+        helper = sb._sb.inside()
+        assert helper is not None, "no exec fast path here"
+        t, pid = running(sb, ["sleep", f"60.{tok}"])
+        agent = int(status(pid)["PPid"])
+        assert len(status(pid)["NSpid"].split()) == 2  # the command: in the sandbox's pid namespace
+        assert len(status(agent)["NSpid"].split()) == 1  # its helper: not
+        real_uid = int(status(agent)["Uid"].split()[0])
+        assert real_uid != 0  # host root is given up (root inside is the range's, or the caller)
+        # A process's /proc files are root's (the host's) only when it is not dumpable.
+        assert os.stat(f"/proc/{agent}/mem").st_uid == 0, "the helper is dumpable: the sandbox's root could ptrace it"
+        assert sb.exec(["grep", "PPid", "/proc/self/status"]).stdout == "PPid:\t0\n"
+        os.kill(pid, 9)
+        t.join(30)
+        # Everything it can see, it kills (all but itself, its init and the holder, whose end is the
+        # sandbox's): the helper is not among them.
+        sb.exec(
+            "for p in /proc/[0-9]*; do p=${p#/proc/}; [ $p -gt 2 ] && [ $p != $$ ] && kill -9 $p; done; true"
+        ).check()
+        assert sb.exec("echo alive").stdout == "alive\n"
+        assert sb._sb.inside() is helper
+
+
+def test_a_sandbox_stopping_every_new_process_holds_the_runner_only_to_the_timeout(
+    backend: LocalBackend, host: Snapshot
+) -> None:
+    """Sandbox code that stops every process it sees, the commands the runner starts included
+    (before their exec, when it is fast enough): an exec returns at its timeout, the sandbox
+    closes, and nothing is left."""
+    tok = f"{secrets.randbelow(10**6):06d}"
+    stopper = (
+        "import os, signal\nme = os.getpid()\nwhile True:\n    for p in os.listdir('/proc'):\n"
+        "        if p.isdigit() and int(p) not in (1, me):\n"
+        "            try:\n                os.kill(int(p), signal.SIGSTOP)\n            except OSError:\n"
+        "                pass\n"
+    )
+    sb = backend.create(host, limits=Limits(pids=128))
+    try:
+        sb.fs.write("/tmp/stop.py", stopper)
+        with pytest.raises(ExecTimeoutError):  # the stopper stops the shell that starts it too
+            sb.exec(f"exec python3 /tmp/stop.py {tok} >/dev/null 2>&1 & sleep 30", timeout=3)
+        for _ in range(5):
+            start = time.monotonic()
+            with pytest.raises(ExecTimeoutError):
+                sb.exec(["sleep", f"9.{tok}"], timeout=1)
+            assert time.monotonic() - start < 20
+    finally:
+        start = time.monotonic()
+        sb.close()
+        assert time.monotonic() - start < 20
+    assert wait_for(lambda: host_pid_of(["python3", "/tmp/stop.py", tok]) is None, timeout=30)
+    assert wait_for(lambda: host_pid_of(["sleep", f"9.{tok}"]) is None, timeout=30)
+
+
+def test_when_the_helper_is_gone_commands_enter_the_other_way(backend: LocalBackend, host: Snapshot) -> None:
+    """A helper that died (only the host can kill it): the command it was running counts as
+    killed, and the next ones enter with nsenter."""
+    tok = f"{secrets.randbelow(10**6):06d}"
+    with backend.create(host) as sb:
+        t, pid = running(sb, ["sleep", f"60.{tok}"])
+        agent = int(status(pid)["PPid"])
+        os.kill(agent, 9)
+        t.join(30)
+        assert not t.is_alive()
+        assert sb.exec("echo still works").stdout == "still works\n"
+        assert sb._sb.inside() is None
+        assert sb.exec(["sh", "-c", "echo $0", "again"]).stdout == "again\n"
+    assert wait_for(lambda: host_pid_of(["sleep", f"60.{tok}"]) is None, timeout=30)
+
+
+def test_a_live_fork_has_a_helper_of_its_own(backend: LocalBackend, host: Snapshot) -> None:
+    """A fork restored from a live snapshot (its processes continued) starts its commands from a
+    helper that entered it, not its parent's."""
+    from tests.test_live import needs_live
+
+    needs_live(backend)
+    with backend.create(host) as sb:
+        sb.exec("sleep 1000 >/dev/null 2>&1 &").check()
+        with sb.fork(live=True) as fork:
+            helper = fork._sb.inside()
+            assert helper is not None and helper is not sb._sb.inside()
+            assert fork.exec("pgrep -x sleep >/dev/null && echo continued", cwd="/tmp").stdout == "continued\n"
+            assert fork.exec(["grep", "PPid", "/proc/self/status"]).stdout == "PPid:\t0\n"
+
+
+# -- the runner's side, against a helper of pure data ------------------------------------------
+class FakeHelper:
+    """A spawner whose helper answers what the test says (``None``: never)."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers
+        self.peers: list[socket.socket] = []
+
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        extra: tuple[int, int] | None = None,
+        cwd: str | None = None,
+    ) -> Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.peers.append(theirs)
+        for answer in self.answers:
+            if answer is not None:
+                theirs.send(answer)
+        return Child(ours, None, told=False, pidns=os.readlink("/proc/self/ns/pid"))
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.close()
+
+
+@pytest.fixture
+def kills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids the runner would kill a tree of (none is killed)."""
+    seen: list[int] = []
+    monkeypatch.setattr(_proc, "kill_tree", seen.append)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "pid",
+    [None, 1, 0, -1, True, "7", 2**40, os.getpid(), os.getppid()],
+    ids=["none", "init", "zero", "minus-one", "bool", "string", "huge", "the-runner", "its-parent"],
+)
+def test_a_pid_the_helper_tells_is_acted_on_only_inside_the_sandbox(kills: list[int], pid: object) -> None:
+    """Here the "sandbox" is told to be another pid namespace than ours, so no pid of this machine's
+    namespace may be killed: the runner itself, its parent, init, a group."""
+    helper = FakeHelper([json.dumps({"pid": pid}).encode(), None])
+    child = helper.spawn(["x"], {}, 0, 1, 2)
+    child._pidns = "pid:[1]"  # a namespace no process here is in
+    start = time.monotonic()
+    try:
+        res = _proc.run(["x"], env={}, spawner=_Once(child), timeout=0.3)
+    finally:
+        helper.close()
+    assert res.timed_out and res.returncode == 137
+    assert kills == []
+    assert time.monotonic() - start < 10
+
+
+def test_a_pid_in_the_sandbox_is_killed_on_timeout(kills: list[int]) -> None:
+    helper = FakeHelper([json.dumps({"pid": os.getpid()}).encode(), None])
+    try:
+        res = _proc.run(["x"], env={}, spawner=helper, timeout=0.3)
+    finally:
+        helper.close()
+    assert res.timed_out and kills == [os.getpid()]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [[None], [b"x" * 100_000], [b"[]"], [json.dumps({"pid": None}).encode(), b'{"code": "no"}']],
+    ids=["never", "endless", "not-an-object", "bad-code"],
+)
+def test_a_helper_answering_nonsense_or_never_leaves_the_runner_bounded(
+    kills: list[int], answers: list[bytes | None]
+) -> None:
+    helper = FakeHelper(answers)
+    start = time.monotonic()
+    try:
+        try:
+            res = _proc.run(["x"], env={}, spawner=helper, timeout=0.5)
+        except OSError as exc:
+            assert "nonsense" in str(exc) or "exit code" in str(exc)
+        else:
+            assert res.timed_out and res.returncode == 137
+    finally:
+        helper.close()
+    assert kills == []
+    assert time.monotonic() - start < 10
+
+
+def test_a_helper_that_dies_mid_command_counts_as_a_kill(kills: list[int]) -> None:
+    helper = FakeHelper([json.dumps({"pid": None}).encode()])
+    try:
+        child = helper.spawn(["x"], {}, 0, 1, 2)
+        helper.close()
+        res = _proc.run(["x"], env={}, spawner=_Once(child), timeout=5)
+    finally:
+        helper.close()
+    assert res.returncode == 137 and not res.timed_out and kills == []
+
+
+class _Once:
+    """A spawner that hands out one child made beforehand."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        extra: tuple[int, int] | None = None,
+        cwd: str | None = None,
+    ) -> Child:
+        return self.child
