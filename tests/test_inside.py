@@ -143,10 +143,13 @@ def test_a_live_fork_has_a_helper_of_its_own(backend: LocalBackend, host: Snapsh
 
 # -- the runner's side, against a helper of pure data ------------------------------------------
 class FakeHelper:
-    """A spawner whose helper answers what the test says (``None``: never)."""
+    """A spawner whose helper answers what the test says, then stays silent (or, ``hang_up``,
+    dies); the sandbox it stands for is in ``pidns`` (by default ours)."""
 
-    def __init__(self, answers: list[bytes | None]) -> None:
+    def __init__(self, answers: list[bytes], *, pidns: str = "", hang_up: bool = False) -> None:
         self.answers = answers
+        self.pidns = pidns or os.readlink("/proc/self/ns/pid")
+        self.hang_up = hang_up
         self.peers: list[socket.socket] = []
 
     def spawn(
@@ -160,11 +163,13 @@ class FakeHelper:
         cwd: str | None = None,
     ) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.peers.append(theirs)
         for answer in self.answers:
-            if answer is not None:
-                theirs.send(answer)
-        return Child(ours, None, told=False, pidns=os.readlink("/proc/self/ns/pid"))
+            theirs.send(answer)
+        if self.hang_up:
+            theirs.close()
+        else:
+            self.peers.append(theirs)
+        return Child(ours, None, told=False, pidns=self.pidns)
 
     def close(self) -> None:
         for peer in self.peers:
@@ -187,12 +192,10 @@ def kills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_pid_the_helper_tells_is_acted_on_only_inside_the_sandbox(kills: list[int], pid: object) -> None:
     """Here the "sandbox" is told to be another pid namespace than ours, so no pid of this machine's
     namespace may be killed: the runner itself, its parent, init, a group."""
-    helper = FakeHelper([json.dumps({"pid": pid}).encode(), None])
-    child = helper.spawn(["x"], {}, 0, 1, 2)
-    child._pidns = "pid:[1]"  # a namespace no process here is in
+    helper = FakeHelper([json.dumps({"pid": pid}).encode()], pidns="pid:[1]")  # no process here is in it
     start = time.monotonic()
     try:
-        res = _proc.run(["x"], env={}, spawner=_Once(child), timeout=0.3)
+        res = _proc.run(["x"], env={}, spawner=helper, timeout=0.3)
     finally:
         helper.close()
     assert res.timed_out and res.returncode == 137
@@ -201,7 +204,7 @@ def test_a_pid_the_helper_tells_is_acted_on_only_inside_the_sandbox(kills: list[
 
 
 def test_a_pid_in_the_sandbox_is_killed_on_timeout(kills: list[int]) -> None:
-    helper = FakeHelper([json.dumps({"pid": os.getpid()}).encode(), None])
+    helper = FakeHelper([json.dumps({"pid": os.getpid()}).encode()])
     try:
         res = _proc.run(["x"], env={}, spawner=helper, timeout=0.3)
     finally:
@@ -211,12 +214,10 @@ def test_a_pid_in_the_sandbox_is_killed_on_timeout(kills: list[int]) -> None:
 
 @pytest.mark.parametrize(
     "answers",
-    [[None], [b"x" * 100_000], [b"[]"], [json.dumps({"pid": None}).encode(), b'{"code": "no"}']],
+    [[], [b"x" * 100_000], [b"[]"], [json.dumps({"pid": None}).encode(), b'{"code": "no"}']],
     ids=["never", "endless", "not-an-object", "bad-code"],
 )
-def test_a_helper_answering_nonsense_or_never_leaves_the_runner_bounded(
-    kills: list[int], answers: list[bytes | None]
-) -> None:
+def test_a_helper_answering_nonsense_or_never_leaves_the_runner_bounded(kills: list[int], answers: list[bytes]) -> None:
     helper = FakeHelper(answers)
     start = time.monotonic()
     try:
@@ -233,30 +234,6 @@ def test_a_helper_answering_nonsense_or_never_leaves_the_runner_bounded(
 
 
 def test_a_helper_that_dies_mid_command_counts_as_a_kill(kills: list[int]) -> None:
-    helper = FakeHelper([json.dumps({"pid": None}).encode()])
-    try:
-        child = helper.spawn(["x"], {}, 0, 1, 2)
-        helper.close()
-        res = _proc.run(["x"], env={}, spawner=_Once(child), timeout=5)
-    finally:
-        helper.close()
+    helper = FakeHelper([json.dumps({"pid": None}).encode()], hang_up=True)
+    res = _proc.run(["x"], env={}, spawner=helper, timeout=5)
     assert res.returncode == 137 and not res.timed_out and kills == []
-
-
-class _Once:
-    """A spawner that hands out one child made beforehand."""
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-
-    def spawn(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        extra: tuple[int, int] | None = None,
-        cwd: str | None = None,
-    ) -> Child:
-        return self.child
