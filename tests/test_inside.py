@@ -4,10 +4,13 @@ another process's pid, or never."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
+import signal
 import socket
+import termios
 import threading
 import time
 from pathlib import Path
@@ -126,6 +129,50 @@ def test_when_the_helper_is_gone_commands_enter_the_other_way(backend: LocalBack
     assert wait_for(lambda: host_pid_of(["sleep", f"60.{tok}"]) is None, timeout=30)
 
 
+def test_a_command_the_helper_died_before_taking_runs_the_other_way(backend: LocalBackend, host: Snapshot) -> None:
+    """The socket of a helper killed lives on for a moment, so a command can be sent to a helper
+    already dead; one it never took off its socket (here: it was stopped, then killed) is started
+    with nsenter, exactly once. CI saw this race as an exec that came back "killed"."""
+    with backend.create(host) as sb:
+        helper = sb._sb.inside()
+        assert helper is not None
+        t, pid = running(sb, ["sleep", f"60.{secrets.randbelow(10**6):06d}"])
+        agent = int(status(pid)["PPid"])
+        os.kill(agent, signal.SIGSTOP)
+        out: list[object] = []
+        sender = threading.Thread(target=lambda: out.append(sb.exec("echo once >> /tmp/runs; cat /tmp/runs")))
+        sender.start()
+        ctl = helper._ctl
+        assert ctl is not None
+        # Sent, not taken: bytes wait in the socket's queue (SIOCOUTQ).
+        assert wait_for(lambda: fcntl.ioctl(ctl.fileno(), termios.TIOCOUTQ, b"\0" * 4) != b"\0" * 4, timeout=30)
+        os.kill(agent, signal.SIGKILL)
+        sender.join(60)
+        t.join(60)
+        assert not sender.is_alive() and not t.is_alive()
+        assert [r.stdout for r in out] == ["once\n"]  # type: ignore[attr-defined]
+        assert sb._sb.inside() is None
+
+
+def test_commands_start_with_every_signal_at_its_default_either_way(backend: LocalBackend, host: Snapshot) -> None:
+    """The runner and its helpers are Python, which ignores SIGPIPE and SIGXFSZ: a command must
+    not inherit that (``yes | head`` would end in write errors), through the helper or nsenter.
+    glibc's posix_spawn leaves its own two signals (32, 33) ignored; a glibc program sets them again."""
+    pipeline = "yes | head -n 1; grep -E '^Sig(Ign|Blk)' /proc/self/status"
+    with backend.create(host) as sb:
+        helper = sb._sb.inside()
+        assert helper is not None
+        fast = sb.exec(pipeline)
+        sb._sb.lost_inside(helper)
+        assert sb._sb.inside() is None
+        slow = sb.exec(pipeline)
+    glibc = (1 << 31) | (1 << 32)
+    for res in (fast, slow):
+        first, blocked, ignored = res.stdout.splitlines()
+        assert (first, blocked, res.stderr) == ("y", "SigBlk:\t0000000000000000", "")
+        assert int(ignored.split()[1], 16) & ~glibc == 0, ignored
+
+
 def test_a_live_fork_has_a_helper_of_its_own(backend: LocalBackend, host: Snapshot) -> None:
     """A fork restored from a live snapshot (its processes continued) starts its commands from a
     helper that entered it, not its parent's."""
@@ -233,7 +280,31 @@ def test_a_helper_answering_nonsense_or_never_leaves_the_runner_bounded(kills: l
     assert time.monotonic() - start < 10
 
 
-def test_a_helper_that_dies_mid_command_counts_as_a_kill(kills: list[int]) -> None:
-    helper = FakeHelper([json.dumps({"pid": None}).encode()], hang_up=True)
+TOOK = json.dumps({"took": True}).encode()
+
+
+@pytest.mark.parametrize(
+    "answers", [[TOOK], [TOOK, json.dumps({"pid": None}).encode()]], ids=["taken", "taken-and-told"]
+)
+def test_a_helper_that_dies_mid_command_counts_as_a_kill(kills: list[int], answers: list[bytes]) -> None:
+    """Once the helper has taken the command, it may have started it: never started again."""
+    helper = FakeHelper(answers, hang_up=True)
     res = _proc.run(["x"], env={}, spawner=helper, timeout=5)
     assert res.returncode == 137 and not res.timed_out and kills == []
+
+
+def test_a_helper_that_dies_before_taking_the_command_says_it_never_started(kills: list[int]) -> None:
+    """The caller can then start it another way (the sandbox does, with nsenter)."""
+    with pytest.raises(ConnectionResetError, match="before it took the command"):
+        _proc.run(["x"], env={}, spawner=FakeHelper([], hang_up=True), timeout=5)
+    assert kills == []
+
+
+def test_a_helper_telling_it_took_the_command_twice_is_refused(kills: list[int]) -> None:
+    helper = FakeHelper([TOOK, TOOK])
+    try:
+        with pytest.raises(OSError, match="spawn failed"):
+            _proc.run(["x"], env={}, spawner=helper, timeout=5)
+    finally:
+        helper.close()
+    assert kills == []

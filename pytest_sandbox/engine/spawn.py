@@ -11,6 +11,8 @@ Protocol (SOCK_SEQPACKET): a request is JSON ``{"argv": [...], "env": {...}}`` w
 (stdin, stdout, stderr, and a reply socket), and optionally a fifth that the command inherits
 as fd 3 (``argv[fd_arg]`` becomes ``"3"``); the reply socket then carries ``{"pid": N}`` and,
 when the command exits, ``{"code": N}`` (a negative N is a signal, as in ``Popen.returncode``).
+A sandbox's own helper (:class:`Entered`) first tells ``{"took": true}`` once it has taken the
+command off its socket, and ``{"pid": null}`` for a command that could not start.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ Extra = tuple[int, int] | None
 """An fd a command inherits beyond stdin, stdout and stderr, and the argv index of its number."""
 
 _HELPER = r"""
-import array, errno, json, os, socket, sys, threading
+import array, errno, json, os, signal, socket, sys, threading
 from pytest_sandbox.engine import inside as _inside, seccomp as _seccomp
 _seccomp.install()
 # Commands are started with posix_spawn, which closes only close-on-exec fds: everything we hold
@@ -45,6 +47,8 @@ for _fd in os.listdir("/proc/self/fd"):
             os.set_inheritable(int(_fd), False)
         except OSError:
             pass
+DEFAULT = signal.valid_signals()  # what we ignore (SIGPIPE, SIGXFSZ, as Python does), a command must not
+TOOK = b'{"took": true}'  # told first, once a command is taken (see Child.ready)
 running = set()  # pids we started that still run: killed when our lifeline closes
 entered = -1  # a sandbox's own helper, inside its namespaces (see inside.py): its init's pidfd
 
@@ -122,7 +126,7 @@ def serve(req, fds):
             argv[req["fd_arg"]] = "3"
             moves.append((os.POSIX_SPAWN_DUP2, extra[0], 3))
         try:
-            pid = os.posix_spawnp(argv[0], argv, req["env"], file_actions=moves, setsid=True)
+            pid = os.posix_spawnp(argv[0], argv, req["env"], file_actions=moves, setsid=True, setsigdef=DEFAULT)
         except OSError as exc:
             reply.send(json.dumps({"error": str(exc)}).encode())
             return
@@ -232,6 +236,11 @@ def loop(ctl):
         elif req.get("op") == "enter" and entered < 0:
             enter(req, socket.socket(fileno=fds[0]), ctl, fds[1], fds[2])
         else:
+            if entered >= 0:  # taken: a helper that dies from here on may have started it
+                try:
+                    os.write(fds[3], TOOK)
+                except OSError:
+                    pass
             try:
                 threading.Thread(target=serve, args=(req, list(fds)), daemon=True).start()
             except RuntimeError as exc:  # no thread to be had: the sandbox is at its pids limit
@@ -260,6 +269,7 @@ class Child:
         self._reply = reply
         self.pid = pid
         self._told = told
+        self._took = told
         self._pidns = pidns
         self.returncode: int | None = None
 
@@ -269,15 +279,25 @@ class Child:
 
     def ready(self) -> bool:
         """Call when :attr:`exit_fd` is readable: True when the command has exited (its code waits
-        to be read by :meth:`wait`), False when this was the message with its pid."""
+        to be read by :meth:`wait`), False when this was news before its exit (taken, its pid).
+        Raises ConnectionResetError when its helper ended before it took the command: it never
+        started, and can be started another way."""
         if self._told:
             return True
         msg = self._reply.recv(4096)
-        self._told = True
         if not msg:  # the helper died
-            self.returncode = -9
+            if not self._took:
+                # Before it took the command from its socket, which lives on for a moment after
+                # its process is killed (so our send succeeded): the command never started.
+                raise ConnectionResetError("the sandbox's helper ended before it took the command")
+            self._told = True
+            self.returncode = -9  # it may have started it: as if killed
             return True
         answer = _answer(msg)
+        if answer == {"took": True} and not self._took:
+            self._took = True
+            return False
+        self._told = True
         if "pid" not in answer:
             raise OSError(str(answer.get("error", "spawn failed")))
         pid = answer["pid"]
@@ -289,9 +309,13 @@ class Child:
 
     def told(self, within: float) -> bool:
         """Wait up to ``within`` seconds for the message with the pid; True once it has come."""
-        if not self._told and select.select([self._reply], [], [], within)[0]:
+        deadline = time.monotonic() + within
+        while not self._told and self._news_by(deadline):
             self.ready()
         return self._told
+
+    def _news_by(self, deadline: float) -> bool:
+        return bool(select.select([self._reply], [], [], max(0.0, deadline - time.monotonic()))[0])
 
     def abandon(self) -> None:
         """Stop waiting for a command whose pid never came: its helper kills it once it learns
@@ -306,15 +330,11 @@ class Child:
         within that many seconds counts as killed, and is given up on."""
         if timeout is not None and self.returncode is None:
             deadline = time.monotonic() + timeout
-            while (
-                self.returncode is None
-                and select.select([self._reply], [], [], max(0.0, deadline - time.monotonic()))[0]
-            ):
+            while self._news_by(deadline):
                 if self.ready():
                     break
             else:
-                if self.returncode is None:
-                    self.abandon()
+                self.abandon()
         while not self._told:
             self.ready()
         if self.returncode is None:
