@@ -5,7 +5,7 @@ EOF when we exit, cleanly or by ``kill -9``, and acts on it. The engine's user-n
 the Daytona backend's watchdog, the CLI's ``serve --until-stdin-closes`` and the holder process
 inside every local sandbox (a shell, there) all follow it.
 
-Core module: imports nothing of the package.
+Core module: imports nothing of the package but the programs it runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+
+from .programs import source
 
 __all__ = [
     "Channel",
@@ -152,22 +154,6 @@ class Watchdog:
             self._helper.release()
 
 
-_REAP = r"""
-import os, sys
-todo = {}
-for line in sys.stdin.buffer:  # "PID START" for each process to kill once the runner is gone
-    pid, start = line.split()
-    todo[int(pid)] = start
-for pid, start in todo.items():
-    try:  # the start time tells the process from a later one that reused its pid
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[1].split()[19] == start:
-                os.kill(pid, 9)
-    except (OSError, IndexError):
-        pass
-"""
-
-
 class Reaper:
     """A helper that SIGKILLs the processes it is told of once this process is gone (clean exit or
     ``kill -9``). For a local sandbox's init: the holder inside is its usual lifeline, but sandbox
@@ -185,7 +171,7 @@ class Reaper:
         with self._lock:
             for _ in range(2):
                 if self._helper is None or self._helper.proc.poll() is not None:
-                    self._helper = Helper([_REAP])
+                    self._helper = Helper([source("reap")])
                 assert self._helper.proc.stdin is not None
                 try:
                     self._helper.proc.stdin.write(f"{pid} {start}\n".encode())

@@ -51,8 +51,8 @@ class Child(Protocol):
     """A process a :class:`Spawner` started: its pid (None until its helper has told it, and for
     a command that could not start) and an fd that becomes readable when there is news of it."""
 
-    pid: int | None
-
+    @property
+    def pid(self) -> int | None: ...
     @property
     def exit_fd(self) -> int: ...
 
@@ -63,19 +63,23 @@ class Child(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a :class:`Spawner` is asked to start: ``argv`` with exactly ``env``, on the fds
+    ``stdio`` (stdin, stdout, stderr); ``extra`` is ``(fd, i)``: the command inherits ``fd`` too,
+    as its fd 3, and ``argv[i]`` becomes ``"3"``; ``cwd``, for commands started inside a sandbox."""
+
+    argv: list[str]
+    env: dict[str, str]
+    stdio: tuple[int, int, int]
+    extra: tuple[int, int] | None = None
+    cwd: str | None = None
+
+
 class Spawner(Protocol):
     """Starts processes on our behalf (the local engine's filtered spawner)."""
 
-    def spawn(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        extra: tuple[int, int] | None = None,
-        cwd: str | None = None,
-    ) -> Child: ...
+    def spawn(self, start: Start) -> Child: ...
 
 
 class Cancel:
@@ -331,15 +335,9 @@ def run(
             if spawner is not None:
                 null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if stdin == subprocess.DEVNULL else -1
                 try:
-                    proc = spawner.spawn(
-                        list(argv),
-                        dict(os.environ if env is None else env),
-                        stdin if null < 0 else null,
-                        pipes[0][1],
-                        pipes[1][1],
-                        extra,
-                        cwd,
-                    )
+                    stdio = (stdin if null < 0 else null, pipes[0][1], pipes[1][1])
+                    env = dict(os.environ if env is None else env)
+                    proc = spawner.spawn(Start(list(argv), env, stdio, extra, cwd))
                 finally:
                     if null >= 0:
                         os.close(null)

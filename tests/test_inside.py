@@ -13,6 +13,7 @@ import socket
 import termios
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,23 @@ def test_commands_start_with_every_signal_at_its_default_either_way(backend: Loc
         assert int(ignored.split()[1], 16) & ~glibc == 0, ignored
 
 
+def test_commands_never_wait_for_one_another_and_few_idle_threads_stay(backend: LocalBackend, host: Snapshot) -> None:
+    """Six commands that each wait for all six to run (a barrier inside the sandbox): the helper
+    serves each in a thread of its own, at once. Afterwards it keeps two idle threads at most:
+    threads count against the sandbox's pids limit."""
+    barrier = 'touch /tmp/b.$0; while [ "$(ls /tmp/b.* | wc -l)" -lt 6 ]; do sleep 0.05; done; echo $0'
+    with backend.create(host) as sb:
+        t, pid = running(sb, ["sleep", f"60.{secrets.randbelow(10**6):06d}"])
+        agent = int(status(pid)["PPid"])
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda i: sb.exec(["sh", "-c", barrier, str(i)], timeout=60), range(6)))
+        assert [r.stdout for r in results] == [f"{i}\n" for i in range(6)]
+        assert [r.exit_code for r in results] == [0] * 6
+        os.kill(pid, signal.SIGKILL)
+        t.join(30)
+        assert wait_for(lambda: int(status(agent)["Threads"]) <= 3, timeout=30), status(agent)["Threads"]
+
+
 def test_a_live_fork_has_a_helper_of_its_own(backend: LocalBackend, host: Snapshot) -> None:
     """A fork restored from a live snapshot (its processes continued) starts its commands from a
     helper that entered it, not its parent's."""
@@ -199,16 +217,7 @@ class FakeHelper:
         self.hang_up = hang_up
         self.peers: list[socket.socket] = []
 
-    def spawn(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        extra: tuple[int, int] | None = None,
-        cwd: str | None = None,
-    ) -> Child:
+    def spawn(self, start: _proc.Start) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for answer in self.answers:
             theirs.send(answer)

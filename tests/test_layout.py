@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pytest_sandbox"
 # Lower number = lower layer. A module may import only modules of its own layer or below.
 LAYERS = {
     "errors": 0,
+    "programs": 0,
     "types": 1,
     "image": 1,
     "refs": 1,

@@ -40,6 +40,7 @@ from ..errors import (
     SnapshotBuildError,
 )
 from ..image import DebianBase, HostBase, Image, RegistryBase, Step, env_items
+from ..programs import source
 from ..store import Store, match_snapshot, new_id, write_atomic
 from ..types import (
     DEFAULT_LIMITS,
@@ -76,18 +77,6 @@ AUTO_STOP_MINUTES = 60  # the safety net for sandboxes nobody deletes: stopped a
 AUTO_DELETE_MINUTES = 0  # ...and deleted as soon as they stop
 _BUILD_CA = "/tmp/.psb-host-ca.crt"
 _T = TypeVar("_T")
-
-_WATCHDOG = """
-import sys
-from daytona import Daytona, ListSandboxesQuery  # imported first: the SDK takes a second to load
-sys.stdin.buffer.read()  # EOF: the owner exited or was killed
-d = Daytona()
-for sb in list(d.list(ListSandboxesQuery(labels={"pytest-sandbox.session": sys.argv[1]}))):
-    try:
-        sb.delete()
-    except Exception:
-        pass
-"""
 
 
 def _sdk() -> Any:
@@ -131,7 +120,7 @@ class DaytonaBackend(RemoteBackend):
         # resources is another Daytona snapshot under the same setup key.
         self._records = self.store.root / ("daytona" + sizes_tag(self.resources))
         self._records.mkdir(exist_ok=True)
-        self._start_session(_WATCHDOG)
+        self._start_session(source("daytona_watchdog"))
 
     def __repr__(self) -> str:
         return f"<DaytonaBackend {self.api_url}>"

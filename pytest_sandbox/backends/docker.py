@@ -41,6 +41,7 @@ from ..errors import (
     say_once,
 )
 from ..image import DebianBase, Image, RegistryBase, RootfsBase, Step, env_items
+from ..programs import source
 from ..store import Store, match_snapshot, new_id, rmtree
 from ..types import (
     DEFAULT_LIMITS,
@@ -87,18 +88,6 @@ _WRAP = (
     "echo $$ > $d.pid; if [ -e $d.in ]; then in=$d.in; else in=/dev/null; fi; "
     '"$@" >$d.out 2>$d.err <$in; rc=$?; clip $d.out $L; clip $d.err $L >&2; rm -f $d.out $d.err $d.in $d.pid; exit $rc'
 )
-_WATCHDOG = """
-import sys
-sys.stdin.buffer.read()  # EOF: the owner exited or was killed
-import docker
-client = docker.from_env()
-for c in client.containers.list(all=True, ignore_removed=True,
-                                filters={"label": "pytest-sandbox.owner=" + sys.argv[1]}):
-    try:
-        c.remove(force=True)
-    except Exception:
-        pass
-"""
 
 
 def _client() -> Any:
@@ -183,7 +172,7 @@ class DockerBackend(RemoteBackend):
         if self.limits.disk is not None and self.storage_size_ok:
             disk = show_limit("disk", self.limits.disk_bytes or 0)
             say_once(f"disk={disk} is NOT enforced on docker: {self.storage_size_ok}")
-        self._start_session(_WATCHDOG)
+        self._start_session(source("docker_watchdog"))
 
     def __repr__(self) -> str:
         return f"<DockerBackend {self.client.api.base_url}>"

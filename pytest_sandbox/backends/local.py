@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import os
 import resource
 import shlex
@@ -480,36 +481,20 @@ class LocalSandbox(SandboxBase):
         try:
             self._check_open()  # a close() between the first check and the registration
             limit = _proc.DEFAULT_MAX_OUTPUT if max_output is None else max_output
+            run = functools.partial(
+                _proc.run, input=input, timeout=timeout, on_line=on_line, max_output=limit, cancel=stop
+            )
             inside = self._sb.inside()
             if inside is not None:  # one message to the sandbox's own helper, one spawn there
                 try:
-                    res = _proc.run(
-                        list(argv),
-                        env={**self._env, **(env or {})},
-                        cwd=cwd,
-                        input=input,
-                        timeout=timeout,
-                        on_line=on_line,
-                        max_output=limit,
-                        spawner=inside,
-                        cancel=stop,
-                    )
-                except (BrokenPipeError, ConnectionResetError):  # it is gone, the command never sent
+                    res = run(list(argv), env={**self._env, **(env or {})}, cwd=cwd, spawner=inside)
+                except (BrokenPipeError, ConnectionResetError):  # it is gone, and never took the command
                     self._sb.lost_inside(inside)
                     inside = None
             if inside is None:
                 line, script, slot = self.nsenter_argv(argv, cwd, env)
-                res = _proc.run(
-                    line,
-                    env=HOST_ENV,
-                    fd_data=(script, slot),
-                    input=input,
-                    timeout=timeout,
-                    on_line=on_line,
-                    max_output=limit,
-                    spawner=self._sb.spawner(),  # filtered like the sandbox's init, and in its cgroup
-                    cancel=stop,
-                )
+                # Through the sandbox's host-side helper: filtered like its init, and in its cgroup.
+                res = run(line, env=HOST_ENV, fd_data=(script, slot), spawner=self._sb.spawner())
         except OSError as exc:  # not started at all: argv too long, no process or fd to be had
             raise SandboxError(f"could not start {argv[0]!r} in sandbox {self.id}: {_why(exc)}") from exc
         finally:
@@ -544,7 +529,7 @@ class LocalSandbox(SandboxBase):
         line, script, slot = self.nsenter_argv(argv or LOGIN_SHELL, env=env)
         data = _proc.memfd("env", script)
         try:
-            child = self._sb.spawner().spawn(line, dict(HOST_ENV), 0, 1, 2, (data, slot))
+            child = self._sb.spawner().spawn(_proc.Start(line, dict(HOST_ENV), (0, 1, 2), (data, slot)))
         finally:
             os.close(data)
         code = child.wait()

@@ -219,13 +219,17 @@ class Cgroups:
 def oom_kill_count(path: Path) -> int | None:
     """The ``oom_kill`` counter of a memory cgroup's ``memory.oom_control`` (v1) or
     ``memory.events`` (v2), or None where the file cannot be read."""
-    try:
-        text = path.read_text()
+    try:  # read at every exec as root: the plainest read there is
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
+    for line in data.split(b"\n"):
+        key, _, value = line.partition(b" ")
+        if key == b"oom_kill":
             return int(value)
     return 0
 

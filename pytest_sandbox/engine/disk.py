@@ -29,66 +29,11 @@ from pathlib import Path
 from .._hostfs import copy_data
 from .._lifeline import Channel, interpreter
 from ..errors import SandboxError
+from ..programs import source
 from ..types import format_bytes
 
 __all__ = ["Disk", "Disks"]
 
-# Runs in the helper's mount namespace (as root there) and mounts on request: a loop device set
-# up with LOOP_CONFIGURE (autoclear: it detaches when its last mount goes), or a tmpfs; and lazy
-# unmounts. In-process, this costs a millisecond where `nsenter mount -o loop` costs fifteen.
-_MOUNTER = r"""
-import ctypes, errno, fcntl, os, socket, struct, sys
-libc = ctypes.CDLL(None, use_errno=True)
-ch = socket.socket(fileno=int(sys.argv[1]))
-FLAGS = 2 | 4 | 1024  # MS_NOSUID | MS_NODEV | MS_NOATIME
-def fail(what):
-    e = ctypes.get_errno()
-    raise OSError(e, "%s: %s" % (what, os.strerror(e)))
-def ext4(image, target):
-    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for _ in range(50):
-            n = fcntl.ioctl(ctl, 0x4C82)  # LOOP_CTL_GET_FREE
-            dev = os.open("/dev/loop%d" % n, os.O_RDWR | os.O_CLOEXEC)
-            img = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-            config = bytearray(304)  # struct loop_config: fd, block size, loop_info64 (lo_flags at 60)
-            struct.pack_into("I", config, 0, img)
-            struct.pack_into("I", config, 60, 4)  # LO_FLAGS_AUTOCLEAR
-            try:
-                fcntl.ioctl(dev, 0x4C0A, bytes(config))  # LOOP_CONFIGURE
-            except OSError as exc:
-                os.close(dev)
-                if exc.errno == errno.EBUSY:  # another process took it first
-                    continue
-                raise
-            finally:
-                os.close(img)
-            try:
-                if libc.mount(b"/dev/loop%d" % n, target.encode(), b"ext4", FLAGS, None) != 0:
-                    fail("mount")
-            finally:
-                os.close(dev)
-            return
-        raise OSError(errno.EBUSY, "no free loop device")
-    finally:
-        os.close(ctl)
-while True:
-    msg = ch.recv(4096)
-    if not msg:
-        break
-    op, a, b = msg.decode().split("\0")
-    try:
-        if op == "ext4":
-            ext4(a, b)
-        elif op == "tmpfs":
-            if libc.mount(b"sandbox-disk", b.encode(), b"tmpfs", FLAGS & ~1024, a.encode()) != 0:
-                fail("mount tmpfs")
-        elif libc.umount2(a.encode(), 2) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
-            fail("umount")
-        ch.send(b"ok")
-    except Exception as exc:
-        ch.send(("error: %s" % exc).encode())
-"""
 
 _MKFS_FEATURES = "^has_journal,^resize_inode,sparse_super2"
 # One inode per 8 KiB: a node_modules or site-packages tree is many small files, and ext4's
@@ -169,7 +114,9 @@ class Disks:
         with self._lock:
             if self._mounter is None:
                 creds = ["-U", "--preserve-credentials"] if self._rootless else []
-                self._mounter = Channel(_MOUNTER, [self._nsenter, "-t", str(self._helper_pid()), *creds, "-m", "--"])
+                self._mounter = Channel(
+                    source("mounter"), [self._nsenter, "-t", str(self._helper_pid()), *creds, "-m", "--"]
+                )
             mounter = self._mounter
         try:
             answer, _ = mounter.call("\0".join((op, a, b)).encode())

@@ -23,32 +23,9 @@ from collections.abc import Callable, Sequence
 
 from .._lifeline import Channel
 from ..errors import SandboxError
+from ..programs import source
 
 __all__ = ["Exposure", "Forwarder", "SocketMaker"]
-
-_MAKER = """
-import ctypes, os, socket, sys
-libc = ctypes.CDLL(None, use_errno=True)
-ch = socket.socket(fileno=int(sys.argv[1]))
-home = os.open("/proc/self/ns/net", os.O_RDONLY)
-while True:
-    msg = ch.recv(64)
-    if not msg:
-        break
-    try:
-        fd = os.open("/proc/%d/ns/net" % int(msg), os.O_RDONLY)
-        try:
-            if libc.setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        finally:
-            libc.setns(home, 0x40000000)
-            os.close(fd)
-        socket.send_fds(ch, [b"ok"], [s.fileno()])
-        s.close()
-    except Exception as exc:
-        ch.send(("error: %s" % exc).encode())
-"""
 
 
 class SocketMaker:
@@ -59,7 +36,7 @@ class SocketMaker:
     """
 
     def __init__(self, launcher: Sequence[str]) -> None:
-        self._channel = Channel(_MAKER, launcher)
+        self._channel = Channel(source("socket_maker"), launcher)
 
     def socket_in(self, pid: int) -> socket.socket:
         """A new, unconnected TCP socket in the network namespace of process ``pid``."""

@@ -23,6 +23,7 @@ from .._build import BUILD_CA_PATH, host_ca_bundle
 from .._hostfs import DIR_FLAGS
 from .._lifeline import Helper
 from ..errors import EngineUnavailableError, SandboxError
+from ..programs import source
 from ..store import Store, new_id, write_atomic
 from ..types import Snapshot
 from . import seccomp
@@ -196,27 +197,18 @@ class UserNamespace:
     """
 
     def __init__(self, store_root: Path, ids: IdMap | None) -> None:
-        lines = ["import ctypes,os,sys", "libc=ctypes.CDLL(None,use_errno=True)", "def fail(what):",
-                 "    os.write(1,(what+': '+os.strerror(ctypes.get_errno())).encode()); sys.exit(1)"]  # fmt: skip
         if ids is not None:
-            lines += [
-                "if libc.unshare(0x20000)!=0: fail('unshare mount namespace')",
-                "if libc.mount(b'none',b'/',None,0x44000,None)!=0: fail('make mounts private')",
-                f"if libc.mount({str(store_root).encode()!r},{MOUNT_POINT.encode()!r},None,0x1000,None)!=0:"
-                " fail('bind the store')",
-            ]
-            lines += ["if libc.unshare(0x10000000)!=0: fail('unshare')"]
+            args = ["root", str(store_root), MOUNT_POINT]
         else:  # with a mount namespace of its own, for the sandboxes' disks (engine/disk.py)
+            args = ["rootless"]
             share = sandbox_share()
             soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
             if share is not None and (soft == resource.RLIM_INFINITY or share < soft):
                 # The namespace keeps the RLIMIT_NPROC its creator had, and holds every process
                 # in it to that count of the user's: all sandboxes together leave the runner (out
                 # of it, under the user's own limit) its share.
-                lines += ["import resource as r", f"r.setrlimit(r.RLIMIT_NPROC,({share},{hard}))"]
-            lines += ["if libc.unshare(0x10000000|0x20000)!=0: fail('unshare')"]
-        lines += ["os.write(1,b'u')"]
-        self.helper = Helper(lines, reply=True)
+                args += [str(share), str(hard)]
+        self.helper = Helper([source("userns_holder")], args=args, reply=True)
         answer = self.helper.read_reply()
         if answer != b"u":
             self.close()

@@ -23,6 +23,7 @@ import contextlib
 import os
 import resource
 import select
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -441,16 +442,18 @@ class EngineSandbox:
             pidfd = root = -1
             try:
                 pidfd = os.pidfd_open(self.pid)
+                pidns = os.readlink(f"/proc/{self.pid}/ns/pid")
+                signal.pidfd_send_signal(pidfd, 0)  # still the process the pidfd holds: its namespace
                 root = self.root_fd()
                 self._inside = self.spawner().enter(
                     pidfd,
                     root,
+                    workdir=self.snapshot.workdir,
+                    pidns=pidns,
                     take_root=self.engine.host.ids is not None,
                     no_net_admin=self.networked,
                     rlimits=rlimits,
                 )
-                self._inside.workdir = self.snapshot.workdir
-                self._inside.pidns = os.readlink(f"/proc/{self.pid}/ns/pid")
             except OSError as exc:
                 self._inside_failed = True
                 say_once(f"commands enter sandboxes with nsenter here (slower): {exc}")
