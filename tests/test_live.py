@@ -293,7 +293,7 @@ def test_postgres_live_each_copy_answers_with_its_own_rows(backend: LocalBackend
 
 
 def test_live_snapshot_says_why_where_it_cannot(
-    backend: LocalBackend, debian: Snapshot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rootless, without CRIU, with a CRIU too old: an EngineUnavailableError saying what to do,
     nothing left half-made, and the sandbox goes on."""
@@ -308,18 +308,19 @@ def test_live_snapshot_says_why_where_it_cannot(
             check_refusal(b2, b2.build(Image.host()), "install CRIU 4.2")
         return
     expect = "need root" if os.geteuid() != 0 else "CRIU"
-    check_refusal(backend, debian, expect)
+    with LocalBackend(tmp_path / "own-cache") as b:
+        check_refusal(b, b.build(Image.host()), expect)
 
 
 def check_refusal(backend: LocalBackend, snap: Snapshot, expect: str) -> None:
+    """``backend`` has a cache of its own: the shared one also holds the other xdist worker's
+    snapshots, made and removed meanwhile, so "nothing recorded" could not be told there."""
     with backend.create(snap) as sb:
         snaps = {s.key for s in backend.snapshots()}
         for call in (lambda: sb.snapshot(live=True), lambda: sb.fork(live=True)):
             with pytest.raises(EngineUnavailableError, match=expect):
                 call()
-        # Nothing recorded; others may go meanwhile (the cache is shared with the other xdist worker,
-        # whose sandboxes' session snapshots go when they close).
-        assert {s.key for s in backend.snapshots()} <= snaps
+        assert {s.key for s in backend.snapshots()} == snaps  # nothing recorded
         assert sb.exec("echo on").stdout == "on\n"
 
 
@@ -605,16 +606,17 @@ def test_externals_are_exactly_what_the_engine_mounts() -> None:
             externals_of("\n".join([*own, bad]), overlays=["usr"])
 
 
-def test_a_process_criu_refuses_is_a_snapshot_error(backend: LocalBackend, host: Snapshot) -> None:
+def test_a_process_criu_refuses_is_a_snapshot_error(backend: LocalBackend, tmp_path: Path) -> None:
     """A process CRIU will not checkpoint (here one holding a file lock): SnapshotError with
-    CRIU's reason, nothing cached, the sandbox and the process run on."""
+    CRIU's reason, nothing cached, the sandbox and the process run on. A cache of its own (see
+    check_refusal)."""
     needs_live(backend)
-    with backend.create(host) as sb:
+    with LocalBackend(tmp_path / "own-cache") as own, own.create(own.build(Image.host())) as sb:
         hold = "import fcntl, time; f = open('/tmp/l', 'w'); fcntl.flock(f, fcntl.LOCK_EX); time.sleep(1000)"
         sb.exec(f'python3 -c "{hold}" >/dev/null 2>&1 &')
         assert wait_for(lambda: "FLOCK" in sb.exec("cat /proc/locks").stdout, timeout=30)
-        before = {s.key for s in backend.snapshots()}
+        before = {s.key for s in own.snapshots()}
         with pytest.raises(SnapshotError, match=r"file locks.*Held by: python3 \(pid \d+ in the sandbox\)"):
             sb.snapshot(live=True)
-        assert {s.key for s in backend.snapshots()} <= before  # nothing recorded (see check_refusal)
+        assert {s.key for s in own.snapshots()} == before  # nothing recorded
         assert "time.sleep" in sb.exec("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
