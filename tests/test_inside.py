@@ -45,6 +45,15 @@ def host_pid_of(argv: list[str]) -> int | None:
     return None
 
 
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped."""
+    states = [
+        (Path(f"/proc/{pid}/task") / t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        for t in os.listdir(f"/proc/{pid}/task")
+    ]
+    return all(state == "T" for state in states)
+
+
 def running(sb: LocalSandbox, argv: list[str]) -> tuple[threading.Thread, int]:
     """``argv`` running in ``sb`` (an exec in a thread) and its host pid."""
     t = threading.Thread(target=lambda: sb.exec(argv, timeout=60), daemon=True)
@@ -139,15 +148,19 @@ def test_a_command_the_helper_died_before_taking_runs_the_other_way(backend: Loc
         assert helper is not None
         t, pid = running(sb, ["sleep", f"60.{secrets.randbelow(10**6):06d}"])
         agent = int(status(pid)["PPid"])
-        os.kill(agent, signal.SIGSTOP)
         out: list[object] = []
         sender = threading.Thread(target=lambda: out.append(sb.exec("echo once >> /tmp/runs; cat /tmp/runs")))
-        sender.start()
-        ctl = helper._ctl
-        assert ctl is not None
-        # Sent, not taken: bytes wait in the socket's queue (SIOCOUTQ).
-        assert wait_for(lambda: fcntl.ioctl(ctl.fileno(), termios.TIOCOUTQ, b"\0" * 4) != b"\0" * 4, timeout=30)
-        os.kill(agent, signal.SIGKILL)
+        try:
+            os.kill(agent, signal.SIGSTOP)
+            # Every thread of it stopped before the send: one still waking could take the command.
+            assert wait_for(lambda: all_stopped(agent), timeout=30)
+            sender.start()
+            ctl = helper._ctl
+            assert ctl is not None
+            # Sent, not taken: bytes wait in the socket's queue (SIOCOUTQ).
+            assert wait_for(lambda: fcntl.ioctl(ctl.fileno(), termios.TIOCOUTQ, b"\0" * 4) != b"\0" * 4, timeout=30)
+        finally:  # never a stopped helper left behind: its sandbox could not end
+            os.kill(agent, signal.SIGKILL)
         sender.join(60)
         t.join(60)
         assert not sender.is_alive() and not t.is_alive()
