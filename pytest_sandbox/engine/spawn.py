@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeGuard
 
 from .._proc import Start
 from .spawn_helper import TOOK
@@ -94,7 +95,7 @@ class Child:
         if "pid" not in answer:
             raise OSError(str(answer.get("error", "spawn failed")))
         pid = answer["pid"]
-        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1:
+        if _is_pid(pid):
             self._said = pid
         return False
 
@@ -151,6 +152,11 @@ def _answer(msg: bytes) -> dict[str, object]:
     return answer
 
 
+def _is_pid(value: object) -> TypeGuard[int]:
+    """Whether a helper's answer names a process we may act on: an int, not a bool, above init."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
 def _in_namespace(pid: int, pidns: str) -> bool:
     if not pidns:
         return False
@@ -203,7 +209,7 @@ class _Helper:
         ours = _request(self._send, req, start.stdio, start.extra[:1] if start.extra else ())
         answer = _ask(ours, "the spawn helper died")
         pid = answer.get("pid")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        if not _is_pid(pid):
             ours.close()
             raise OSError(str(answer.get("error", "spawn failed")))
         return Child(ours, pid)
