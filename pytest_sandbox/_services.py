@@ -21,14 +21,22 @@ __all__ = ["SERVICE_DIR", "log_tail", "start", "status", "stop_all"]
 SERVICE_DIR = "/run/pytest-sandbox"
 _LOG_TAIL = 4000
 
-# $1 name, $2 start, $3 ready. Exit 0 once ready; 97 when start itself failed first.
+# $1 name, $2 start, $3 ready. Exit 0 once ready; 97 when start itself failed first. Without a
+# ready check, ready means running: its session exists (setsid runs a moment after the fork).
 _START_SH = f"""
 d={SERVICE_DIR}; n=$1
 mkdir -p "$d" || exit 125
 rm -f "$d/$n.exit"
 setsid /bin/sh -c '/bin/sh -c "$1"; echo $? > "$2"' sh "$2" "$d/$n.exit" </dev/null >>"$d/$n.log" 2>&1 &
-echo $! > "$d/$n.pid"
-[ -n "$3" ] || exit 0
+p=$!
+echo $p > "$d/$n.pid"
+if [ -z "$3" ]; then  # no ready check: ready once it runs (its session made), or ended well already
+    until kill -0 "-$p" 2>/dev/null; do
+        if [ -s "$d/$n.exit" ]; then [ "$(cat "$d/$n.exit")" = 0 ] && exit 0; exit 97; fi
+        sleep 0.01
+    done
+    exit 0
+fi
 while :; do
     /bin/sh -c "$3" </dev/null >/dev/null 2>&1 && exit 0
     if [ -s "$d/$n.exit" ] && [ "$(cat "$d/$n.exit")" != 0 ]; then exit 97; fi

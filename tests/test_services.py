@@ -8,6 +8,7 @@ host base (quick), and PostgreSQL on a Debian rootfs (mmdebstrap) for the real t
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
 import time
 import urllib.request
@@ -144,6 +145,30 @@ def test_a_service_that_ignores_sigterm_is_killed_after_its_grace(backend: Local
             assert time.monotonic() - start < 20
             assert child.services["stubborn"].state == "ready"
             assert "up" in child.services["stubborn"].log
+
+
+def test_a_service_without_a_ready_check_is_running_when_create_returns(backend: LocalBackend) -> None:
+    # setsid made slow: its session does not exist for half a second after the start's fork (CI
+    # failed once so, under load: the service read as "not ready" right after create).
+    slow = '#!/bin/sh\nsleep 0.5\nexec /usr/bin/setsid "$@"\n'
+    img = (
+        Image.host()
+        .run(f"mkdir /srv/slow && printf %s {shlex.quote(slow)} > /srv/slow/setsid && chmod 0755 /srv/slow/setsid")
+        .env(PATH="/srv/slow:/usr/sbin:/usr/bin:/sbin:/bin")
+        .service("plain", start="exec sleep 1000")
+    )
+    with backend.create(backend.build(img)) as sb:
+        assert sb.services["plain"].state == "ready"
+        with sb.fork() as child:
+            assert child.services["plain"].state == "ready"
+
+
+def test_a_service_without_a_ready_check_that_fails_at_once_fails_the_build(backend: LocalBackend) -> None:
+    img = Image.host().service("gone", start="echo no config here; exit 3")
+    with pytest.raises(SnapshotBuildError) as info:
+        backend.build(img)
+    assert "SERVICE gone" in str(info.value) and "failed to start" in str(info.value)
+    assert "no config here" in str(info.value)
 
 
 def test_a_service_that_never_gets_ready_fails_the_build_with_its_output(backend: LocalBackend) -> None:
