@@ -459,11 +459,10 @@ class Image:
         ``start`` is a shell command run in the background (a daemon may fork away; a foreground
         server stays its child), its output kept in the service's log. ``ready`` is a shell
         command polled until it succeeds (up to ``timeout`` seconds, then a clear error with the
-        log); without it the service counts as ready once it runs (one that exits at once with
-        an error fails like one that never gets ready). ``stop`` ends it cleanly
-        before a snapshot is frozen (default: SIGTERM to its process group, SIGKILL after
-        ``grace`` seconds), so forks never pay crash recovery. Later steps run with it up;
-        several services start in recipe order.
+        log); without it the service counts as ready once it runs (its process has started).
+        ``stop`` ends it cleanly before a snapshot is frozen (default: SIGTERM to its process
+        group, SIGKILL after ``grace`` seconds), so forks never pay crash recovery. Later steps
+        run with it up; several services start in recipe order.
 
         ``live=True`` freezes it running (the local engine as root, with CRIU 4.2: see the
         README's "Live snapshots"): the build starts it, waits for ``ready``, runs ``warm`` (a

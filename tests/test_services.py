@@ -163,14 +163,6 @@ def test_a_service_without_a_ready_check_is_running_when_create_returns(backend:
             assert child.services["plain"].state == "ready"
 
 
-def test_a_service_without_a_ready_check_that_fails_at_once_fails_the_build(backend: LocalBackend) -> None:
-    img = Image.host().service("gone", start="echo no config here; exit 3")
-    with pytest.raises(SnapshotBuildError) as info:
-        backend.build(img)
-    assert "SERVICE gone" in str(info.value) and "failed to start" in str(info.value)
-    assert "no config here" in str(info.value)
-
-
 def test_a_service_that_never_gets_ready_fails_the_build_with_its_output(backend: LocalBackend) -> None:
     img = Image.host().service("broken", start="echo starting; exec sleep 1000", ready="false", timeout=1)
     with pytest.raises(SnapshotBuildError) as info:
