@@ -4,12 +4,15 @@ another process's pid, or never."""
 
 from __future__ import annotations
 
+import encodings
 import fcntl
 import json
 import os
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import termios
 import threading
 import time
@@ -202,6 +205,66 @@ def test_commands_never_wait_for_one_another_and_few_idle_threads_stay(backend: 
         os.kill(pid, signal.SIGKILL)
         t.join(30)
         assert wait_for(lambda: int(status(agent)["Threads"]) <= 3, timeout=30), status(agent)["Threads"]
+
+
+# A command that makes its parent, the sandbox's helper, its tracer (PTRACE_TRACEME), then gets a
+# signal: the helper's wait sees a trace stop. It used to end the helper's worker thread with a
+# traceback, whose printing read the "source" of the helper's modules by their host paths, which
+# after the chroot are the sandbox's files.
+TRACEME = (
+    "import ctypes, os, signal\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: print('got usr1', flush=True))\n"
+    "ctypes.CDLL(None).ptrace(0, 0, 0, 0)\n"
+    "os.kill(os.getpid(), signal.SIGUSR1)\n"
+    "print('went on', flush=True)\n"
+)
+
+
+def test_a_command_that_makes_the_helper_its_tracer_is_let_go(backend: LocalBackend, host: Snapshot) -> None:
+    with backend.create(host) as sb:
+        helper = sb._sb.inside()
+        res = sb.exec(["python3", "-c", TRACEME], timeout=30)
+        assert (res.exit_code, res.stdout, res.stderr) == (0, "got usr1\nwent on\n", "")
+        assert sb._sb.inside() is helper  # the same helper, still serving
+        assert sb.exec("echo next").stdout == "next\n"
+
+
+def test_sandbox_files_never_become_code_of_the_helper(backend: LocalBackend, debian: Snapshot) -> None:
+    """The exploit the trace stop made possible, for real: a coding cookie planted in the sandbox
+    at the path of the helper's threading.py, and the codec it names planted where the helper's
+    ``encodings`` package looks (a host path, which resolves in the sandbox after the chroot). The
+    helper's traceback would read the first and import the second: code of the sandbox's running
+    in the helper, outside the sandbox's pid namespace, with the runner's environment."""
+    enc = encodings.__path__[0]
+    with backend.create(debian) as sb:
+        sb.exec(["mkdir", "-p", os.path.dirname(threading.__file__), enc]).check()
+        sb.fs.write(threading.__file__, b"# coding: pwnenc\nx = 1\n" * 2000)
+        sb.fs.write(f"{enc}/pwnenc.py", b"open('/tmp/pwned', 'w').write('the helper ran sandbox code')\n")
+        sb.exec(["python3", "-c", TRACEME], timeout=30)
+        time.sleep(0.5)
+        assert sb.exec("cat /tmp/pwned 2>/dev/null").stdout == ""
+
+
+def test_once_inside_the_helper_imports_nothing_and_prints_nothing(tmp_path: Path) -> None:
+    """What the helper seals itself with once inside, on its own: a codec planted on the path the
+    ``encodings`` package searches is not imported, and a thread that fails prints no traceback
+    (printing one opens each frame's source file)."""
+    (tmp_path / "pwnenc.py").write_text("import os\nos.write(2, b'PLANTED CODE RAN')\n")
+    code = (
+        "import codecs, encodings, threading\n"
+        f"encodings.__path__.insert(0, {str(tmp_path)!r})\n"
+        "from pytest_sandbox.engine import spawn_helper\n"
+        "spawn_helper._seal()\n"
+        "try:\n"
+        "    codecs.lookup('pwnenc')\n"
+        "except LookupError:\n"
+        "    print('no such codec')\n"
+        "t = threading.Thread(target=lambda: 1 / 0)\n"
+        "t.start()\n"
+        "t.join()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "no such codec\n", "")
 
 
 def test_a_live_fork_has_a_helper_of_its_own(backend: LocalBackend, host: Snapshot) -> None:

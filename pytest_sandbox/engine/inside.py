@@ -12,8 +12,12 @@ Why this does not widen the boundary:
 
 * The child is outside the sandbox's pid namespace: no process inside can see, signal or ptrace it.
   It holds nothing of the host's but its control socket, which only the runner holds the other
-  end of; it never imports after entering (``sys.path`` is emptied), so no file of the sandbox's
-  becomes code of its.
+  end of. Once inside, every path it names resolves in the sandbox, host paths it knows
+  included, so it seals itself (``spawn_helper._seal``): no import finds anything (a codec lookup
+  imports through ``encodings.__path__``) and nothing is printed (a traceback or a warning reads
+  each frame's source file by its path); no file of the sandbox's becomes code of its.
+* A command may make it its tracer (``PTRACE_TRACEME``): the stop it then reports is let go, its
+  signal passed on; the helper is no one's debugger, and its waiting thread goes on.
 * Its ``posix_spawn`` is a vfork: until the command execs, the new process (already in the
   sandbox's pid namespace) shares the helper's memory. The helper is not dumpable, and its memory
   belongs to the host's user namespace, so sandbox code (root only in its own) can neither ptrace
@@ -35,7 +39,7 @@ import resource
 import stat
 from collections.abc import Mapping, Sequence
 
-__all__ = ["DEFAULT_PATH", "enter_pids", "join", "resolve", "spawn"]
+__all__ = ["DEFAULT_PATH", "enter_pids", "join", "resolve", "spawn", "untrace"]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """The search path for a command when its environment has no ``PATH``."""
@@ -59,6 +63,7 @@ _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _CAP_NET_ADMIN = 12
 _CAP_NET_RAW = 13
 _CAP_VERSION_3 = 0x20080522
+_PTRACE_DETACH = 17
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
 _POSIX_SPAWN_SETSID = 0x80
@@ -114,6 +119,12 @@ def join(pidfd: int, root: int, *, take_root: bool, no_net_admin: bool, rlimits:
         resource.setrlimit(res, (value, value))
     # Changing ids makes a process undumpable already; rootless, nothing did.
     _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "make the helper undumpable")
+
+
+def untrace(pid: int, sig: int) -> bool:
+    """Let go of ``pid``, a child that made this process its tracer (``PTRACE_TRACEME``) and is in
+    a trace stop, delivering ``sig`` to it (0: none); False when it could not be."""
+    return bool(_libc.ptrace(_PTRACE_DETACH, pid, None, sig) == 0)
 
 
 def enter_pids(pidfd: int) -> None:

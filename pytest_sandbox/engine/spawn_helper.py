@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 from typing import Any
 
 from . import inside as _inside
@@ -94,10 +95,24 @@ def _serve_inside(req: Request, fds: list[int], reply: socket.socket) -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        code = _wait(pid)
     finally:
         _running.discard(pid)
     _send(reply, {"code": code})
+
+
+def _wait(pid: int) -> int:
+    """``pid``'s exit code (negative: the signal that killed it), once it has exited. A command
+    that made us its tracer (``PTRACE_TRACEME``) is let go at the stop it then reports, its signal
+    passed on (a trap, which an exec under a tracer raises, is dropped): we are no one's debugger,
+    and a stop must not end the thread that waits (see _enter)."""
+    while True:
+        status = os.waitpid(pid, 0)[1]
+        if not os.WIFSTOPPED(status):
+            return os.waitstatus_to_exitcode(status)
+        sig = os.WSTOPSIG(status)
+        if not _inside.untrace(pid, 0 if sig == signal.SIGTRAP else sig):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _serve(req: Request, fds: list[int]) -> None:
@@ -108,7 +123,7 @@ def _serve(req: Request, fds: list[int]) -> None:
     if _entered >= 0:
         try:
             _serve_inside(req, fds, reply)
-        except OSError:
+        except Exception:  # a command that could not be served ends; the thread goes on
             pass
         finally:
             reply.close()
@@ -130,7 +145,7 @@ def _serve(req: Request, fds: list[int]) -> None:
         _running.add(pid)
         try:
             _send(reply, {"pid": pid})
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            code = _wait(pid)
         finally:
             _running.discard(pid)
         _send(reply, {"code": code})
@@ -210,7 +225,7 @@ def _enter(req: Request, sock: socket.socket, ctl: socket.socket, pidfd: int, ro
         os._exit(1)
     finally:
         os.close(root)
-    sys.path[:] = []  # nothing is imported from here on: the files around us are the sandbox's
+    _seal()
     threading.stack_size(1 << 18)  # a thread here only starts and waits for one command
     try:  # under the sandbox's rlimits now, which must leave it room for a thread
         probe = threading.Thread(target=int)
@@ -225,6 +240,22 @@ def _enter(req: Request, sock: socket.socket, ctl: socket.socket, pidfd: int, ro
         _loop(sock)
     finally:
         _end()
+
+
+def _seal() -> None:
+    """Once inside: nothing of the sandbox's may become code of ours, or hold us up. Every path
+    now resolves in the sandbox, host paths we know included: an import (a codec lookup imports
+    through ``encodings.__path__``) would run the sandbox's files, and printing a traceback or a
+    warning reads each frame's source file by its path (a coding cookie there is a codec lookup;
+    a FIFO there blocks). So no import finds anything, and nothing is printed."""
+    sys.path[:] = []
+    sys.meta_path[:] = []
+    sys.path_hooks[:] = []
+    sys.path_importer_cache.clear()
+    warnings.simplefilter("ignore")
+    sys.excepthook = lambda *_: None
+    sys.unraisablehook = lambda _: None
+    threading.excepthook = lambda _: None
 
 
 def _dispatch(req: Request, fds: list[int]) -> None:
