@@ -20,6 +20,8 @@ __all__ = ["SERVICE_DIR", "log_tail", "start", "status", "stop_all"]
 
 SERVICE_DIR = "/run/pytest-sandbox"
 _LOG_TAIL = 4000
+_READ_TIMEOUT = 10.0  # for reading a log: sandbox code can make it a FIFO that blocks the read
+_STATUS_MARGIN = 10.0  # a status runs each ready check once: their timeouts, and this
 
 # $1 name, $2 start, $3 ready. Exit 0 once ready; 97 when start itself failed first. Without a
 # ready check, ready means running: its session exists (setsid runs a moment after the fork).
@@ -63,9 +65,12 @@ done
 
 
 def log_tail(sb: Any, svc: Service) -> str:
-    """The last few KiB of a service's output."""
-    res = sb.exec(["/bin/sh", "-c", f'tail -c {_LOG_TAIL} "{SERVICE_DIR}/$1.log" 2>/dev/null', "sh", svc.name])
-    return str(res.stdout)
+    """The last few KiB of a service's output (the log is the sandbox's: read within a bound)."""
+    argv = ["/bin/sh", "-c", f'tail -c {_LOG_TAIL} "{SERVICE_DIR}/$1.log" 2>/dev/null', "sh", svc.name]
+    try:
+        return str(sb.exec(argv, timeout=_READ_TIMEOUT).stdout)
+    except ExecTimeoutError:
+        return f"(its log could not be read within {_READ_TIMEOUT:g} s)"
 
 
 def start(sb: Any, svc: Service, snapshot: str) -> None:
@@ -104,8 +109,12 @@ def status(sb: Any, services: Sequence[Service]) -> dict[str, ServiceStatus]:
         check = f"/bin/sh -c {shlex.quote(svc.ready)} </dev/null >/dev/null 2>&1" if svc.ready else alive
         ran = f"[ -e {SERVICE_DIR}/{name}.pid ]"
         checks.append(f"if {check}; then echo ready; elif {ran}; then echo 'not ready'; else echo stopped; fi")
-    res = sb.exec(["/bin/sh", "-c", "\n".join(checks)])
-    states = res.stdout.splitlines()
+    # Each ready check is the recipe's, on files sandbox code may have changed (a FIFO blocks).
+    bound = sum(svc.timeout for svc in services) + _STATUS_MARGIN
+    try:
+        states = sb.exec(["/bin/sh", "-c", "\n".join(checks)], timeout=bound).stdout.splitlines()
+    except ExecTimeoutError:
+        states = ["not ready"] * len(services)
     out = {}
     for svc, state in zip(services, states + ["stopped"] * len(services), strict=False):
         out[svc.name] = ServiceStatus(svc.name, state, log_tail(sb, svc))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox import ConfigError, Image, ServiceError, Snapshot, SnapshotBuildError
+from pytest_sandbox import ConfigError, Image, ServiceError, Snapshot, SnapshotBuildError, _services
 from pytest_sandbox.backends.local import LocalBackend
 from tests.conftest import needs_debian
 
@@ -161,6 +161,22 @@ def test_a_service_without_a_ready_check_is_running_when_create_returns(backend:
         assert sb.services["plain"].state == "ready"
         with sb.fork() as child:
             assert child.services["plain"].state == "ready"
+
+
+def test_service_files_sandbox_code_makes_fifos_cost_the_runner_a_bounded_wait(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log and the file a ready check reads are the sandbox's: made FIFOs, reading them
+    would block the runner's ``sb.services`` for ever."""
+    img = Image.host().service("web", start="touch /srv/up; exec sleep 1000", ready="cat /srv/up", timeout=1)
+    monkeypatch.setattr(_services, "_READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(_services, "_STATUS_MARGIN", 1.0)
+    with backend.create(backend.build(img)) as sb:
+        sb.exec("rm /srv/up /run/pytest-sandbox/web.log && mkfifo /srv/up /run/pytest-sandbox/web.log").check()
+        start = time.monotonic()
+        web = sb.services["web"]
+        assert time.monotonic() - start < 15
+        assert web.state == "not ready" and "could not be read within 1 s" in web.log
 
 
 def test_a_service_that_never_gets_ready_fails_the_build_with_its_output(backend: LocalBackend) -> None:
