@@ -267,6 +267,36 @@ def test_once_inside_the_helper_imports_nothing_and_prints_nothing(tmp_path: Pat
     assert (res.returncode, res.stdout, res.stderr) == (0, "no such codec\n", "")
 
 
+@pytest.mark.skipif(not ROOT, reason="steering the next pid (ns_last_pid) needs root")
+def test_closing_a_sandbox_that_ended_itself_kills_no_process_that_took_its_pid(
+    backend: LocalBackend, host: Snapshot
+) -> None:
+    sb = backend.create(host)
+    pid = sb.pid
+    sb.exec("kill -KILL -1")  # everything inside but init: the holder then ends the sandbox
+    assert wait_for(lambda: not sb.alive() and not os.path.exists(f"/proc/{pid}"))
+    other = None
+    try:
+        for _ in range(50):  # another process of the host takes the pid the sandbox's init had
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+            proc = subprocess.Popen(["sleep", "60"])
+            if proc.pid == pid:
+                other = proc
+                break
+            proc.kill()
+            proc.wait()
+        if other is None:
+            pytest.skip("the pid was taken by someone else each time (a busy machine)")
+        sb.close()
+        time.sleep(0.5)
+        assert other.poll() is None
+    finally:
+        sb.close()
+        if other is not None:
+            other.kill()
+            other.wait()
+
+
 def test_a_live_fork_has_a_helper_of_its_own(backend: LocalBackend, host: Snapshot) -> None:
     """A fork restored from a live snapshot (its processes continued) starts its commands from a
     helper that entered it, not its parent's."""

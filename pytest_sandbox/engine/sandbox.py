@@ -177,6 +177,14 @@ class _Lifeline:
             poller.register(self._pidfd, select.POLLIN)
             return bool(poller.poll(0))
 
+    def kill(self) -> None:
+        """SIGKILL the init through its pidfd: never a process that took its pid after it died
+        (sandbox code can end its sandbox whenever it likes)."""
+        with self._lock:
+            if self._pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
     def cut(self) -> None:
         """Close the write end: the holder ends the sandbox. Idempotent."""
         with self._lock:
@@ -534,11 +542,12 @@ class EngineSandbox:
     # -- its end -----------------------------------------------------------------------------
     def _kill(self) -> None:
         """End it at once: its init killed (the kernel kills the rest of its pid namespace)."""
-        with contextlib.suppress(ProcessLookupError, OSError):
-            if self.pid:
-                os.kill(self.pid, 9)
         if self._lifeline is not None:
+            self._lifeline.kill()
             self._lifeline.cut()
+        elif self.pid:  # started, its lifeline not made yet: its pid is still its own
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Kill every process in it and delete its writable layer (in the background). Idempotent."""
