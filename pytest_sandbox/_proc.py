@@ -291,11 +291,12 @@ def _kill(proc: Child | subprocess.Popen[bytes]) -> None:
     a process before its exec) is given up on: its helper kills it once it has started."""
     if not isinstance(proc, subprocess.Popen) and proc.pid is None:
         proc.told(within=_TELL_PID_WITHIN)
-    if proc.pid is None:
+    pid = proc.pid  # once: a helper's told pid is checked at each read, and may be gone by the next
+    if pid is None:
         assert not isinstance(proc, subprocess.Popen)
         proc.abandon()
     else:
-        kill_tree(proc.pid)
+        kill_tree(pid)
 
 
 def run(

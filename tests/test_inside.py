@@ -365,6 +365,24 @@ def test_a_pid_the_helper_tells_is_acted_on_only_inside_the_sandbox(kills: list[
     assert time.monotonic() - start < 10
 
 
+def test_a_told_pid_that_leaves_between_reads_is_never_acted_on_as_none(kills: list[int]) -> None:
+    """A told pid is checked at each read, so the process may be gone at the next one (a command
+    that ended as the sandbox closed): the kill reads it once (CI failed once with kill_tree(None))."""
+
+    class Leaving(Child):
+        reads = 0
+
+        @property
+        def pid(self) -> int | None:
+            self.reads += 1
+            return 4242 if self.reads <= 2 else None
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        _proc._kill(Leaving(ours, None))
+    assert kills == [4242]
+
+
 def test_a_pid_in_the_sandbox_is_killed_on_timeout(kills: list[int]) -> None:
     helper = FakeHelper([json.dumps({"pid": os.getpid()}).encode()])
     try:
